@@ -1,0 +1,25 @@
+# The two front-door commands: `make demo` and `make test` (each sets itself up first).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test lint benchmark mlflow-ui
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(BIN)/fedtune demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/mypy
+
+benchmark: setup
+	$(BIN)/python benchmarks/overhead.py
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,127 @@
+"""Framework overhead: one federated round with one client vs the same steps in a plain peft loop.
+
+Both sides use the same model, data, LoRA config, batch size and number of optimizer steps,
+in one process, one after the other. The framework side is the real `federated-finetune`
+flow (Prefect server, tasks, adapter serialization, aggregation, checkpoint, MLflow logging);
+the time it spends evaluating (which the plain loop does not do) is reported and subtracted.
+
+    python benchmarks/overhead.py [--steps 20] [-s key=value ...]
+
+Prints a markdown table; writes benchmarks/results/overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from fedtune.config import load_config
+from fedtune.data.loading import load_records
+from fedtune.data.partition import read_split, split_records, write_partitions
+from fedtune.models import DTYPES, ensure_model
+from fedtune.peft_methods import PEFT_METHODS
+from fedtune.runtime import encode_records, tokenizer_for
+
+
+def plain_peft_loop(config, data, steps: int, pad_id: int, out_dir: Path) -> dict:  # type: ignore[no-untyped-def]
+    """The textbook loop: right-padded batches, the model's own loss, AdamW, save_pretrained."""
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(config.model.name_or_path, dtype=DTYPES[config.model.dtype])
+    model = get_peft_model(model, PEFT_METHODS.get(config.peft.method)(config.peft))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data), generator=generator).tolist()
+    bs, tokens = config.train.batch_size, 0
+    model.train()
+    for step in range(steps):
+        rows = [data[order[(step * bs + i) % len(data)]] for i in range(bs)]
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows])
+        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens += int(mask.sum())
+    model.save_pretrained(out_dir / "plain_adapter")
+    return {"seconds": time.perf_counter() - start, "tokens": tokens}
+
+
+def framework_round(config, steps: int) -> dict:  # type: ignore[no-untyped-def]
+    """Run the real flow for one round and take out the evaluation time it reports."""
+    from mlflow import MlflowClient
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.federated_finetune import federated_finetune
+
+    flow = federated_finetune.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    start = time.perf_counter()
+    summary = flow(config=config, prepare_data=False)
+    wall = time.perf_counter() - start
+    with (Path(config.federation.output_dir) / "rounds.csv").open() as handle:
+        eval_seconds = sum(float(row["eval_seconds"]) for row in csv.DictReader(handle))
+    metrics = MlflowClient(config.tracking.tracking_uri).get_run(summary["mlflow_run_id"]).data.metrics
+    return {
+        "wall": wall,
+        "eval": eval_seconds,
+        "seconds": wall - eval_seconds,
+        "train_seconds": metrics["client_0/seconds"],
+        "tokens": metrics["client_0/tokens"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="framework overhead vs a plain peft loop")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("-s", "--set", action="append", default=[], help="config override dotted.key=value")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        overrides = [
+            "federation.rounds=1", "federation.clients_per_round=1", "data.partition.num_clients=1",
+            "data.partition.scheme=iid", f"train.steps_per_round={args.steps}", "eval.generation_samples=0",
+            f"data.partitions_dir={root}/partitions", f"data.processed_path={root}/data.jsonl",
+            f"federation.output_dir={root}/federated", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+            f"tracking.artifact_location={root}/mlartifacts", *args.set,
+        ]
+        config = load_config("params.yaml", overrides)
+        ensure_model(config.model)
+        write_partitions(split_records(load_records(config.data), config.data.partition), config.data.partitions_dir)
+        tokenizer = tokenizer_for(config)
+        data = encode_records(config, tokenizer, read_split(config.data.partitions_dir, 0, "train"))
+        framework_round(config, args.steps)  # warm-up: Prefect server start, MLflow schema, file caches
+        plain = plain_peft_loop(config, data, args.steps, tokenizer.pad_token_id, root)
+        framework = framework_round(config, args.steps)
+
+    result = {
+        "steps": args.steps,
+        "batch_size": config.train.batch_size,
+        "dtype": config.model.dtype,
+        "plain_seconds": plain["seconds"],
+        "plain_train_tokens_per_s": plain["tokens"] / plain["seconds"],
+        "framework_seconds": framework["seconds"],
+        "framework_eval_seconds_excluded": framework["eval"],
+        "framework_train_tokens_per_s": framework["tokens"] / framework["train_seconds"],
+        "overhead_ratio": framework["seconds"] / plain["seconds"],
+    }
+    out = Path(__file__).parent / "results" / "overhead.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print("| quantity | value |\n| --- | --- |")
+    for key, value in result.items():
+        print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""PEFT-only adapter state: out of and into a model, arithmetic on it, and its wire format.
+
+An `AdapterState` holds detached CPU copies of the adapter parameters only (never base
+weights). The wire format is safetensors bytes; communication is counted from the length of
+the bytes actually produced.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+AdapterState = dict[str, torch.Tensor]
+
+
+class AdapterMismatchError(ValueError):
+    pass
+
+
+def get_adapter_state(model: PeftModel) -> AdapterState:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
+    """Load an adapter state; any missing or unexpected key is an error, never silently skipped."""
+    expected = set(get_peft_model_state_dict(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise AdapterMismatchError(f"adapter keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise AdapterMismatchError(f"peft rejected keys {result.unexpected_keys[:5]}")
+
+
+def subtract(a: AdapterState, b: AdapterState) -> AdapterState:
+    """`a - b` per tensor (an update is local - global); inputs are left untouched."""
+    return {k: a[k] - b[k] for k in a}
+
+
+def add(a: AdapterState, b: AdapterState) -> AdapterState:
+    return {k: a[k] + b[k] for k in a}
+
+
+def to_bytes(state: AdapterState) -> bytes:
+    return save_bytes(state)
+
+
+def from_bytes(data: bytes) -> AdapterState:
+    return load_bytes(data)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_state(state: AdapterState, path: str | Path) -> int:
+    """Write the wire bytes to `path`; returns their length (the communication cost)."""
+    data = to_bytes(state)
+    atomic_write_bytes(data, path)
+    return len(data)
+
+
+def load_state(path: str | Path) -> AdapterState:
+    return from_bytes(Path(path).read_bytes())
+
+
+def num_parameters(state: AdapterState) -> int:
+    return sum(t.numel() for t in state.values())

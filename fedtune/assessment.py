@@ -1,0 +1,44 @@
+"""Evaluate one adapter the same way for every method, so federated and baselines compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedtune.adapters import AdapterState
+from fedtune.config import FedConfig
+from fedtune.data.partition import read_split
+from fedtune.evaluation import exact_match, loss_and_perplexity
+from fedtune.runtime import build_peft_model, encode_records, load_encoded, tokenizer_for
+
+
+def evaluate_adapter(
+    cfg: FedConfig, adapter: AdapterState | str | Path, *, generation: bool = True, client_val: bool = True
+) -> dict[str, Any]:
+    """Test loss/perplexity, each client's val loss, and exact match on the held-out sample."""
+    tokenizer = tokenizer_for(cfg)
+    model = build_peft_model(cfg, adapter)
+    pad = tokenizer.pad_token_id
+    test_records = read_split(cfg.data.partitions_dir, None, "test")
+    test = loss_and_perplexity(model, encode_records(cfg, tokenizer, test_records), batch_size=cfg.eval.batch_size, pad_id=pad)
+    metrics: dict[str, Any] = {"test_loss": test["loss"], "test_perplexity": test["perplexity"]}
+    if client_val:
+        vals = [
+            loss_and_perplexity(model, load_encoded(cfg, tokenizer, c, "val"), batch_size=cfg.eval.batch_size, pad_id=pad)["loss"]
+            for c in range(cfg.data.partition.num_clients)
+        ]
+        metrics["client_val_loss"] = vals
+        metrics["val_loss"] = sum(vals) / len(vals)
+    if generation and cfg.eval.generation_samples > 0:
+        em = exact_match(
+            model,
+            tokenizer,
+            test_records[: cfg.eval.generation_samples],
+            system_prompt=cfg.data.system_prompt,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+        )
+        metrics["test_accuracy"] = em["accuracy"]
+        metrics["test_accuracy_per_label"] = em["per_label"]
+        metrics["samples"] = em["samples"]
+    return metrics

@@ -1,0 +1,67 @@
+"""One client's part of a round: start from the global adapter, train locally, emit the update.
+
+Only the update (local - global) leaves this function, as a safetensors file whose length is
+the upload cost; the client's data never does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune.adapters import get_adapter_state, load_state, save_state, subtract
+from fedtune.config import FedConfig
+from fedtune.evaluation import loss_and_perplexity
+from fedtune.federation import client_seed
+from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
+from fedtune.strategies import STRATEGIES
+from fedtune.training import local_train, total_steps
+
+
+def train_client(
+    cfg: FedConfig,
+    *,
+    client: int,
+    round_: int,
+    global_path: str | Path,
+    update_path: str | Path,
+    server_state_path: str | Path | None = None,
+) -> dict[str, Any]:
+    tokenizer = tokenizer_for(cfg)
+    train = load_encoded(cfg, tokenizer, client, "train")
+    val = load_encoded(cfg, tokenizer, client, "val")
+    global_state = load_state(global_path)
+    server_state = load_state(server_state_path) if server_state_path else {}
+    model = build_peft_model(cfg, global_state)
+    objective = STRATEGIES.get(cfg.federation.strategy)().local_objective(global_state, server_state)
+    result = local_train(
+        model,
+        train,
+        cfg.train,
+        pad_id=tokenizer.pad_token_id,
+        seed=client_seed(cfg.train.seed, round_, client),
+        steps=total_steps(cfg.train, len(train)),
+        objective=objective,
+        desc=f"round {round_} client {client}",
+    )
+    bytes_up = save_state(subtract(get_adapter_state(model), global_state), update_path)
+    tick = time.perf_counter()
+    val_metrics = loss_and_perplexity(model, val, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
+    val_seconds = time.perf_counter() - tick
+    return {
+        "client": client,
+        "round": round_,
+        "update_path": str(update_path),
+        "num_examples": len(train),
+        "bytes_up": bytes_up,
+        "bytes_down": Path(global_path).stat().st_size,
+        "train_loss": result.mean_loss,
+        "train_loss_first": result.first_loss,
+        "train_loss_last": result.last_loss,
+        "val_loss": val_metrics["loss"],
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "val_seconds": val_seconds,
+    }

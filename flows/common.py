@@ -1,0 +1,31 @@
+"""What every flow does first (model and data ready), and the configurable task runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fedtune.config import FedConfig
+from fedtune.data.loading import check_columns
+from fedtune.models import check_model
+from tasks.data import partition, prepare_data
+from tasks.model import prepare_model
+
+
+def preflight(config: FedConfig) -> None:
+    """Cheap checks that name the bad field before any task runs."""
+    check_model(config.model)
+    if config.data.source == "synthetic":
+        check_columns(config.data, ["instruction", "input", "response", "skill"])
+
+
+def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:
+    """Base model present; data prepared and partitioned unless `data` is False (DVC did it)."""
+    preflight(config)
+    prepare_model(config)
+    return partition(config, prepare_data(config)) if data else None
+
+
+def task_runner_for(config: FedConfig) -> ThreadPoolTaskRunner:
+    return ThreadPoolTaskRunner(max_workers=config.federation.max_parallel_clients)

@@ -1,0 +1,121 @@
+"""Federated fine-tuning: R rounds of K sampled clients training PEFT adapters locally.
+
+Every completed round is checkpointed (global adapter, strategy state, history, tracking run
+id); `resume=True` continues from the last complete round and reproduces the uninterrupted
+run, because client sampling and every client's seed are pure functions of (seed, round).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from fedtune.config import FedConfig
+from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
+from fedtune.outputs import clear_outputs, write_outputs
+from flows.common import prepare
+from tasks.aggregation import aggregate
+from tasks.checkpoint import checkpoint as checkpoint_task
+from tasks.evaluation import evaluate
+from tasks.model import initial_adapter
+from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracking
+from tasks.training import local_train
+
+
+def _start(config: FedConfig, run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Round 0: the initial adapter, evaluated and checkpointed, and a new MLflow run."""
+    for stale in ("checkpoints", "rounds"):
+        shutil.rmtree(run / stale, ignore_errors=True)
+    init = initial_adapter(config, str(run / "rounds" / "round_0000"))
+    run_id = start_tracking(config, "federated")
+    tick = time.perf_counter()
+    metrics = evaluate(config, init["global_path"], "round-0")
+    history = [{"round": 0, **metrics, "eval_seconds": time.perf_counter() - tick}]
+    log_round(config, run_id, 0, metrics, [], history)
+    meta = {"mlflow_run_id": run_id, "config_fingerprint": config.fingerprint(), "sizes": init}
+    checkpoint_task(str(run), 0, init["global_path"], init["server_state_path"], history, meta)
+    return history, meta
+
+
+@flow(name="federated-finetune")
+def federated_finetune(config: FedConfig = FedConfig(), resume: bool = False, prepare_data: bool = True) -> dict[str, Any]:  # noqa: B008
+    """Run (or resume) a simulated federation and return its summary."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    run = Path(config.federation.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    clear_outputs(run)
+    prepare(config, data=prepare_data)
+    done = latest_checkpoint(run) if resume else None
+    if done is not None:
+        logger.info("resuming after round %d of %d", done.round, config.federation.rounds)
+        start_tracking(config, "federated", resume_run_id=done.meta["mlflow_run_id"])
+        completed, history, meta = done.round, list(done.history), done.meta
+    else:
+        completed = 0
+        history, meta = _start(config, run)
+    run_id, sizes = meta["mlflow_run_id"], meta["sizes"]
+    n, k = config.data.partition.num_clients, config.federation.clients_per_round
+
+    for round_ in range(completed + 1, config.federation.rounds + 1):
+        tick = time.perf_counter()
+        previous = checkpoint_dir(run, round_ - 1)
+        clients = sample_clients(n, k, config.federation.seed, round_)
+        logger.info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
+        futures = [
+            local_train.submit(
+                config, c, round_, str(previous / "global.safetensors"),
+                str(run / "rounds" / f"round_{round_:04d}" / f"update_client_{c}.safetensors"),
+            )
+            for c in clients
+        ]
+        reports = [future.result() for future in futures]
+        paths = aggregate(
+            config, round_, str(previous / "global.safetensors"), str(previous / "server_state.safetensors"),
+            reports, str(run / "rounds" / f"round_{round_:04d}"),
+        )
+        eval_tick = time.perf_counter()
+        metrics = evaluate(config, paths["global_path"], f"round-{round_}")
+        eval_seconds = time.perf_counter() - eval_tick
+        row = {
+            "round": round_,
+            **metrics,
+            "clients": clients,
+            "train_loss": sum(r["train_loss"] for r in reports) / len(reports),
+            "bytes_up": sum(r["bytes_up"] for r in reports),
+            "bytes_down": sum(r["bytes_down"] for r in reports),
+            "examples": sum(r["num_examples"] for r in reports),
+            "round_seconds": time.perf_counter() - tick,
+            "eval_seconds": eval_seconds + sum(r["val_seconds"] for r in reports),
+        }
+        history.append(row)
+        log_round(config, run_id, round_, row, reports, history)
+        log_adapter(config, run_id, paths["global_path"], f"adapters/round_{round_:04d}")
+        checkpoint_task(str(run), round_, paths["global_path"], paths["server_state_path"], history, meta)
+
+    final = history[-1]
+    per_client_up = final["bytes_up"] / len(final["clients"])
+    summary = {
+        "method": "federated",
+        "rounds": config.federation.rounds,
+        "test_loss": final["test_loss"],
+        "test_accuracy": final.get("test_accuracy"),
+        "bytes_up_per_client_round": per_client_up,
+        "bytes_per_round": final["bytes_up"] + final["bytes_down"],
+        "share_of_full_finetuning": per_client_up / sizes["full_update_bytes"],
+        "adapter_parameters": sizes["adapter_parameters"],
+        "wall_seconds": time.perf_counter() - started,
+        "mlflow_run_id": run_id,
+    }
+    last = checkpoint_dir(run, config.federation.rounds)
+    artifact = log_adapter(config, run_id, str(last / "global.safetensors"), "adapters/final")
+    summary["registered_version"] = finish_tracking(config, run_id, summary, register_artifact=artifact)
+    shutil.copyfile(last / "global.safetensors", run / "final_adapter.safetensors")
+    write_outputs(run, summary, history)
+    logger.info("federated: test accuracy %s, test loss %.4f", summary["test_accuracy"], summary["test_loss"])
+    return summary
+

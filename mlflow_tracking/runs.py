@@ -1,0 +1,136 @@
+"""One MLflow parent run per flow run: resolved config, lineage tags, per-round metrics, adapters.
+
+Metrics of round r are logged at `step=r`, so the MLflow UI plots them over rounds and runs
+of different methods (federated, local-only, centralized) compare on the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mlflow_tracking.lineage import dvc_data_version, git_commit
+from mlflow_tracking.plots import plot_rounds
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+class RunTracker:
+    """A handle on one parent run; every method logs into it, whichever thread calls."""
+
+    def __init__(self, run_id: str, tracking_uri: str) -> None:
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        tracking_uri: str,
+        experiment: str,
+        artifact_location: str | None,
+        run_name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        resume_run_id: str | None = None,
+    ) -> RunTracker:
+        """Open a new parent run, or reopen `resume_run_id` when a flow resumes."""
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if resume_run_id is not None:
+            client.update_run(resume_run_id, status="RUNNING")
+            return cls(resume_run_id, tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else client.create_experiment(
+                experiment, artifact_location=Path(artifact_location).resolve().as_uri() if artifact_location else None
+            )
+        )
+        all_tags = {"git.commit": git_commit(), "dvc.data_version": dvc_data_version(), **tags}
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        tracker = cls(run.info.run_id, tracking_uri)
+        tracker.log_params(params)
+        return tracker
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        items = [
+            mlflow.entities.Metric(k, v, int(mlflow.utils.time.get_current_time_millis()), step or 0)
+            for k, v in _numeric(metrics).items()
+        ]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+    def log_round(self, round_: int, global_metrics: Mapping[str, Any], clients: list[Mapping[str, Any]]) -> None:
+        """Global metrics plus one `client_<id>/<metric>` series per client, at step=round."""
+        metrics = dict(_numeric(global_metrics))
+        for report in clients:
+            for key, value in _numeric(report).items():
+                if key not in ("client", "round"):
+                    metrics[f"client_{report['client']}/{key}"] = value
+        self.log_metrics(metrics, step=round_)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> str:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        return artifact_path
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_round_plot(self, history: list[Mapping[str, Any]]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_rounds(history, Path(tmp) / "rounds.png")
+            if path is not None:
+                self.client.log_artifact(self.run_id, str(path), "plots")
+
+    def register(self, artifact_path: str, name: str, tags: Mapping[str, str] | None = None) -> str:
+        """Register an adapter artifact as a new version of `name`; returns the version."""
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=dict(tags or {}))
+        return str(version.version)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    @contextmanager
+    def failing_on_error(self) -> Iterator[RunTracker]:
+        """Mark the run FAILED if the body raises, so an interrupted run never looks complete."""
+        try:
+            yield self
+        except BaseException:
+            self.finish("FAILED")
+            raise

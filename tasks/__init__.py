@@ -1,0 +1,1 @@
+"""Prefect tasks: one step each, exchanging paths and small dicts, never models."""

@@ -1,0 +1,40 @@
+"""Base-model preparation and the initial global adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fedtune.adapters import num_parameters, save_state
+from fedtune.config import FedConfig
+from fedtune.models import ensure_model
+from fedtune.runtime import initial_adapter_state
+from fedtune.strategies import STRATEGIES
+
+FP32_BYTES = 4
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def prepare_model(config: FedConfig) -> str:
+    """Materialize the base model if missing (it downloads, so it retries)."""
+    return ensure_model(config.model)
+
+
+@task(cache_policy=NO_CACHE)
+def initial_adapter(config: FedConfig, out_dir: str) -> dict[str, Any]:
+    """Write the round-0 adapter and strategy state; return their paths and the sizes
+    communication is compared against."""
+    state, base_parameters = initial_adapter_state(config)
+    paths = {"global_path": str(Path(out_dir) / "global.safetensors"),
+             "server_state_path": str(Path(out_dir) / "server_state.safetensors")}
+    save_state(state, paths["global_path"])
+    save_state(STRATEGIES.get(config.federation.strategy)().init_state(state), paths["server_state_path"])
+    return {
+        **paths,
+        "adapter_parameters": num_parameters(state),
+        "base_parameters": base_parameters,
+        "full_update_bytes": base_parameters * FP32_BYTES,
+    }

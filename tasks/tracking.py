@@ -1,0 +1,73 @@
+"""Tracking steps: MLflow I/O, retried because the store may be a remote server."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from fedtune.adapters import load_state
+from fedtune.config import FedConfig
+from fedtune.peft_methods import save_peft_adapter
+from mlflow_tracking import RunTracker
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def start_tracking(config: FedConfig, kind: str, resume_run_id: str | None = None) -> str:
+    """Open (or reopen on resume) the parent MLflow run; returns its id."""
+    tracking = config.tracking
+    tracker = RunTracker.start(
+        tracking_uri=tracking.tracking_uri,
+        experiment=tracking.experiment,
+        artifact_location=tracking.artifact_location,
+        run_name=f"{kind}-{flow_run.get_name() or 'local'}",
+        params=config.model_dump(mode="json"),
+        tags={
+            "fedtune.kind": kind,
+            "prefect.flow_run_id": str(flow_run.get_id() or "none"),
+            "config.fingerprint": config.fingerprint(),
+        },
+        resume_run_id=resume_run_id,
+    )
+    return tracker.run_id
+
+
+def tracker(config: FedConfig, run_id: str) -> RunTracker:
+    return RunTracker(run_id, config.tracking.tracking_uri)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, task_run_name="log-{artifact_path}")
+def log_adapter(config: FedConfig, run_id: str, adapter_path: str, artifact_path: str) -> str:
+    """Log an adapter in peft's save format (loadable with `PeftModel.from_pretrained`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_peft_adapter(load_state(adapter_path), config.peft, config.model.name_or_path, Path(tmp) / "adapter")
+        return tracker(config, run_id).log_artifacts(folder, artifact_path)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, task_run_name="log-round-{round_}")
+def log_round(
+    config: FedConfig, run_id: str, round_: int, metrics: dict[str, Any], reports: list[dict[str, Any]],
+    history: list[dict[str, Any]],
+) -> None:
+    run = tracker(config, run_id)
+    run.log_round(round_, metrics, reports)
+    run.log_round_plot(history)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def finish_tracking(
+    config: FedConfig, run_id: str, summary: dict[str, Any], register_artifact: str | None = None
+) -> str | None:
+    """Log the summary, optionally register the final adapter, and close the run."""
+    run = tracker(config, run_id)
+    run.log_metrics({f"final/{k}": v for k, v in summary.items()})  # non-numeric values are skipped
+    run.log_dict(summary, "summary.json")
+    version = None
+    if register_artifact is not None:
+        version = run.register(register_artifact, config.tracking.registered_model, {"config": config.fingerprint()})
+    run.finish()
+    return version

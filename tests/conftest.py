@@ -1,0 +1,105 @@
+"""Fixtures: a tiny tokenizer and 2-layer Llama built locally, and a tiny config around them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(directory: Path, with_template: bool = True) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fedtune.data.synthetic import SKILLS, generate
+
+    rows = generate(SKILLS.names(), 30, seed=1)
+    texts = [f"system user assistant Answer with the result only. {r['instruction']} {r['response']}" for r in rows]
+    texts += [" ".join(str(i) for i in range(10000))]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>"
+    )
+    if with_template:
+        tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int = 64) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    build_tokenizer(directory)
+    build_model(directory, len(AutoTokenizer.from_pretrained(directory)))
+    return directory
+
+
+def tiny_overrides(root: Path, model_dir: Path) -> dict:
+    """A config small enough for CPU tests; everything it writes goes under `root`."""
+    return {
+        "model": {"name_or_path": str(model_dir), "source": None, "dtype": "float32"},
+        "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {
+            "max_length": 48,
+            "synthetic": {"examples_per_skill": 40, "skills": ["add", "parity", "successor"]},
+            "partition": {"num_clients": 3, "alpha": 0.5, "min_partition_size": 5, "test_fraction": 0.15},
+            "processed_path": str(root / "data" / "processed.jsonl"),
+            "partitions_dir": str(root / "data" / "partitions"),
+        },
+        "federation": {"rounds": 3, "clients_per_round": 2, "output_dir": str(root / "outputs" / "federated")},
+        "train": {"lr": 0.01, "batch_size": 4, "steps_per_round": 6},
+        "eval": {"batch_size": 16, "generation_samples": 8, "max_new_tokens": 4},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+            "artifact_location": str(root / "mlartifacts"),
+            "experiment": "tests",
+        },
+    }
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from fedtune.config import build_config
+
+    return build_config(tiny_overrides(tmp_path, tiny_model_dir))

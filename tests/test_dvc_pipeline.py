@@ -1,0 +1,63 @@
+"""The DVC pipeline end to end on tiny params, in a temporary git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("fedtune", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    params = tiny_overrides(Path("."), tiny_model_dir)
+    params["model"].update({"name_or_path": "models/tiny", "source": str(tiny_model_dir)})
+    params["data"].update({"processed_path": "data/processed/dataset.jsonl", "partitions_dir": "data/partitions"})
+    params["federation"]["output_dir"] = "outputs/federated"
+    params["tracking"].update({"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\noutputs/federated/rounds/\n")
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-qm", "pipeline"], repo, env)
+
+    _run(["dvc", "repro"], repo, env)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"base_model", "prepare_data", "partition", "train", "evaluate"}
+    metrics = json.loads((repo / "outputs" / "federated" / "metrics.json").read_text())
+    assert metrics["rounds"] == 3 and metrics["test_loss"] > 0
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert evaluation["test_loss"] == metrics["test_loss"]
+    assert (repo / "models" / "tiny" / "model.safetensors").exists()
+    assert _run(["dvc", "status", "--json"], repo, env).strip() in ("{}", "")
+
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-qm", "results"], repo, env)
+    _run(["dvc", "exp", "run", "-S", "federation.rounds=2"], repo, env)
+    metrics = json.loads((repo / "outputs" / "federated" / "metrics.json").read_text())
+    assert metrics["rounds"] == 2
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env))
+    assert shown, "dvc exp show lists the experiment"

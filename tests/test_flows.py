@@ -1,0 +1,120 @@
+"""End-to-end flows under a real (temporary) Prefect server with a temporary MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from peft import PeftModel
+from prefect.testing.utilities import prefect_test_harness
+from transformers import AutoModelForCausalLM
+
+import tasks.training
+from fedtune.adapters import load_state
+from fedtune.config import build_config
+from fedtune.data.partition import read_split
+from fedtune.evaluation import loss_and_perplexity
+from fedtune.runtime import encode_records, tokenizer_for
+from flows.centralized import centralized
+from flows.federated_finetune import federated_finetune
+from flows.local_only import local_only
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():  # type: ignore[no-untyped-def]
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _config(root: Path, model_dir: Path):  # type: ignore[no-untyped-def]
+    return build_config(tiny_overrides(root, model_dir))
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_federated_flow_logs_every_round_and_adapters_reproduce_metrics(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    config = _config(tmp_path, tiny_model_dir)
+    summary = federated_finetune(config=config)
+    client = MlflowClient(config.tracking.tracking_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["federation.rounds"] == "3"
+    assert {"git.commit", "dvc.data_version", "prefect.flow_run_id", "config.fingerprint"} <= set(run.data.tags)
+    assert run.data.tags["fedtune.kind"] == "federated"
+
+    test_loss = _history(client, run.info.run_id, "test_loss")
+    assert sorted(test_loss) == [0, 1, 2, 3]
+    assert test_loss[3] < test_loss[0]
+    for key in ("val_loss", "test_accuracy", "bytes_up", "bytes_down", "round_seconds"):
+        assert len(_history(client, run.info.run_id, key)) >= 3, key
+    per_client = [k for k in run.data.metrics if k.startswith("client_") and k.endswith("/train_loss")]
+    assert per_client
+
+    tokenizer = tokenizer_for(config)
+    test = encode_records(config, tokenizer, read_split(config.data.partitions_dir, None, "test"))
+    for round_ in (1, 2, 3):
+        folder = client.download_artifacts(run.info.run_id, f"adapters/round_{round_:04d}", str(tmp_path / "dl"))
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.model.name_or_path), folder)
+        loss = loss_and_perplexity(model, test, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
+        assert loss == pytest.approx(test_loss[round_], abs=1e-4)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/rounds.png" in artifacts
+    versions = client.search_model_versions(f"name='{config.tracking.registered_model}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert versions[0].source.endswith("adapters/final")
+
+    out = Path(config.federation.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_loss"] == pytest.approx(test_loss[3])
+    assert 0 < metrics["share_of_full_finetuning"] < 0.5
+    update = next((out / "rounds" / "round_0003").glob("update_client_*.safetensors"))
+    assert metrics["bytes_up_per_client_round"] == update.stat().st_size
+    assert (out / "rounds.csv").read_text().count("\n") == 4
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reference = federated_finetune(config=_config(tmp_path / "a", tiny_model_dir))
+    config = _config(tmp_path / "b", tiny_model_dir)
+    real = tasks.training.train_client
+
+    def crash_in_round_3(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["round_"] == 3:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.training, "train_client", crash_in_round_3)
+    with pytest.raises(Exception, match="worker lost"):
+        federated_finetune(config=config)
+    out = Path(config.federation.output_dir)
+    assert not (out / "metrics.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
+
+    monkeypatch.setattr(tasks.training, "train_client", real)
+    resumed = federated_finetune(config=config, resume=True)
+    assert resumed["mlflow_run_id"] != reference["mlflow_run_id"]
+    a = load_state(tmp_path / "a" / "outputs" / "federated" / "final_adapter.safetensors")
+    b = load_state(out / "final_adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    client = MlflowClient(config.tracking.tracking_uri)
+    assert sorted(_history(client, resumed["mlflow_run_id"], "test_loss")) == [0, 1, 2, 3]
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+
+
+def test_baselines_log_comparable_runs(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    config = _config(tmp_path, tiny_model_dir)
+    local = local_only(config=config, output_dir=str(tmp_path / "local"))
+    pooled = centralized(config=config, output_dir=str(tmp_path / "central"))
+    client = MlflowClient(config.tracking.tracking_uri)
+    for summary, kind in ((local, "local_only"), (pooled, "centralized")):
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.data.tags["fedtune.kind"] == kind and run.info.status == "FINISHED"
+        assert {"test_loss", "test_accuracy", "final/test_loss"} <= set(run.data.metrics)
+    assert len(local["test_accuracy_per_client"]) == config.data.partition.num_clients
+    assert pooled["steps"] == config.federation.rounds * config.train.steps_per_round

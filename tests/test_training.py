@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from fedtune.adapters import get_adapter_state
+from fedtune.evaluation import exact_match, loss_and_perplexity
+from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
+from fedtune.data.loading import load_records
+from fedtune.training import local_train, total_steps
+
+
+def _setup(config):  # type: ignore[no-untyped-def]
+    tokenizer = tokenizer_for(config)
+    records = load_records(config.data)
+    return tokenizer, records, encode_records(config, tokenizer, records)
+
+
+def test_local_training_lowers_the_loss_and_is_seeded(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    tokenizer, _, data = _setup(tiny_config)
+    model = build_peft_model(tiny_config)
+    before = loss_and_perplexity(model, data, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
+    result = local_train(model, data, tiny_config.train, pad_id=tokenizer.pad_token_id, seed=3, steps=30)
+    after = loss_and_perplexity(model, data, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
+    assert after < before - 0.5
+    assert result.steps == 30 and result.examples == 30 * tiny_config.train.batch_size and result.tokens > 0
+
+    twin = build_peft_model(tiny_config, get_adapter_state(build_peft_model(tiny_config)))
+    other = build_peft_model(tiny_config, get_adapter_state(build_peft_model(tiny_config)))
+    for m in (twin, other):
+        local_train(m, data, tiny_config.train, pad_id=tokenizer.pad_token_id, seed=5, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(get_adapter_state(twin).values(), get_adapter_state(other).values(), strict=True))
+
+
+def test_grad_accumulation_and_epoch_budget(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    tokenizer, _, data = _setup(tiny_config)
+    cfg = tiny_config.train.model_copy(update={"grad_accum": 2, "steps_per_round": None, "epochs_per_round": 1.0})
+    steps = total_steps(cfg, len(data))
+    assert steps == -(-len(data) // (cfg.batch_size * 2))
+    result = local_train(build_peft_model(tiny_config), data, cfg, pad_id=tokenizer.pad_token_id, seed=0, steps=steps)
+    assert result.examples == steps * cfg.batch_size * 2
+
+
+def test_exact_match_scores_generated_answers(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    tokenizer, records, _ = _setup(tiny_config)
+    model = build_peft_model(tiny_config)
+    result = exact_match(model, tokenizer, records[:6], system_prompt=None, max_new_tokens=3, batch_size=4)
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert sum(len(v) for v in [result["per_label"]]) >= 1 and result["samples"]
+    assert tokenizer.padding_side == "right"
+
+
+def test_windowed_response_loss_equals_the_full_logits_loss(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.data.prompts import collate
+    from fedtune.losses import response_loss
+
+    tokenizer, _, data = _setup(tiny_config)
+    model = build_peft_model(tiny_config)
+    batch = collate(data[:7], tokenizer.pad_token_id)
+    with torch.no_grad():
+        total, count = response_loss(model, batch)
+        reference = model(**batch).loss  # transformers' own loss over all positions
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(total / count) == pytest.approx(float(reference), rel=1e-5)
