@@ -60,13 +60,10 @@ def plain_peft_loop(config, data, steps: int, pad_id: int, out_dir: Path) -> dic
 def framework_round(config, steps: int) -> dict:  # type: ignore[no-untyped-def]
     """Run the real flow for one round and take out the evaluation time it reports."""
     from mlflow import MlflowClient
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.federated_finetune import federated_finetune
 
-    flow = federated_finetune.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
     start = time.perf_counter()
-    summary = flow(config=config, prepare_data=False)
+    summary = federated_finetune(config=config, prepare_data=False)
     wall = time.perf_counter() - start
     with (Path(config.federation.output_dir) / "rounds.csv").open() as handle:
         eval_seconds = sum(float(row["eval_seconds"]) for row in csv.DictReader(handle))

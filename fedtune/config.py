@@ -138,7 +138,7 @@ class FederationSection(Section):
     rounds: int = Field(3, gt=0)
     clients_per_round: int = Field(3, gt=0, description="K clients sampled (seeded) from the N partitions.")
     strategy: str = Field("fedavg", description="Aggregation strategy, from the strategy registry.")
-    max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once.")
+    max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once (in waves).")
     seed: int = 0
     output_dir: str = "outputs/federated"
 

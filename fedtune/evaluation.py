@@ -51,7 +51,8 @@ def exact_match(
             prompts = [prompt_text(tokenizer, r, system_prompt) for r in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(
-                **enc,
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 use_cache=True,
                 do_sample=False,

@@ -1,15 +1,16 @@
 """Causal-LM loss on response tokens only, without computing logits for the prompt.
 
-The output layer of a small LLM is a large share of its compute (SmolLM2-135M: 28M of 135M
-parameters, applied per position) and its full logits tensor dominates memory. Batches are
-left-padded, so every response ends in the last column: the model is asked for logits of
-the last `window` positions only (transformers' `logits_to_keep`), which cover every label.
+Batches are left-padded, so every response ends in the last column and the labels all lie in
+the last `window` positions. We run the decoder body, then the output layer on that window
+only (a contiguous copy: transformers' own `logits_to_keep` slices without copying, which
+takes a slow bf16 matmul path on CPU and measured 40% slower than full logits here). On
+SmolLM2-135M this makes a training step ~15% faster than the full-logits loss and avoids the
+(batch x length x 49k) logits tensor. Models where logits are not just `head(hidden)` (prompt
+learning prepends virtual tokens; Gemma-style soft-capping) use the full logits.
 """
 
 from __future__ import annotations
 
-import inspect
-from functools import cache
 from typing import Any
 
 import torch
@@ -18,14 +19,28 @@ from torch import nn
 from fedtune.data.prompts import IGNORE_INDEX
 
 
-@cache
-def _accepts_logits_to_keep(model_type: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "final_logit_softcapping", None):
+        return None
+    body, head = base.get_decoder(), base.get_output_embeddings()
+    if body is None or head is None or body is base:
+        return None
+    return body, head
 
 
-def _base_type(model: nn.Module) -> type:
-    get_base = getattr(model, "get_base_model", None)
-    return type(get_base() if get_base is not None else model)
+def window_logits(model: nn.Module, batch: dict[str, Any], window: int) -> torch.Tensor:
+    """Logits of the last `window` positions of a left-padded batch."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    parts = _body_and_head(model)
+    if parts is None:
+        return model(**inputs).logits[:, -window:]
+    body, head = parts
+    hidden = body(**inputs).last_hidden_state
+    return head(hidden[:, -window:].contiguous())
 
 
 def response_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -34,13 +49,9 @@ def response_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor
     width = labels.shape[1]
     labelled = labels != IGNORE_INDEX
     first = int(torch.where(labelled.any(dim=1), labelled.float().argmax(dim=1), width).min())
-    keep = min(width, width - first + 1)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    if _accepts_logits_to_keep(_base_type(model)):
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, -keep:]
-    targets = labels[:, width - keep + 1 :]
+    window = min(width, width - first + 1)
+    logits = window_logits(model, batch, window)
+    targets = labels[:, width - window + 1 :]
     total = nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from fedtune.config import ModelSection
 
 log = logging.getLogger(__name__)
+
+# from_pretrained builds models on the meta device through a process-global patch of
+# torch.nn.Module (accelerate's init_empty_weights), so two threads loading at once corrupt
+# each other ("expected device meta but got cpu"); loads are serialized, training is not.
+_LOAD_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,9 +158,10 @@ def load_base_model(cfg: ModelSection) -> PreTrainedModel:
     location, kwargs = _location(cfg.name_or_path)
     quantization = _quantization_config(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs
-        )
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs
+            )
     except OSError as error:
         raise ModelNotFoundError(
             f"model.name_or_path: {cfg.name_or_path} is neither a model directory nor a reachable hub id ({error})"

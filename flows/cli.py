@@ -32,9 +32,7 @@ def _config(path: Path, overrides: list[str] | None) -> FedConfig:
 
 
 def _run_flow(flow: Any, config: FedConfig, **kwargs: Any) -> dict[str, Any]:
-    from flows.common import task_runner_for
-
-    return flow.with_options(task_runner=task_runner_for(config))(config=config, **kwargs)
+    return flow(config=config, **kwargs)
 
 
 @app.command("prepare-model")

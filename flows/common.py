@@ -1,10 +1,8 @@
-"""What every flow does first (model and data ready), and the configurable task runner."""
+"""What every flow does first: the base model and the data ready."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedtune.config import FedConfig
 from fedtune.data.loading import check_columns
@@ -26,6 +24,3 @@ def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:
     prepare_model(config)
     return partition(config, prepare_data(config)) if data else None
 
-
-def task_runner_for(config: FedConfig) -> ThreadPoolTaskRunner:
-    return ThreadPoolTaskRunner(max_workers=config.federation.max_parallel_clients)

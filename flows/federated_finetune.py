@@ -66,14 +66,17 @@ def federated_finetune(config: FedConfig = FedConfig(), resume: bool = False, pr
         previous = checkpoint_dir(run, round_ - 1)
         clients = sample_clients(n, k, config.federation.seed, round_)
         logger.info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
-        futures = [
-            local_train.submit(
-                config, c, round_, str(previous / "global.safetensors"),
-                str(run / "rounds" / f"round_{round_:04d}" / f"update_client_{c}.safetensors"),
-            )
-            for c in clients
-        ]
-        reports = [future.result() for future in futures]
+        reports = []
+        width = config.federation.max_parallel_clients
+        for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
+            futures = [
+                local_train.submit(
+                    config, c, round_, str(previous / "global.safetensors"),
+                    str(run / "rounds" / f"round_{round_:04d}" / f"update_client_{c}.safetensors"),
+                )
+                for c in wave
+            ]
+            reports += [future.result() for future in futures]
         paths = aggregate(
             config, round_, str(previous / "global.safetensors"), str(previous / "server_state.safetensors"),
             reports, str(run / "rounds" / f"round_{round_:04d}"),

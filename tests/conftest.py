@@ -43,9 +43,14 @@ def build_tokenizer(directory: Path, with_template: bool = True) -> Path:
     return directory
 
 
-def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int = 64) -> Path:
+def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int = 64, pretrain_steps: int = 80) -> Path:
+    """A 2-layer Llama, briefly pretrained on chat-formatted text so it behaves like a small
+    pretrained LM (a random one barely responds to LoRA), then saved with its tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedtune.data.prompts import collate, encode_all
+    from fedtune.data.synthetic import generate
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -61,7 +66,18 @@ def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int =
         pad_token_id=2,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model = LlamaForCausalLM(config)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    rows = generate(["compare", "sort", "last_letter", "uppercase"], 60, seed=2)
+    records = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in rows]
+    data = encode_all(tokenizer, records, None, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(pretrain_steps):
+        batch = collate([data[(step * 16 + i) % len(data)] for i in range(16)], tokenizer.pad_token_id)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)
     return directory
 
 

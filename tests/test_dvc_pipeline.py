@@ -22,13 +22,20 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return done.stdout
 
 
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
 def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("fedtune", "flows"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = tiny_overrides(Path("."), tiny_model_dir)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny_overrides(Path("."), tiny_model_dir))
     params["model"].update({"name_or_path": "models/tiny", "source": str(tiny_model_dir)})
     params["data"].update({"processed_path": "data/processed/dataset.jsonl", "partitions_dir": "data/partitions"})
     params["federation"]["output_dir"] = "outputs/federated"

@@ -17,6 +17,7 @@ from fedtune.adapters import load_state
 from fedtune.config import build_config
 from fedtune.data.partition import read_split
 from fedtune.evaluation import loss_and_perplexity
+from fedtune.federation import latest_checkpoint
 from fedtune.runtime import encode_records, tokenizer_for
 from flows.centralized import centralized
 from flows.federated_finetune import federated_finetune
@@ -76,7 +77,7 @@ def test_federated_flow_logs_every_round_and_adapters_reproduce_metrics(tmp_path
     assert 0 < metrics["share_of_full_finetuning"] < 0.5
     update = next((out / "rounds" / "round_0003").glob("update_client_*.safetensors"))
     assert metrics["bytes_up_per_client_round"] == update.stat().st_size
-    assert (out / "rounds.csv").read_text().count("\n") == 4
+    assert (out / "rounds.csv").read_text().count("\n") == 1 + 4  # header, rounds 0-3
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -96,9 +97,11 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, tiny_model
     assert not (out / "metrics.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
 
+    crashed = latest_checkpoint(out)
+    assert crashed is not None and crashed.round == 2
     monkeypatch.setattr(tasks.training, "train_client", real)
     resumed = federated_finetune(config=config, resume=True)
-    assert resumed["mlflow_run_id"] != reference["mlflow_run_id"]
+    assert resumed["mlflow_run_id"] == crashed.meta["mlflow_run_id"]  # the same MLflow run, reopened
     a = load_state(tmp_path / "a" / "outputs" / "federated" / "final_adapter.safetensors")
     b = load_state(out / "final_adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -20,14 +20,17 @@ def test_local_training_lowers_the_loss_and_is_seeded(tiny_config) -> None:  # t
     before = loss_and_perplexity(model, data, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
     result = local_train(model, data, tiny_config.train, pad_id=tokenizer.pad_token_id, seed=3, steps=30)
     after = loss_and_perplexity(model, data, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
-    assert after < before - 0.5
+    assert after < 0.9 * before
     assert result.steps == 30 and result.examples == 30 * tiny_config.train.batch_size and result.tokens > 0
 
-    twin = build_peft_model(tiny_config, get_adapter_state(build_peft_model(tiny_config)))
-    other = build_peft_model(tiny_config, get_adapter_state(build_peft_model(tiny_config)))
-    for m in (twin, other):
-        local_train(m, data, tiny_config.train, pad_id=tokenizer.pad_token_id, seed=5, steps=3)
-    assert all(torch.equal(a, b) for a, b in zip(get_adapter_state(twin).values(), get_adapter_state(other).values(), strict=True))
+    start = get_adapter_state(build_peft_model(tiny_config))
+    finals = []
+    for seed in (5, 5, 6):
+        model = build_peft_model(tiny_config, start)
+        local_train(model, data, tiny_config.train, pad_id=tokenizer.pad_token_id, seed=seed, steps=3)
+        finals.append(get_adapter_state(model))
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in start)  # same seed, same result
+    assert not all(torch.equal(finals[0][k], finals[2][k]) for k in start)  # another seed, another order
 
 
 def test_grad_accumulation_and_epoch_budget(tiny_config) -> None:  # type: ignore[no-untyped-def]
