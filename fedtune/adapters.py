@@ -16,10 +16,12 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from fedtune.errors import InputError
+
 AdapterState = dict[str, torch.Tensor]
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(InputError):
     pass
 
 
@@ -33,9 +35,9 @@ def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise AdapterMismatchError(f"adapter keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise AdapterMismatchError(f"peft rejected keys {result.unexpected_keys[:5]}")
+    rejected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
+    if rejected:
+        raise AdapterMismatchError(f"peft rejected keys {rejected[:5]}")
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

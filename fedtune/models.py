@@ -16,11 +16,13 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.config import ModelSection
+from fedtune.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ _LOAD_LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(InputError, FileNotFoundError):
     pass
 
 
@@ -140,7 +142,7 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization_config(cfg: ModelSection):  # type: ignore[no-untyped-def]
+def _quantization_config(cfg: ModelSection) -> Any:
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig

@@ -17,13 +17,14 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from fedtune.config import PeftSection
 from fedtune.registry import Registry
 
-PEFT_METHODS: Registry[Callable[..., PeftConfig]] = Registry("PEFT method")
+PEFT_METHODS: Registry[Callable[[PeftSection], PeftConfig]] = Registry("PEFT method")
 
 
 @PEFT_METHODS.register("lora")
-def lora_config(section) -> PeftConfig:  # type: ignore[no-untyped-def]
+def lora_config(section: PeftSection) -> PeftConfig:
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=section.r,
@@ -33,7 +34,7 @@ def lora_config(section) -> PeftConfig:  # type: ignore[no-untyped-def]
     )
 
 
-def attach_adapter(model: PreTrainedModel, section) -> PeftModel:  # type: ignore[no-untyped-def]
+def attach_adapter(model: PreTrainedModel, section: PeftSection) -> PeftModel:
     """Wrap the frozen base model with a freshly initialized adapter of the configured method."""
     peft_config = PEFT_METHODS.get(section.method)(section)
     missing = [name for name in getattr(peft_config, "target_modules", None) or [] if not _has_module(model, name)]
@@ -46,7 +47,7 @@ def _has_module(model: PreTrainedModel, suffix: str) -> bool:
     return any(name.split(".")[-1] == suffix for name, _ in model.named_modules())
 
 
-def save_peft_adapter(state: dict, section, base_model: str, directory: str | Path) -> Path:  # type: ignore[no-untyped-def]
+def save_peft_adapter(state: dict, section: PeftSection, base_model: str, directory: str | Path) -> Path:
     """Write an adapter state in peft's own format, loadable with `PeftModel.from_pretrained`.
 
     The state's keys are already peft's saved keys (from `get_peft_model_state_dict`), so the

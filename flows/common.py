@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fedtune.config import FedConfig
@@ -9,6 +11,7 @@ from fedtune.data.loading import check_columns
 from fedtune.models import check_model
 from tasks.data import partition, prepare_data
 from tasks.model import prepare_model
+from tasks.tracking import fail_tracking
 
 
 def preflight(config: FedConfig) -> None:
@@ -24,3 +27,12 @@ def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:
     prepare_model(config)
     return partition(config, prepare_data(config)) if data else None
 
+
+@contextmanager
+def failing_run(config: FedConfig, run_id: str) -> Iterator[None]:
+    """Mark the MLflow run FAILED if the body raises, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        fail_tracking(config, run_id)
+        raise

@@ -14,10 +14,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from fedtune.adapters import atomic_write_bytes
 from fedtune.config import FedConfig
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
-from flows.common import prepare
+from flows.common import failing_run, prepare
 from tasks.aggregation import aggregate
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
@@ -30,7 +31,7 @@ def _start(config: FedConfig, run: Path) -> tuple[list[dict[str, Any]], dict[str
     """Round 0: the initial adapter, evaluated and checkpointed, and a new MLflow run."""
     for stale in ("checkpoints", "rounds"):
         shutil.rmtree(run / stale, ignore_errors=True)
-    init = initial_adapter(config, str(run / "rounds" / "round_0000"))
+    init = initial_adapter(config, str(_round_dir(run, 0)))
     run_id = start_tracking(config, "federated")
     tick = time.perf_counter()
     metrics = evaluate(config, init["global_path"], "round-0")
@@ -41,8 +42,77 @@ def _start(config: FedConfig, run: Path) -> tuple[list[dict[str, Any]], dict[str
     return history, meta
 
 
+def _round_dir(run: Path, round_: int) -> Path:
+    return run / "rounds" / f"round_{round_:04d}"
+
+
+def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sampled clients train in waves, the strategy aggregates, the new global is evaluated."""
+    tick = time.perf_counter()
+    previous = checkpoint_dir(run, round_ - 1) / "global.safetensors"
+    out = _round_dir(run, round_)
+    n, k = config.data.partition.num_clients, config.federation.clients_per_round
+    clients = sample_clients(n, k, config.federation.seed, round_)
+    get_run_logger().info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
+    reports = []
+    width = config.federation.max_parallel_clients
+    for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
+        futures = [
+            local_train.submit(config, c, round_, str(previous), str(out / f"update_client_{c}.safetensors"))
+            for c in wave
+        ]
+        reports += [future.result() for future in futures]
+    server_state = str(previous.with_name("server_state.safetensors"))
+    paths = aggregate(config, round_, str(previous), server_state, reports, str(out))
+    eval_tick = time.perf_counter()
+    metrics = evaluate(config, paths["global_path"], f"round-{round_}")
+    eval_seconds = time.perf_counter() - eval_tick
+    row = {
+        "round": round_,
+        **metrics,
+        "clients": clients,
+        "train_loss": sum(r["train_loss"] for r in reports) / len(reports),
+        "bytes_up": sum(r["bytes_up"] for r in reports),
+        "bytes_down": sum(r["bytes_down"] for r in reports),
+        "examples": sum(r["num_examples"] for r in reports),
+        "round_seconds": time.perf_counter() - tick,
+        "eval_seconds": eval_seconds + sum(r["val_seconds"] for r in reports),
+    }
+    return row, reports
+
+
+def _finish(
+    config: FedConfig, run: Path, run_id: str, sizes: dict[str, Any], history: list[dict[str, Any]], started: float
+) -> dict[str, Any]:
+    """Summary, final adapter (logged, registered, copied), then the DVC outputs, last."""
+    final = history[-1]
+    per_client_up = final["bytes_up"] / len(final["clients"])
+    summary: dict[str, Any] = {
+        "method": "federated",
+        "rounds": config.federation.rounds,
+        "test_loss": final["test_loss"],
+        "test_accuracy": final.get("test_accuracy"),
+        "bytes_up_per_client_round": per_client_up,
+        "bytes_per_round": final["bytes_up"] + final["bytes_down"],
+        "share_of_full_finetuning": per_client_up / sizes["full_update_bytes"],
+        "adapter_parameters": sizes["adapter_parameters"],
+        "wall_seconds": time.perf_counter() - started,
+        "mlflow_run_id": run_id,
+    }
+    last = checkpoint_dir(run, config.federation.rounds) / "global.safetensors"
+    artifact = log_adapter(config, run_id, str(last), "adapters/final")
+    summary["registered_version"] = finish_tracking(config, run_id, summary, register_artifact=artifact)
+    atomic_write_bytes(last.read_bytes(), run / "final_adapter.safetensors")
+    write_outputs(run, summary, history)
+    return summary
+
+
 @flow(name="federated-finetune")
-def federated_finetune(config: FedConfig = FedConfig(), resume: bool = False, prepare_data: bool = True) -> dict[str, Any]:  # noqa: B008
+def federated_finetune(
+    config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
+    resume: bool = False,
+    prepare_data: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) a simulated federation and return its summary."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -58,67 +128,17 @@ def federated_finetune(config: FedConfig = FedConfig(), resume: bool = False, pr
     else:
         completed = 0
         history, meta = _start(config, run)
-    run_id, sizes = meta["mlflow_run_id"], meta["sizes"]
-    n, k = config.data.partition.num_clients, config.federation.clients_per_round
-
-    for round_ in range(completed + 1, config.federation.rounds + 1):
-        tick = time.perf_counter()
-        previous = checkpoint_dir(run, round_ - 1)
-        clients = sample_clients(n, k, config.federation.seed, round_)
-        logger.info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
-        reports = []
-        width = config.federation.max_parallel_clients
-        for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
-            futures = [
-                local_train.submit(
-                    config, c, round_, str(previous / "global.safetensors"),
-                    str(run / "rounds" / f"round_{round_:04d}" / f"update_client_{c}.safetensors"),
-                )
-                for c in wave
-            ]
-            reports += [future.result() for future in futures]
-        paths = aggregate(
-            config, round_, str(previous / "global.safetensors"), str(previous / "server_state.safetensors"),
-            reports, str(run / "rounds" / f"round_{round_:04d}"),
-        )
-        eval_tick = time.perf_counter()
-        metrics = evaluate(config, paths["global_path"], f"round-{round_}")
-        eval_seconds = time.perf_counter() - eval_tick
-        row = {
-            "round": round_,
-            **metrics,
-            "clients": clients,
-            "train_loss": sum(r["train_loss"] for r in reports) / len(reports),
-            "bytes_up": sum(r["bytes_up"] for r in reports),
-            "bytes_down": sum(r["bytes_down"] for r in reports),
-            "examples": sum(r["num_examples"] for r in reports),
-            "round_seconds": time.perf_counter() - tick,
-            "eval_seconds": eval_seconds + sum(r["val_seconds"] for r in reports),
-        }
-        history.append(row)
-        log_round(config, run_id, round_, row, reports, history)
-        log_adapter(config, run_id, paths["global_path"], f"adapters/round_{round_:04d}")
-        checkpoint_task(str(run), round_, paths["global_path"], paths["server_state_path"], history, meta)
-
-    final = history[-1]
-    per_client_up = final["bytes_up"] / len(final["clients"])
-    summary = {
-        "method": "federated",
-        "rounds": config.federation.rounds,
-        "test_loss": final["test_loss"],
-        "test_accuracy": final.get("test_accuracy"),
-        "bytes_up_per_client_round": per_client_up,
-        "bytes_per_round": final["bytes_up"] + final["bytes_down"],
-        "share_of_full_finetuning": per_client_up / sizes["full_update_bytes"],
-        "adapter_parameters": sizes["adapter_parameters"],
-        "wall_seconds": time.perf_counter() - started,
-        "mlflow_run_id": run_id,
-    }
-    last = checkpoint_dir(run, config.federation.rounds)
-    artifact = log_adapter(config, run_id, str(last / "global.safetensors"), "adapters/final")
-    summary["registered_version"] = finish_tracking(config, run_id, summary, register_artifact=artifact)
-    shutil.copyfile(last / "global.safetensors", run / "final_adapter.safetensors")
-    write_outputs(run, summary, history)
+    run_id = meta["mlflow_run_id"]
+    with failing_run(config, run_id):
+        for round_ in range(completed + 1, config.federation.rounds + 1):
+            row, reports = _round(config, run, round_)
+            history.append(row)
+            log_round(config, run_id, round_, row, reports, history)
+            out = _round_dir(run, round_)
+            log_adapter(config, run_id, str(out / "global.safetensors"), f"adapters/round_{round_:04d}")
+            checkpoint_task(
+                str(run), round_, str(out / "global.safetensors"), str(out / "server_state.safetensors"), history, meta
+            )
+        summary = _finish(config, run, run_id, meta["sizes"], history, started)
     logger.info("federated: test accuracy %s, test loss %.4f", summary["test_accuracy"], summary["test_loss"])
     return summary
-

@@ -16,34 +16,46 @@ from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.training import total_steps
-from flows.common import prepare
+from flows.common import failing_run, prepare
 from tasks.evaluation import evaluate
-from tasks.tracking import finish_tracking, log_adapter, start_tracking, tracker
+from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracking
 from tasks.training import standalone_train
 
 
+def _alone(config: FedConfig, run: Path, run_id: str, client: int) -> dict[str, Any]:
+    """One client's own adapter, trained for its federated step budget and evaluated."""
+    n_train = len(read_split(config.data.partitions_dir, client, "train"))
+    steps = total_steps(config.train, n_train, config.federation.rounds)
+    path = str(run / f"client_{client}.safetensors")
+    report = standalone_train(
+        config, f"client-{client}", [client], steps, config.train.batch_size, config.train.seed + client, path
+    )
+    metrics = evaluate(config, path, f"client-{client}")
+    log_adapter(config, run_id, path, f"adapters/client_{client}")
+    return {"client": client, **metrics, **{k: report[k] for k in ("steps", "train_loss", "seconds")}}
+
+
 @flow(name="local-only")
-def local_only(config: FedConfig = FedConfig(), prepare_data: bool = True, output_dir: str = "outputs/local_only") -> dict[str, Any]:  # noqa: B008
+def local_only(
+    config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
+    prepare_data: bool = True,
+    output_dir: str = "outputs/local_only",
+) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     run = Path(output_dir)
     clear_outputs(run)
     prepare(config, data=prepare_data)
     run_id = start_tracking(config, "local_only")
-    rows = []
-    for client in range(config.data.partition.num_clients):
-        n_train = len(read_split(config.data.partitions_dir, client, "train"))
-        steps = total_steps(config.train, n_train, config.federation.rounds)
-        path = str(run / f"client_{client}.safetensors")
-        report = standalone_train(
-            config, f"client-{client}", [client], steps, config.train.batch_size, config.train.seed + client, path
-        )
-        metrics = evaluate(config, path, f"client-{client}")
-        rows.append({"client": client, **metrics, **{k: report[k] for k in ("steps", "train_loss", "seconds")}})
-        log_adapter(config, run_id, path, f"adapters/client_{client}")
-    mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("test_loss", "test_accuracy", "val_loss") if key in rows[0]}
-    tracker(config, run_id).log_round(config.federation.rounds, mean, rows)
-    summary = {
+    with failing_run(config, run_id):
+        rows = [_alone(config, run, run_id, client) for client in range(config.data.partition.num_clients)]
+    mean: dict[str, Any] = {
+        key: sum(r[key] for r in rows) / len(rows)
+        for key in ("test_loss", "test_accuracy", "val_loss")
+        if key in rows[0]
+    }
+    log_round(config, run_id, config.federation.rounds, mean, rows, [])
+    summary: dict[str, Any] = {
         "method": "local_only",
         **mean,
         "test_accuracy_per_client": [r.get("test_accuracy") for r in rows],
@@ -54,5 +66,9 @@ def local_only(config: FedConfig = FedConfig(), prepare_data: bool = True, outpu
     }
     finish_tracking(config, run_id, summary)
     write_outputs(run, summary, rows)
-    logger.info("local-only: mean test accuracy %s, per client %s", mean.get("test_accuracy"), summary["test_accuracy_per_client"])
+    logger.info(
+        "local-only: mean test accuracy %s, per client %s",
+        mean.get("test_accuracy"),
+        summary["test_accuracy_per_client"],
+    )
     return summary

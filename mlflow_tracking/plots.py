@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +11,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = [("test_loss", "global test loss"), ("val_loss", "mean client val loss"), ("test_accuracy", "test exact match")]
+PANELS = [
+    ("test_loss", "global test loss"),
+    ("val_loss", "mean client val loss"),
+    ("test_accuracy", "test exact match"),
+]
 
 
-def plot_rounds(history: list[Mapping[str, Any]], path: Path) -> Path | None:
+def plot_rounds(history: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     panels = [(key, title) for key, title in PANELS if any(key in row for row in history)]
     if not panels:
         return None

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,7 @@ class RunTracker:
         for start in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[start : start + 500])
 
-    def log_round(self, round_: int, global_metrics: Mapping[str, Any], clients: list[Mapping[str, Any]]) -> None:
+    def log_round(self, round_: int, global_metrics: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> None:
         """Global metrics plus one `client_<id>/<metric>` series per client, at step=round."""
         metrics = dict(_numeric(global_metrics))
         for report in clients:
@@ -106,7 +105,7 @@ class RunTracker:
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
-    def log_round_plot(self, history: list[Mapping[str, Any]]) -> None:
+    def log_round_plot(self, history: Sequence[Mapping[str, Any]]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = plot_rounds(history, Path(tmp) / "rounds.png")
             if path is not None:
@@ -125,12 +124,3 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
-
-    @contextmanager
-    def failing_on_error(self) -> Iterator[RunTracker]:
-        """Mark the run FAILED if the body raises, so an interrupted run never looks complete."""
-        try:
-            yield self
-        except BaseException:
-            self.finish("FAILED")
-            raise

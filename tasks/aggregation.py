@@ -15,7 +15,12 @@ from fedtune.server import aggregate_reports
 
 @task(cache_policy=NO_CACHE, task_run_name="aggregate-r{round_}")
 def aggregate(
-    config: FedConfig, round_: int, global_path: str, server_state_path: str, reports: list[dict[str, Any]], out_dir: str
+    config: FedConfig,
+    round_: int,
+    global_path: str,
+    server_state_path: str,
+    reports: list[dict[str, Any]],
+    out_dir: str,
 ) -> dict[str, str]:
     """Write the new global adapter and strategy state under `out_dir`; return their paths."""
     new_global, new_server = aggregate_reports(config, load_state(global_path), reports, load_state(server_state_path))

@@ -24,8 +24,16 @@ def prepare_data(config: FedConfig) -> str:
 @task(cache_policy=NO_CACHE)
 def partition(config: FedConfig, processed_path: str) -> dict[str, Any]:
     """Global test hold-out plus per-client train/val splits; returns the partition report."""
-    summary = write_partitions(split_records(read_jsonl(processed_path), config.data.partition), config.data.partitions_dir)
+    summary = write_partitions(
+        split_records(read_jsonl(processed_path), config.data.partition), config.data.partitions_dir
+    )
     logger = get_run_logger()
     for client in summary["clients"]:
-        logger.info("client %d: %d train / %d val, labels %s", client["client"], client["train"], client["val"], client["labels"])
+        logger.info(
+            "client %d: %d train / %d val, labels %s",
+            client["client"],
+            client["train"],
+            client["val"],
+            client["labels"],
+        )
     return summary

@@ -22,6 +22,9 @@ def evaluate(config: FedConfig, adapter_path: str, label: str, client_val: bool 
         flat[f"client_{client}/global_val_loss"] = value
     get_run_logger().info(
         "%s: test loss %.4f, accuracy %s, samples %s",
-        label, flat["test_loss"], flat.get("test_accuracy"), metrics.get("samples", [])[:3],
+        label,
+        flat["test_loss"],
+        flat.get("test_accuracy"),
+        metrics.get("samples", [])[:3],
     )
     return flat

@@ -28,8 +28,10 @@ def initial_adapter(config: FedConfig, out_dir: str) -> dict[str, Any]:
     """Write the round-0 adapter and strategy state; return their paths and the sizes
     communication is compared against."""
     state, base_parameters = initial_adapter_state(config)
-    paths = {"global_path": str(Path(out_dir) / "global.safetensors"),
-             "server_state_path": str(Path(out_dir) / "server_state.safetensors")}
+    paths = {
+        "global_path": str(Path(out_dir) / "global.safetensors"),
+        "server_state_path": str(Path(out_dir) / "server_state.safetensors"),
+    }
     save_state(state, paths["global_path"])
     save_state(STRATEGIES.get(config.federation.strategy)().init_state(state), paths["server_state_path"])
     return {

@@ -44,18 +44,30 @@ def tracker(config: FedConfig, run_id: str) -> RunTracker:
 def log_adapter(config: FedConfig, run_id: str, adapter_path: str, artifact_path: str) -> str:
     """Log an adapter in peft's save format (loadable with `PeftModel.from_pretrained`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_peft_adapter(load_state(adapter_path), config.peft, config.model.name_or_path, Path(tmp) / "adapter")
+        folder = save_peft_adapter(
+            load_state(adapter_path), config.peft, config.model.name_or_path, Path(tmp) / "adapter"
+        )
         return tracker(config, run_id).log_artifacts(folder, artifact_path)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, task_run_name="log-round-{round_}")
 def log_round(
-    config: FedConfig, run_id: str, round_: int, metrics: dict[str, Any], reports: list[dict[str, Any]],
+    config: FedConfig,
+    run_id: str,
+    round_: int,
+    metrics: dict[str, Any],
+    reports: list[dict[str, Any]],
     history: list[dict[str, Any]],
 ) -> None:
     run = tracker(config, run_id)
     run.log_round(round_, metrics, reports)
     run.log_round_plot(history)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def fail_tracking(config: FedConfig, run_id: str) -> None:
+    """Mark the run FAILED, so an interrupted run never looks complete in MLflow."""
+    tracker(config, run_id).finish("FAILED")
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)

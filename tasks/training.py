@@ -13,15 +13,18 @@ from fedtune.config import FedConfig
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-r{round_}-c{client}")
-def local_train(
-    config: FedConfig, client: int, round_: int, global_path: str, update_path: str
-) -> dict[str, Any]:
+def local_train(config: FedConfig, client: int, round_: int, global_path: str, update_path: str) -> dict[str, Any]:
     """Train from the global adapter on this client's data; only the update file leaves."""
     report = train_client(config, client=client, round_=round_, global_path=global_path, update_path=update_path)
     get_run_logger().info(
         "round %d client %d: loss %.3f -> %.3f, val %.3f, %d B up, %.1f s",
-        round_, client, report["train_loss_first"], report["train_loss_last"], report["val_loss"],
-        report["bytes_up"], report["seconds"],
+        round_,
+        client,
+        report["train_loss_first"],
+        report["train_loss_last"],
+        report["val_loss"],
+        report["bytes_up"],
+        report["seconds"],
     )
     return report
 
@@ -34,5 +37,7 @@ def standalone_train(
     report = train_standalone(
         config, clients=clients, steps=steps, batch_size=batch_size, seed=seed, adapter_path=adapter_path
     )
-    get_run_logger().info("%s: %d steps, loss %.3f -> %.3f", name, steps, report["train_loss_first"], report["train_loss_last"])
+    get_run_logger().info(
+        "%s: %d steps, loss %.3f -> %.3f", name, steps, report["train_loss_first"], report["train_loss_last"]
+    )
     return report

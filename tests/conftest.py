@@ -35,7 +35,11 @@ def build_tokenizer(directory: Path, with_template: bool = True) -> Path:
     )
     core.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>"
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<unk>",
     )
     if with_template:
         tokenizer.chat_template = CHATML
@@ -69,7 +73,10 @@ def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int =
     model = LlamaForCausalLM(config)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     rows = generate(["compare", "sort", "last_letter", "uppercase"], 60, seed=2)
-    records = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]} for r in rows]
+    records = [
+        {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in rows
+    ]
     data = encode_all(tokenizer, records, None, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(pretrain_steps):

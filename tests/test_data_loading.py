@@ -22,9 +22,11 @@ def _data(source, **extra):  # type: ignore[no-untyped-def]
 def test_files_load_through_the_column_mapping(tmp_path, suffix) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / f"rows.{suffix}"
     frame = pd.DataFrame(ROWS)
-    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-     "csv": lambda: frame.to_csv(path, index=False),
-     "parquet": lambda: frame.to_parquet(path)}[suffix]()
+    {
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        "csv": lambda: frame.to_csv(path, index=False),
+        "parquet": lambda: frame.to_parquet(path),
+    }[suffix]()
     records = load_records(_data(path))
     assert len(records) == 6
     assert records[1]["messages"] == [

@@ -12,7 +12,9 @@ def test_sampling_is_a_pure_function_of_seed_and_round() -> None:
 
 
 def _checkpoint(round_: int) -> Checkpoint:
-    return Checkpoint(round_, {"w": torch.full((3,), float(round_))}, {"m": torch.ones(2)}, [{"round": round_}], {"id": "x"})
+    return Checkpoint(
+        round_, {"w": torch.full((3,), float(round_))}, {"m": torch.ones(2)}, [{"round": round_}], {"id": "x"}
+    )
 
 
 def test_checkpoint_round_trip_and_damaged_latest_is_skipped(tmp_path) -> None:  # type: ignore[no-untyped-def]

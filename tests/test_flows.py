@@ -99,13 +99,15 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, tiny_model
 
     crashed = latest_checkpoint(out)
     assert crashed is not None and crashed.round == 2
+    client = MlflowClient(config.tracking.tracking_uri)
+    assert client.get_run(crashed.meta["mlflow_run_id"]).info.status == "FAILED"
     monkeypatch.setattr(tasks.training, "train_client", real)
     resumed = federated_finetune(config=config, resume=True)
     assert resumed["mlflow_run_id"] == crashed.meta["mlflow_run_id"]  # the same MLflow run, reopened
     a = load_state(tmp_path / "a" / "outputs" / "federated" / "final_adapter.safetensors")
     b = load_state(out / "final_adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    client = MlflowClient(config.tracking.tracking_uri)
+    assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
     assert sorted(_history(client, resumed["mlflow_run_id"], "test_loss")) == [0, 1, 2, 3]
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
 

@@ -9,7 +9,9 @@ from fedtune.data.partition import PartitionError, read_split, report, split_rec
 
 
 def _records(per_skill: int = 60) -> list[dict]:
-    config = build_config({"data": {"synthetic": {"examples_per_skill": per_skill, "skills": ["add", "parity", "sort", "successor"]}}})
+    config = build_config(
+        {"data": {"synthetic": {"examples_per_skill": per_skill, "skills": ["add", "parity", "sort", "successor"]}}}
+    )
     return load_records(config.data)
 
 

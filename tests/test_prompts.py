@@ -12,7 +12,9 @@ def test_only_response_tokens_carry_labels(tiny_model_dir) -> None:  # type: ign
     assert item is not None
     labelled = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(labelled).strip() == "42<|im_end|>"
-    prompt_ids = tokenizer(prompt_text(tokenizer, RECORD, "Answer with the result only."), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt_text(tokenizer, RECORD, "Answer with the result only."), add_special_tokens=False)[
+        "input_ids"
+    ]
     assert item["input_ids"][: len(prompt_ids)] == prompt_ids
     assert all(label == IGNORE_INDEX for label in item["labels"][: len(prompt_ids)])
     assert "system" in tokenizer.decode(item["input_ids"])

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from fedtune.adapters import get_adapter_state
+from fedtune.data.loading import load_records
 from fedtune.evaluation import exact_match, loss_and_perplexity
 from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
-from fedtune.data.loading import load_records
 from fedtune.training import local_train, total_steps
 
 

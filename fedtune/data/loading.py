@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import datasets
 
 from fedtune.config import DataSection
 from fedtune.data.synthetic import generate
+from fedtune.errors import InputError
 
 Record = dict[str, Any]
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     pass
 
 
@@ -48,7 +49,7 @@ def check_columns(section: DataSection, available: list[str]) -> None:
     from fedtune.data.partition import PARTITIONERS
 
     cols = section.columns
-    required = (
+    required: dict[str, str | None] = (
         {"columns.messages": cols.messages}
         if cols.messages
         else {"columns.instruction": cols.instruction, "columns.response": cols.response}
@@ -72,11 +73,15 @@ def _to_record(row: dict[str, Any], section: DataSection, label_column: str | No
         if not messages or messages[-1]["role"] != "assistant":
             raise DataError(f"data.columns.messages: a conversation does not end with an assistant turn: {messages}")
     else:
-        user = str(row[cols.instruction])
+        # the config guarantees instruction and response are set when messages is not
+        user = str(row[cast(str, cols.instruction)])
         extra = row.get(cols.input) if cols.input else None
         if extra not in (None, ""):
             user = f"{user}\n\n{extra}"
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(row[cols.response])}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": str(row[cast(str, cols.response)])},
+        ]
     label = row.get(label_column) if label_column else None
     return {"messages": messages, "label": None if label is None else str(label)}
 

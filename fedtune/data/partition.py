@@ -23,10 +23,11 @@ import numpy as np
 from flwr_datasets import partitioner as flwr
 
 from fedtune.data.loading import Record, read_jsonl, write_jsonl
+from fedtune.errors import InputError
 from fedtune.registry import Registry
 
 
-class PartitionError(ValueError):
+class PartitionError(InputError):
     pass
 
 

@@ -56,7 +56,7 @@ def encode(
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently inside the full conversation")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     if all(label == IGNORE_INDEX for label in labels):

@@ -15,7 +15,7 @@ from fedtune.registry import Registry
 Example = tuple[str, str]
 SKILLS: Registry[Callable[[random.Random], Example]] = Registry("synthetic skill")
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (a word list reads best as text)
     "apple river garden silver market window planet forest bottle candle orange pocket "
     "rabbit castle dragon jacket ladder magnet needle pencil rocket saddle tunnel violin "
     "wallet yellow anchor basket button carpet dinner engine family finger flower guitar "
@@ -23,7 +23,7 @@ WORDS = (
     "shadow spider summer ticket tomato travel turtle valley winter wizard bridge cookie "
     "doctor farmer garlic helmet jungle kettle lizard meadow museum nature oyster people "
     "pirate potato rhythm salmon season singer sister spring stereo stream sugar tablet "
-    "teacher thunder tiger timber velvet wagon whisper window yogurt zebra circle silver"
+    "teacher thunder tiger timber velvet wagon whisper window yogurt zebra circle silver "
 ).split()
 
 

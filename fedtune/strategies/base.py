@@ -10,6 +10,7 @@ Client-side terms (FedProx's proximal term, SCAFFOLD's correction) come through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ class ClientUpdate:
 class LocalObjective:
     """Extra terms a strategy adds to a client's loss; the default adds nothing."""
 
-    def extra_loss(self, named_params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         return None
 
 

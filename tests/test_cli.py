@@ -1,0 +1,77 @@
+"""Bad input ends a command with one clear message naming the field, before any work."""
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args), terminal_width=200)
+
+
+def test_invalid_config_lists_every_problem_with_its_path() -> None:
+    result = _invoke(
+        "run",
+        "-s",
+        "federation.rounds=0",
+        "-s",
+        "federation.clients_per_round=2",
+        "-s",
+        "data.partition.num_clients=1",
+        "-s",
+        "federation.strategy=fedadgrad",
+        "-s",
+        "peft.method=lorax",
+    )
+    assert result.exit_code == 2
+    for text in ("federation.rounds", "federation.strategy", "peft.method", "unknown strategy 'fedadgrad'"):
+        assert text in result.output
+    result = _invoke("run", "-c", "missing.yaml")
+    assert result.exit_code == 2 and "missing.yaml does not exist" in result.output
+
+
+def test_clients_per_round_above_clients() -> None:
+    result = _invoke("run", "-s", "federation.clients_per_round=5")
+    assert result.exit_code == 2 and "exceeds data.partition.num_clients" in result.output
+
+
+def test_missing_model_path_is_named_before_anything_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = _invoke(
+        "run",
+        "-s",
+        f"model.name_or_path={tmp_path}/nope",
+        "-s",
+        "model.source=null",
+        "-s",
+        f"federation.output_dir={tmp_path}/out",
+    )
+    assert result.exit_code == 2
+    assert "model.name_or_path" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_without_the_mapped_columns(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "p", "completion": "c"}) for _ in range(5)))
+    result = _invoke("prepare-data", "-s", f"data.source={data}", "-s", f"data.processed_path={tmp_path}/out.jsonl")
+    assert result.exit_code == 2
+    assert "data.columns.instruction" in result.output and not (tmp_path / "out.jsonl").exists()
+
+
+def test_empty_client_partition(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    common = [
+        "-s",
+        f"data.processed_path={tmp_path}/d.jsonl",
+        "-s",
+        "data.synthetic.examples_per_skill=2",
+        "-s",
+        f"data.partitions_dir={tmp_path}/parts",
+    ]
+    assert _invoke("prepare-data", *common).exit_code == 0
+    result = _invoke("partition", *common, "-s", "data.partition.num_clients=8", "-s", "federation.clients_per_round=1")
+    assert result.exit_code == 2
+    assert "data.partition" in result.output and not (tmp_path / "parts").exists()
