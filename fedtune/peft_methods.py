@@ -6,9 +6,6 @@ on the name.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from fedtune.atomic import staged_directory
 from fedtune.config import PeftSection
 from fedtune.registry import Registry
 
@@ -54,17 +52,9 @@ def save_peft_adapter(state: dict, section: PeftSection, base_model: str, direct
     directory needs only the method's config beside them; staged and renamed so a crash never
     leaves a directory that looks complete.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
-        peft_config = PEFT_METHODS.get(section.method)(section)
-        peft_config.base_model_name_or_path = base_model
+    peft_config = PEFT_METHODS.get(section.method)(section)
+    peft_config.base_model_name_or_path = base_model
+    with staged_directory(directory) as staging:
         peft_config.save_pretrained(str(staging))
         save_file(state, str(staging / SAFETENSORS_WEIGHTS_NAME))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    return Path(directory)

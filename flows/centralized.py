@@ -7,18 +7,17 @@ K times larger batch, so it sees as many examples as the whole federation.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
-from fedtune.outputs import clear_outputs, write_outputs
+from fedtune.outputs import write_outputs
 from fedtune.training import total_steps
-from flows.common import failing_run, prepare
+from flows.common import failing_run, open_run
 from tasks.evaluation import evaluate
-from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracking
+from tasks.tracking import finish_tracking, log_adapter, log_round
 from tasks.training import standalone_train
 
 
@@ -30,10 +29,7 @@ def centralized(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    run = Path(output_dir)
-    clear_outputs(run)
-    prepare(config, data=prepare_data)
-    run_id = start_tracking(config, "centralized")
+    run, run_id = open_run(config, "centralized", output_dir, prepare_data=prepare_data)
     clients = list(range(config.data.partition.num_clients))
     n_train = sum(len(read_split(config.data.partitions_dir, c, "train")) for c in clients)
     k = config.federation.clients_per_round

@@ -127,8 +127,8 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Evaluate an adapter on the global test set and every client's val split."""
-    from fedtune.adapters import atomic_write_bytes
     from fedtune.assessment import evaluate_adapter
+    from fedtune.atomic import atomic_write_bytes
 
     if not adapter.exists():
         console.print(f"[red]adapter: {adapter} does not exist[/red]")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from fedtune.config import FedConfig
 from fedtune.data.loading import check_columns
 from fedtune.models import check_model
+from fedtune.outputs import clear_outputs
 from tasks.data import partition, prepare_data
 from tasks.model import prepare_model
-from tasks.tracking import fail_tracking
+from tasks.tracking import fail_tracking, start_tracking
 
 
 def preflight(config: FedConfig) -> None:
@@ -26,6 +28,14 @@ def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:
     preflight(config)
     prepare_model(config)
     return partition(config, prepare_data(config)) if data else None
+
+
+def open_run(config: FedConfig, kind: str, output_dir: str, *, prepare_data: bool) -> tuple[Path, str]:
+    """No stale results in `output_dir`, model and data ready, a new MLflow run; its folder and id."""
+    run = Path(output_dir)
+    clear_outputs(run)
+    prepare(config, data=prepare_data)
+    return run, start_tracking(config, kind)
 
 
 @contextmanager

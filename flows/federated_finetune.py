@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from fedtune.adapters import atomic_write_bytes
+from fedtune.atomic import atomic_write_bytes
 from fedtune.config import FedConfig
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs

@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger
 
 from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
-from fedtune.outputs import clear_outputs, write_outputs
+from fedtune.outputs import write_outputs
 from fedtune.training import total_steps
-from flows.common import failing_run, prepare
+from flows.common import failing_run, open_run
 from tasks.evaluation import evaluate
-from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracking
+from tasks.tracking import finish_tracking, log_adapter, log_round
 from tasks.training import standalone_train
 
 
@@ -43,10 +43,7 @@ def local_only(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    run = Path(output_dir)
-    clear_outputs(run)
-    prepare(config, data=prepare_data)
-    run_id = start_tracking(config, "local_only")
+    run, run_id = open_run(config, "local_only", output_dir, prepare_data=prepare_data)
     with failing_run(config, run_id):
         rows = [_alone(config, run, run_id, client) for client in range(config.data.partition.num_clients)]
     mean: dict[str, Any] = {

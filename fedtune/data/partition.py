@@ -8,10 +8,7 @@ adds the global test hold-out, per-client validation splits, the checks and the 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ import datasets
 import numpy as np
 from flwr_datasets import partitioner as flwr
 
+from fedtune.atomic import staged_directory
 from fedtune.data.loading import Record, read_jsonl, write_jsonl
 from fedtune.errors import InputError
 from fedtune.registry import Registry
@@ -149,22 +147,14 @@ def client_dir(root: str | Path, client: int) -> Path:
 
 
 def write_partitions(partitions: Partitions, root: str | Path) -> dict[str, Any]:
-    """Write all partitions into a temporary sibling and rename it over `root` in one step."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
-    try:
+    """Write all partitions and the report; `root` is replaced in one step."""
+    summary = report(partitions)
+    with staged_directory(root) as staging:
         for i, parts in enumerate(partitions.clients):
             for split, rows in parts.items():
                 write_jsonl(rows, client_dir(staging, i) / f"{split}.jsonl")
         write_jsonl(partitions.test, staging / "test.jsonl")
-        summary = report(partitions)
         (staging / "report.json").write_text(json.dumps(summary, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
