@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # Create .venv and install the project without ever pulling CUDA wheels on a CPU machine.
 #
-# If the environment already has a torch (for example a CUDA build on a GPU machine), it is
-# kept: pyproject.toml only asks for torch>=2.4. Otherwise the CPU build is installed first
-# (TORCH_SPEC, default torch==2.13.0; set TORCH_INDEX_URL to a CPU wheel index where your
-# pip does not already find one), so the project's range is satisfied and nothing else pulls
-# the multi-GB CUDA build.
+# If the environment already has a torch (a CUDA build on a GPU machine, say), it is kept:
+# pyproject.toml only asks for torch>=2.4. Otherwise torch is installed first, so that the
+# project's range is already satisfied and no dependency pulls a build of its own:
+#   - with an NVIDIA GPU (nvidia-smi present): TORCH_SPEC, default torch==2.13.0 (CUDA build);
+#   - without one: the CPU build, torch==2.13.0+cpu, from wherever pip finds it (a local
+#     wheel or a configured index), else from TORCH_CPU_INDEX (PyTorch's CPU wheel index).
+# A "+cpu" pin can never resolve to the multi-GB CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  echo "installing $TORCH_SPEC (CPU build)"
-  "${PIP[@]}" install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "installing ${TORCH_SPEC:-torch==2.13.0} (GPU machine)"
+    "${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
+  else
+    echo "installing ${TORCH_SPEC:-torch==2.13.0+cpu} (CPU build)"
+    "${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0+cpu}" ||
+      "${PIP[@]}" install --index-url "$TORCH_CPU_INDEX" "${TORCH_SPEC:-torch==2.13.0+cpu}"
+  fi
 fi
 stamp="$VENV/.fedtune-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
