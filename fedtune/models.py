@@ -13,6 +13,8 @@ import sys
 import tempfile
 import threading
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +130,20 @@ def ensure_model(cfg: ModelSection) -> str:
     return cfg.name_or_path
 
 
+@contextmanager
+def _named_load_errors(cfg: ModelSection) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"model.name_or_path: {cfg.name_or_path} is neither a model directory nor a reachable hub id ({error})"
+        ) from error
+
+
 def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     location, kwargs = _location(cfg.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    with _named_load_errors(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -153,15 +166,10 @@ def load_base_model(cfg: ModelSection) -> PreTrainedModel:
     check_model(cfg)
     location, kwargs = _location(cfg.name_or_path)
     quantization = _quantization_config(cfg)
-    try:
-        with _LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs
-            )
-    except OSError as error:
-        raise ModelNotFoundError(
-            f"model.name_or_path: {cfg.name_or_path} is neither a model directory nor a reachable hub id ({error})"
-        ) from error
+    with _named_load_errors(cfg), _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs
+        )
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
