@@ -15,7 +15,7 @@ from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.federation import client_seed
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
-from fedtune.strategies import STRATEGIES
+from fedtune.strategies import build_strategy
 from fedtune.training import local_train, total_steps
 
 
@@ -34,7 +34,7 @@ def train_client(
     global_state = load_state(global_path)
     server_state = load_state(server_state_path) if server_state_path else {}
     model = build_peft_model(cfg, global_state)
-    objective = STRATEGIES.get(cfg.federation.strategy)().local_objective(global_state, server_state)
+    objective = build_strategy(cfg.federation).local_objective(global_state, server_state)
     result = local_train(
         model,
         train,

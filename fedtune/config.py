@@ -140,6 +140,12 @@ class FederationSection(Section):
     rounds: int = Field(3, gt=0)
     clients_per_round: int = Field(3, gt=0, description="K clients sampled (seeded) from the N partitions.")
     strategy: str = Field("fedavg", description="Aggregation strategy, from the strategy registry.")
+    strategy_options: dict[str, float | int] = Field(
+        default_factory=dict, description="Keyword options of the strategy, e.g. {beta: 0.2} for trimmed_mean."
+    )
+    min_fit_clients: int = Field(
+        1, gt=0, description="Valid client updates a round needs; fewer abort the round (resumable)."
+    )
     max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once (in waves).")
     seed: int = 0
     output_dir: str = "outputs/federated"
@@ -150,6 +156,17 @@ class FederationSection(Section):
         from fedtune.strategies import STRATEGIES
 
         return STRATEGIES.check(value)
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> FederationSection:
+        from fedtune.strategies import build_strategy
+
+        if self.min_fit_clients > self.clients_per_round:
+            raise ValueError(
+                f"min_fit_clients ({self.min_fit_clients}) exceeds clients_per_round ({self.clients_per_round})"
+            )
+        build_strategy(self).check_cohort(self.clients_per_round)
+        return self
 
 
 class TrainSection(Section):

@@ -6,7 +6,7 @@ from typing import Any
 
 from fedtune.adapters import AdapterState, load_state
 from fedtune.config import FedConfig
-from fedtune.strategies import STRATEGIES, ClientUpdate, ServerState
+from fedtune.strategies import ClientUpdate, ServerState, build_strategy
 
 
 def aggregate_reports(
@@ -15,4 +15,4 @@ def aggregate_reports(
     if not reports:
         raise ValueError("no client updates to aggregate")
     updates = [ClientUpdate(r["client"], load_state(r["update_path"]), r["num_examples"]) for r in reports]
-    return STRATEGIES.get(cfg.federation.strategy)().aggregate(global_state, updates, server_state)
+    return build_strategy(cfg.federation).aggregate(global_state, updates, server_state)

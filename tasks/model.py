@@ -12,7 +12,7 @@ from fedtune.adapters import num_parameters, save_state
 from fedtune.config import FedConfig
 from fedtune.models import ensure_model
 from fedtune.runtime import initial_adapter_state
-from fedtune.strategies import STRATEGIES
+from fedtune.strategies import build_strategy
 
 FP32_BYTES = 4
 
@@ -33,7 +33,7 @@ def initial_adapter(config: FedConfig, out_dir: str) -> dict[str, Any]:
         "server_state_path": str(Path(out_dir) / "server_state.safetensors"),
     }
     save_state(state, paths["global_path"])
-    save_state(STRATEGIES.get(config.federation.strategy)().init_state(state), paths["server_state_path"])
+    save_state(build_strategy(config.federation).init_state(state), paths["server_state_path"])
     return {
         **paths,
         "adapter_parameters": num_parameters(state),

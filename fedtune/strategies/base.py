@@ -36,6 +36,11 @@ class LocalObjective:
 
 
 class Strategy(ABC):
+    """Options are keyword-only constructor arguments, given as `federation.strategy_options`."""
+
+    def check_cohort(self, clients_per_round: int) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Refuse a cohort size the strategy cannot aggregate correctly (raise ValueError)."""
+
     def init_state(self, global_state: AdapterState) -> ServerState:
         return {}
 

@@ -1,0 +1,153 @@
+"""Byzantine-robust aggregation: a few malicious clients cannot drag the global adapter far.
+
+- Coordinate-wise median and beta-trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed
+  Learning: Towards Optimal Statistical Rates", Alg. 1 and 2).
+- Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine
+  Tolerant Gradient Descent"): score each update by the squared distances to its n - f - 2
+  nearest neighbours and average the m best; correct only when n >= 2f + 3.
+- Norm bounding (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"): every update
+  is scaled down to L2 norm <= max_norm before the example-weighted mean.
+
+Median, trimmed mean and Krum ignore example counts on purpose: a weight is one more thing an
+attacker controls. All of them need every individual update in the clear, so they cannot run
+behind secure aggregation, where the server only ever sees the sum (see docs/robustness.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedtune.adapters import AdapterState, add
+from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
+from fedtune.strategies.fedavg import weighted_average
+
+Spec = list[tuple[str, torch.Size, torch.dtype]]
+
+
+def stack_updates(states: Sequence[AdapterState]) -> tuple[torch.Tensor, Spec]:
+    """One float64 row per update (keys in sorted order) and what rebuilds a state from a row."""
+    keys = sorted(states[0])
+    spec = [(k, states[0][k].shape, states[0][k].dtype) for k in keys]
+    rows = [torch.cat([state[k].reshape(-1).to(torch.float64) for k in keys]) for state in states]
+    return torch.stack(rows), spec
+
+
+def unstack(row: torch.Tensor, spec: Spec) -> AdapterState:
+    state, offset = {}, 0
+    for key, shape, dtype in spec:
+        size = math.prod(shape)
+        state[key] = row[offset : offset + size].reshape(shape).to(dtype)
+        offset += size
+    return state
+
+
+def coordinate_median(states: Sequence[AdapterState]) -> AdapterState:
+    """Per coordinate, the median (the mean of the two middle values for an even count)."""
+    matrix, spec = stack_updates(states)
+    return unstack(matrix.quantile(0.5, dim=0), spec)
+
+
+def trimmed_mean(states: Sequence[AdapterState], beta: float) -> AdapterState:
+    """Per coordinate, drop the floor(beta * n) largest and smallest values and average the rest."""
+    matrix, spec = stack_updates(states)
+    n, cut = matrix.shape[0], math.floor(beta * matrix.shape[0])
+    if n - 2 * cut < 1:
+        raise ValueError(f"trimmed mean with beta={beta} leaves nothing of {n} updates")
+    ordered = matrix.sort(dim=0).values
+    return unstack(ordered[cut : n - cut].mean(dim=0), spec)
+
+
+def krum_scores(matrix: torch.Tensor, f: int) -> torch.Tensor:
+    """Each row's sum of squared distances to its n - f - 2 nearest other rows."""
+    n = matrix.shape[0]
+    distances = torch.cdist(matrix, matrix).square()
+    distances.fill_diagonal_(float("inf"))
+    return distances.sort(dim=1).values[:, : n - f - 2].sum(dim=1)
+
+
+def multi_krum(states: Sequence[AdapterState], f: int, m: int) -> tuple[AdapterState, list[int]]:
+    """Mean of the m updates with the lowest Krum scores, and their indices."""
+    n = len(states)
+    if n < 2 * f + 3:
+        raise ValueError(f"Krum with f={f} needs at least 2f + 3 = {2 * f + 3} updates, got {n}")
+    matrix, spec = stack_updates(states)
+    chosen = krum_scores(matrix, f).argsort()[:m].tolist()
+    return unstack(matrix[chosen].mean(dim=0), spec), sorted(chosen)
+
+
+def clip_to_norm(state: AdapterState, max_norm: float) -> AdapterState:
+    """The state scaled by min(1, max_norm / ||state||_2), the norm taken over all tensors."""
+    norm = math.sqrt(sum(float(t.to(torch.float64).square().sum()) for t in state.values()))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {k: t * scale for k, t in state.items()}
+
+
+def _integer(name: str, value: float) -> int:
+    if int(value) != value or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+    return int(value)
+
+
+class CoordinateMedian(Strategy):
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        return add(global_state, coordinate_median([u.delta for u in updates])), dict(server_state)
+
+
+class TrimmedMean(Strategy):
+    def __init__(self, *, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def check_cohort(self, clients_per_round: int) -> None:
+        if clients_per_round - 2 * math.floor(self.beta * clients_per_round) < 1:
+            raise ValueError(f"trimmed mean with beta={self.beta} leaves nothing of {clients_per_round} clients")
+
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        return add(global_state, trimmed_mean([u.delta for u in updates], self.beta)), dict(server_state)
+
+
+class MultiKrum(Strategy):
+    def __init__(self, *, f: float = 1, m: float = 1) -> None:
+        self.f, self.m = _integer("f", f), _integer("m", m)
+        if self.m < 1:
+            raise ValueError("m must be at least 1")
+
+    def check_cohort(self, clients_per_round: int) -> None:
+        if clients_per_round < 2 * self.f + 3:
+            raise ValueError(
+                f"Krum with f={self.f} needs clients_per_round >= 2f + 3 = {2 * self.f + 3}, got {clients_per_round}"
+            )
+        if self.m > clients_per_round - self.f:
+            raise ValueError(f"Multi-Krum m={self.m} exceeds clients_per_round - f = {clients_per_round - self.f}")
+
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        mean, _ = multi_krum([u.delta for u in updates], self.f, self.m)
+        return add(global_state, mean), dict(server_state)
+
+
+class Krum(MultiKrum):
+    def __init__(self, *, f: float = 1) -> None:
+        super().__init__(f=f, m=1)
+
+
+class NormBoundedFedAvg(Strategy):
+    def __init__(self, *, max_norm: float = 1.0) -> None:
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm}")
+        self.max_norm = max_norm
+
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        clipped = [clip_to_norm(u.delta, self.max_norm) for u in updates]
+        return add(global_state, weighted_average(clipped, [u.num_examples for u in updates])), dict(server_state)
