@@ -48,8 +48,8 @@ def add(a: AdapterState, b: AdapterState) -> AdapterState:
     return {k: a[k] + b[k] for k in a}
 
 
-def to_bytes(state: AdapterState) -> bytes:
-    return save_bytes(state)
+def to_bytes(state: AdapterState, metadata: dict[str, str] | None = None) -> bytes:
+    return save_bytes(state, metadata=metadata)
 
 
 def from_bytes(data: bytes) -> AdapterState:

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import get_adapter_state, load_state, save_state, subtract
+from fedtune.adapters import get_adapter_state, load_state, subtract
 from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.federation import client_seed
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
 from fedtune.strategies import build_strategy
 from fedtune.training import local_train, total_steps
+from fedtune.validation import write_update
 
 
 def train_client(
@@ -45,7 +46,8 @@ def train_client(
         objective=objective,
         desc=f"round {round_} client {client}",
     )
-    bytes_up = save_state(subtract(get_adapter_state(model), global_state), update_path)
+    update = subtract(get_adapter_state(model), global_state)
+    bytes_up = write_update(update, update_path, round_=round_, client=client)
     tick = time.perf_counter()
     val_metrics = loss_and_perplexity(model, val, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
     val_seconds = time.perf_counter() - tick

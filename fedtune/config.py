@@ -146,6 +146,9 @@ class FederationSection(Section):
     min_fit_clients: int = Field(
         1, gt=0, description="Valid client updates a round needs; fewer abort the round (resumable)."
     )
+    max_client_examples: int = Field(
+        1_000_000, gt=0, description="An update claiming more training examples than this is rejected."
+    )
     max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once (in waves).")
     seed: int = 0
     output_dir: str = "outputs/federated"

@@ -1,18 +1,51 @@
-"""The aggregator's part of a round: combine client updates with the configured strategy."""
+"""The aggregator's part of a round: validate every update, then combine the valid ones.
+
+A client whose task failed or whose update is rejected drops out of the round; the round goes
+on while at least `federation.min_fit_clients` valid updates remain, and otherwise aborts
+before anything is aggregated (the run resumes from the last completed round).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from fedtune.adapters import AdapterState, load_state
+from fedtune.adapters import AdapterState, to_bytes
 from fedtune.config import FedConfig
 from fedtune.strategies import ClientUpdate, ServerState, build_strategy
+from fedtune.validation import RoundAborted, UpdateRejected, UpdateValidator
+
+log = logging.getLogger(__name__)
 
 
 def aggregate_reports(
-    cfg: FedConfig, global_state: AdapterState, reports: list[dict[str, Any]], server_state: ServerState
-) -> tuple[AdapterState, ServerState]:
-    if not reports:
-        raise ValueError("no client updates to aggregate")
-    updates = [ClientUpdate(r["client"], load_state(r["update_path"]), r["num_examples"]) for r in reports]
-    return build_strategy(cfg.federation).aggregate(global_state, updates, server_state)
+    cfg: FedConfig,
+    round_: int,
+    global_state: AdapterState,
+    reports: list[dict[str, Any]],
+    server_state: ServerState,
+    dropped: list[str] | None = None,
+) -> tuple[AdapterState, ServerState, list[str]]:
+    """New global and server state, and the reasons of every client left out of this round."""
+    validator = UpdateValidator(
+        global_state,
+        round_,
+        max_bytes=2 * len(to_bytes(global_state)),
+        max_examples=cfg.federation.max_client_examples,
+    )
+    updates, left_out = [], list(dropped or [])
+    for report in reports:
+        try:
+            delta = validator.check(report["client"], report["update_path"], report["num_examples"])
+        except UpdateRejected as error:
+            log.warning("round %d: rejected %s", round_, error)
+            left_out.append(str(error))
+            continue
+        updates.append(ClientUpdate(report["client"], delta, report["num_examples"]))
+    if len(updates) < cfg.federation.min_fit_clients:
+        raise RoundAborted(
+            f"round {round_}: {len(updates)} valid updates, federation.min_fit_clients is "
+            f"{cfg.federation.min_fit_clients}; left out: {'; '.join(left_out) or 'none'}"
+        )
+    new_global, new_server = build_strategy(cfg.federation).aggregate(global_state, updates, server_state)
+    return new_global, new_server, left_out

@@ -54,16 +54,20 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
     n, k = config.data.partition.num_clients, config.federation.clients_per_round
     clients = sample_clients(n, k, config.federation.seed, round_)
     get_run_logger().info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
-    reports = []
+    reports, dropped = [], []
     width = config.federation.max_parallel_clients
     for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
-        futures = [
-            local_train.submit(config, c, round_, str(previous), str(out / f"update_client_{c}.safetensors"))
+        futures = {
+            c: local_train.submit(config, c, round_, str(previous), str(out / f"update_client_{c}.safetensors"))
             for c in wave
-        ]
-        reports += [future.result() for future in futures]
+        }
+        for client, future in futures.items():
+            try:
+                reports.append(future.result())
+            except Exception as error:  # a lost client drops out; the aggregate step decides if enough remain
+                dropped.append(f"client {client}: training failed ({type(error).__name__}: {error})")
     server_state = str(previous.with_name("server_state.safetensors"))
-    paths = aggregate(config, round_, str(previous), server_state, reports, str(out))
+    paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped)
     eval_tick = time.perf_counter()
     metrics = evaluate(config, paths["global_path"], f"round-{round_}")
     eval_seconds = time.perf_counter() - eval_tick
@@ -71,8 +75,12 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
         "round": round_,
         **metrics,
         "clients": clients,
-        "train_loss": sum(r["train_loss"] for r in reports) / len(reports),
+        "clients_aggregated": len(clients) - len(paths["left_out"]),
+        "clients_left_out": len(paths["left_out"]),
+        "left_out": paths["left_out"],
+        "train_loss": sum(r["train_loss"] for r in reports) / max(len(reports), 1),
         "bytes_up": sum(r["bytes_up"] for r in reports),
+        "bytes_up_per_client": sum(r["bytes_up"] for r in reports) / max(len(reports), 1),
         "bytes_down": sum(r["bytes_down"] for r in reports),
         "examples": sum(r["num_examples"] for r in reports),
         "round_seconds": time.perf_counter() - tick,
@@ -86,7 +94,7 @@ def _finish(
 ) -> dict[str, Any]:
     """Summary, final adapter (logged, registered, copied), then the DVC outputs, last."""
     final = history[-1]
-    per_client_up = final["bytes_up"] / len(final["clients"])
+    per_client_up = final["bytes_up_per_client"]
     summary: dict[str, Any] = {
         "method": "federated",
         "rounds": config.federation.rounds,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedtune.adapters import load_state, save_state
@@ -21,11 +21,22 @@ def aggregate(
     server_state_path: str,
     reports: list[dict[str, Any]],
     out_dir: str,
-) -> dict[str, str]:
-    """Write the new global adapter and strategy state under `out_dir`; return their paths."""
-    new_global, new_server = aggregate_reports(config, load_state(global_path), reports, load_state(server_state_path))
+    dropped: list[str],
+) -> dict[str, Any]:
+    """Validate and aggregate; write the new global adapter and strategy state under `out_dir`.
+
+    Returns their paths and the reasons of the clients left out (failed or rejected).
+    """
+    new_global, new_server, left_out = aggregate_reports(
+        config, round_, load_state(global_path), reports, load_state(server_state_path), dropped
+    )
     out = Path(out_dir)
-    paths = {"global_path": str(out / "global.safetensors"), "server_state_path": str(out / "server_state.safetensors")}
-    save_state(new_global, paths["global_path"])
-    save_state(new_server, paths["server_state_path"])
-    return paths
+    save_state(new_global, out / "global.safetensors")
+    save_state(new_server, out / "server_state.safetensors")
+    for reason in left_out:
+        get_run_logger().warning("round %d: left out %s", round_, reason)
+    return {
+        "global_path": str(out / "global.safetensors"),
+        "server_state_path": str(out / "server_state.safetensors"),
+        "left_out": left_out,
+    }

@@ -17,7 +17,7 @@ from fedtune.adapters import load_state
 from fedtune.config import build_config
 from fedtune.data.partition import read_split
 from fedtune.evaluation import loss_and_perplexity
-from fedtune.federation import latest_checkpoint
+from fedtune.federation import latest_checkpoint, sample_clients
 from fedtune.runtime import encode_records, tokenizer_for
 from flows.centralized import centralized
 from flows.federated_finetune import federated_finetune
@@ -123,3 +123,22 @@ def test_baselines_log_comparable_runs(tmp_path, tiny_model_dir) -> None:  # typ
         assert {"test_loss", "test_accuracy", "final/test_loss"} <= set(run.data.metrics)
     assert len(local["test_accuracy_per_client"]) == config.data.partition.num_clients
     assert pooled["steps"] == config.federation.rounds * config.train.steps_per_round
+
+
+def test_a_client_lost_mid_round_drops_out_while_min_fit_clients_holds(tmp_path, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    config = _config(tmp_path, tiny_model_dir)  # 2 of 3 clients per round, min_fit_clients = 1
+    lost = sample_clients(3, 2, config.federation.seed, 2)[0]
+    real = tasks.training.train_client
+
+    def lose_one_client_in_round_2(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["round_"] == 2 and kwargs["client"] == lost:
+            raise ConnectionResetError("worker went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.training, "train_client", lose_one_client_in_round_2)
+    summary = federated_finetune(config=config)
+    client = MlflowClient(config.tracking.tracking_uri)
+    assert _history(client, summary["mlflow_run_id"], "clients_left_out") == {1: 0.0, 2: 1.0, 3: 0.0}
+    assert _history(client, summary["mlflow_run_id"], "clients_aggregated") == {1: 2.0, 2: 1.0, 3: 2.0}
+    checkpoint = latest_checkpoint(config.federation.output_dir)
+    assert checkpoint is not None and "worker went away" in checkpoint.history[2]["left_out"][0]
