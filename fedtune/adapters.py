@@ -7,6 +7,7 @@ the bytes actually produced.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -46,6 +47,27 @@ def subtract(a: AdapterState, b: AdapterState) -> AdapterState:
 
 def add(a: AdapterState, b: AdapterState) -> AdapterState:
     return {k: a[k] + b[k] for k in a}
+
+
+def l2_norm(state: AdapterState) -> float:
+    """The L2 norm of all tensors taken together, in float64."""
+    return math.sqrt(sum(float(t.to(torch.float64).square().sum()) for t in state.values()))
+
+
+CLIP_MARGIN = 1e-6
+
+
+def clip_to_norm(state: AdapterState, max_norm: float) -> AdapterState:
+    """The state scaled into the L2 ball of radius max_norm; a zero or small state passes unchanged.
+
+    Scaling lands a hair inside the ball (relative margin CLIP_MARGIN): rounding the scaled
+    float32 tensors could otherwise end a few ulps outside it, and DP guarantees need <= max_norm.
+    """
+    norm = l2_norm(state)
+    if norm <= max_norm:
+        return dict(state)
+    scale = max_norm / norm * (1 - CLIP_MARGIN)
+    return {k: (t.to(torch.float64) * scale).to(t.dtype) for k, t in state.items()}
 
 
 def to_bytes(state: AdapterState, metadata: dict[str, str] | None = None) -> bytes:

@@ -35,7 +35,7 @@ def train_client(
     global_state = load_state(global_path)
     server_state = load_state(server_state_path) if server_state_path else {}
     model = build_peft_model(cfg, global_state)
-    objective = build_strategy(cfg.federation).local_objective(global_state, server_state)
+    objective = build_strategy(cfg).local_objective(global_state, server_state)
     result = local_train(
         model,
         train,

@@ -140,7 +140,7 @@ class FederationSection(Section):
     rounds: int = Field(3, gt=0)
     clients_per_round: int = Field(3, gt=0, description="K clients sampled (seeded) from the N partitions.")
     strategy: str = Field("fedavg", description="Aggregation strategy, from the strategy registry.")
-    strategy_options: dict[str, float | int] = Field(
+    strategy_options: dict[str, float | int | str] = Field(
         default_factory=dict, description="Keyword options of the strategy, e.g. {beta: 0.2} for trimmed_mean."
     )
     min_fit_clients: int = Field(
@@ -161,14 +161,11 @@ class FederationSection(Section):
         return STRATEGIES.check(value)
 
     @model_validator(mode="after")
-    def _strategy_fits(self) -> FederationSection:
-        from fedtune.strategies import build_strategy
-
+    def _enough_clients(self) -> FederationSection:
         if self.min_fit_clients > self.clients_per_round:
             raise ValueError(
                 f"min_fit_clients ({self.min_fit_clients}) exceeds clients_per_round ({self.clients_per_round})"
             )
-        build_strategy(self).check_cohort(self.clients_per_round)
         return self
 
 
@@ -225,6 +222,9 @@ class FedConfig(Section):
             )
         if self.data.partition.scheme in ("dirichlet", "natural") and self.label_column is None:
             raise ValueError("data.partition.column or data.columns.label is needed for this scheme")
+        from fedtune.strategies import build_strategy
+
+        build_strategy(self).check_cohort(self.federation.clients_per_round)
         return self
 
     @property

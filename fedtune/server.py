@@ -47,5 +47,14 @@ def aggregate_reports(
             f"round {round_}: {len(updates)} valid updates, federation.min_fit_clients is "
             f"{cfg.federation.min_fit_clients}; left out: {'; '.join(left_out) or 'none'}"
         )
-    new_global, new_server = build_strategy(cfg.federation).aggregate(global_state, updates, server_state)
+    new_global, new_server = build_strategy(cfg).aggregate(global_state, updates, server_state)
     return new_global, new_server, left_out
+
+
+def round_allowed(cfg: FedConfig, server_state: ServerState) -> bool:
+    """False once the strategy's budget (a target epsilon) cannot afford another round."""
+    return build_strategy(cfg).can_continue(server_state)
+
+
+def state_metrics(cfg: FedConfig, server_state: ServerState) -> dict[str, float]:
+    return build_strategy(cfg).state_metrics(server_state)

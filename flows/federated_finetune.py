@@ -19,7 +19,7 @@ from fedtune.config import FedConfig
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from flows.common import failing_run, prepare
-from tasks.aggregation import aggregate
+from tasks.aggregation import aggregate, round_allowed
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
 from tasks.model import initial_adapter
@@ -78,6 +78,7 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
         "clients_aggregated": len(clients) - len(paths["left_out"]),
         "clients_left_out": len(paths["left_out"]),
         "left_out": paths["left_out"],
+        **paths["state_metrics"],
         "train_loss": sum(r["train_loss"] for r in reports) / max(len(reports), 1),
         "bytes_up": sum(r["bytes_up"] for r in reports),
         "bytes_up_per_client": sum(r["bytes_up"] for r in reports) / max(len(reports), 1),
@@ -97,7 +98,8 @@ def _finish(
     per_client_up = final["bytes_up_per_client"]
     summary: dict[str, Any] = {
         "method": "federated",
-        "rounds": config.federation.rounds,
+        "rounds": final["round"],
+        "stopped_early": final["round"] < config.federation.rounds,
         "test_loss": final["test_loss"],
         "test_accuracy": final.get("test_accuracy"),
         "bytes_up_per_client_round": per_client_up,
@@ -107,7 +109,7 @@ def _finish(
         "wall_seconds": time.perf_counter() - started,
         "mlflow_run_id": run_id,
     }
-    last = checkpoint_dir(run, config.federation.rounds) / "global.safetensors"
+    last = checkpoint_dir(run, final["round"]) / "global.safetensors"
     artifact = log_adapter(config, run_id, str(last), "adapters/final")
     summary["registered_version"] = finish_tracking(config, run_id, summary, register_artifact=artifact)
     atomic_write_bytes(last.read_bytes(), run / "final_adapter.safetensors")
@@ -139,6 +141,9 @@ def federated_finetune(
     run_id = meta["mlflow_run_id"]
     with failing_run(config, run_id):
         for round_ in range(completed + 1, config.federation.rounds + 1):
+            if not round_allowed(config, round_, str(checkpoint_dir(run, round_ - 1) / "server_state.safetensors")):
+                logger.warning("stopping before round %d: the strategy's budget would be exceeded", round_)
+                break
             row, reports = _round(config, run, round_)
             history.append(row)
             log_round(config, run_id, round_, row, reports, history)

@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fedtune.adapters import load_state, save_state
 from fedtune.config import FedConfig
-from fedtune.server import aggregate_reports
+from fedtune.server import aggregate_reports, state_metrics
+from fedtune.server import round_allowed as allowed
 
 
 @task(cache_policy=NO_CACHE, task_run_name="aggregate-r{round_}")
@@ -39,4 +40,11 @@ def aggregate(
         "global_path": str(out / "global.safetensors"),
         "server_state_path": str(out / "server_state.safetensors"),
         "left_out": left_out,
+        "state_metrics": state_metrics(config, new_server),
     }
+
+
+@task(cache_policy=NO_CACHE, task_run_name="round-allowed-r{round_}")
+def round_allowed(config: FedConfig, round_: int, server_state_path: str) -> bool:
+    """Whether round `round_` may run (a privacy budget can forbid it)."""
+    return allowed(config, load_state(server_state_path))

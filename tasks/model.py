@@ -33,7 +33,7 @@ def initial_adapter(config: FedConfig, out_dir: str) -> dict[str, Any]:
         "server_state_path": str(Path(out_dir) / "server_state.safetensors"),
     }
     save_state(state, paths["global_path"])
-    save_state(build_strategy(config.federation).init_state(state), paths["server_state_path"])
+    save_state(build_strategy(config).init_state(state), paths["server_state_path"])
     return {
         **paths,
         "adapter_parameters": num_parameters(state),

@@ -142,3 +142,25 @@ def test_a_client_lost_mid_round_drops_out_while_min_fit_clients_holds(tmp_path,
     assert _history(client, summary["mlflow_run_id"], "clients_aggregated") == {1: 2.0, 2: 1.0, 3: 2.0}
     checkpoint = latest_checkpoint(config.federation.output_dir)
     assert checkpoint is not None and "worker went away" in checkpoint.history[2]["left_out"][0]
+
+
+def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.strategies.dp_fedavg import epsilon
+
+    q, z = 2 / 3, 1.0
+    target = (epsilon(z, q, 2, 1e-5) + epsilon(z, q, 3, 1e-5)) / 2  # affords 2 of the 3 rounds
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["federation"] |= {
+        "strategy": "dp_fedavg",
+        "strategy_options": {"clip_norm": 0.5, "noise_multiplier": z, "target_epsilon": target},
+    }
+    config = build_config(overrides)
+    summary = federated_finetune(config=config)
+    assert summary["rounds"] == 2 and summary["stopped_early"] is True
+    client = MlflowClient(config.tracking.tracking_uri)
+    spent = _history(client, summary["mlflow_run_id"], "dp_epsilon")
+    assert sorted(spent) == [1, 2] and spent[2] <= target
+    assert spent[1] == pytest.approx(epsilon(z, q, 1, 1e-5))
+    final = load_state(Path(config.federation.output_dir) / "final_adapter.safetensors")
+    round_two = load_state(Path(config.federation.output_dir) / "checkpoints" / "round_0002" / "global.safetensors")
+    assert all(torch.equal(final[k], round_two[k]) for k in final)

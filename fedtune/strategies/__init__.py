@@ -1,9 +1,11 @@
 """Aggregation strategies, looked up by name in one registry."""
 
+import inspect
 from typing import Any
 
 from fedtune.registry import Registry
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
+from fedtune.strategies.dp_fedavg import DPFedAvg
 from fedtune.strategies.fedavg import FedAvg, weighted_average
 from fedtune.strategies.robust import CoordinateMedian, Krum, MultiKrum, NormBoundedFedAvg, TrimmedMean
 
@@ -15,17 +17,30 @@ _BUILT_IN: list[tuple[str, type[Strategy]]] = [
     ("krum", Krum),
     ("multi_krum", MultiKrum),
     ("norm_bound", NormBoundedFedAvg),
+    ("dp_fedavg", DPFedAvg),
 ]
 for _name, _cls in _BUILT_IN:
     STRATEGIES.register(_name)(_cls)
 
 
-def build_strategy(federation: Any) -> Strategy:
-    """The configured strategy with its options; bad options name the config field."""
+def build_strategy(config: Any) -> Strategy:
+    """The configured strategy with `federation.strategy_options`; bad options name the field.
+
+    Options a strategy declares but the user left out are filled from the federation's shape:
+    `expected_clients` (clients_per_round) and `sample_rate` (clients_per_round / num_clients).
+    """
+    federation = config.federation
+    cls = STRATEGIES.get(federation.strategy)
+    derived = {
+        "expected_clients": federation.clients_per_round,
+        "sample_rate": federation.clients_per_round / config.data.partition.num_clients,
+    }
+    accepted = inspect.signature(cls).parameters
+    options = {k: v for k, v in derived.items() if k in accepted} | dict(federation.strategy_options)
     try:
-        return STRATEGIES.get(federation.strategy)(**federation.strategy_options)
+        return cls(**options)
     except TypeError as error:
-        raise ValueError(f"strategy_options for {federation.strategy}: {error}") from None
+        raise ValueError(f"federation.strategy_options for {federation.strategy}: {error}") from None
 
 
 __all__ = [

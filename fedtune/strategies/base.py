@@ -47,6 +47,14 @@ class Strategy(ABC):
     def local_objective(self, global_state: AdapterState, server_state: ServerState) -> LocalObjective:
         return LocalObjective()
 
+    def state_metrics(self, server_state: ServerState) -> dict[str, float]:
+        """Numbers about the server state worth logging each round (e.g. privacy spent)."""
+        return {}
+
+    def can_continue(self, server_state: ServerState) -> bool:
+        """Whether one more round is allowed (False once a privacy budget would be exceeded)."""
+        return True
+
     @abstractmethod
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.adapters import AdapterState, add
+from fedtune.adapters import AdapterState, add, clip_to_norm
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 from fedtune.strategies.fedavg import weighted_average
 
@@ -76,13 +76,6 @@ def multi_krum(states: Sequence[AdapterState], f: int, m: int) -> tuple[AdapterS
     matrix, spec = stack_updates(states)
     chosen = krum_scores(matrix, f).argsort()[:m].tolist()
     return unstack(matrix[chosen].mean(dim=0), spec), sorted(chosen)
-
-
-def clip_to_norm(state: AdapterState, max_norm: float) -> AdapterState:
-    """The state scaled by min(1, max_norm / ||state||_2), the norm taken over all tensors."""
-    norm = math.sqrt(sum(float(t.to(torch.float64).square().sum()) for t in state.values()))
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return {k: t * scale for k, t in state.items()}
 
 
 def _integer(name: str, value: float) -> int:

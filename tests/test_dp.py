@@ -1,0 +1,100 @@
+"""Client-level DP: accounting against reference values, noise calibration, clipping bounds."""
+
+import math
+
+import pytest
+import torch
+
+from fedtune.adapters import clip_to_norm, l2_norm
+from fedtune.config import ConfigError, build_config
+from fedtune.strategies import ClientUpdate, build_strategy
+from fedtune.strategies.dp_fedavg import ROUNDS, DPFedAvg, epsilon
+
+
+@pytest.mark.parametrize(
+    ("z", "q", "rounds", "reference"), [(1.0, 0.1, 200, 11.016), (1.0, 1.0, 20, 30.13), (2.0, 1.0, 20, 12.30)]
+)
+def test_epsilon_matches_reference_values_within_one_percent(z, q, rounds, reference) -> None:  # type: ignore[no-untyped-def]
+    assert epsilon(z, q, rounds, 1e-5) == pytest.approx(reference, rel=0.01)
+    strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=z, expected_clients=10, sample_rate=q)
+    assert strategy.state_metrics({ROUNDS: torch.tensor([rounds])})["dp_epsilon"] == pytest.approx(reference, rel=0.01)
+
+
+def test_noise_on_zero_updates_has_std_z_c_over_n_expected() -> None:
+    z, c, expected = 1.3, 0.7, 8
+    strategy = DPFedAvg(clip_norm=c, noise_multiplier=z, expected_clients=expected, sample_rate=0.5)
+    state = strategy.init_state({})
+    zeros = {"a": torch.zeros(300, 256), "b": torch.zeros(50_000)}  # 126,800 coordinates
+    updates = [ClientUpdate(i, zeros, num_examples=10) for i in range(5)]  # fewer replies than expected
+    aggregate, new_state = strategy.aggregate(zeros, updates, state)
+    noise = torch.cat([t.reshape(-1) for t in aggregate.values()]).to(torch.float64)
+    assert noise.numel() >= 100_000
+    assert float(noise.std()) == pytest.approx(z * c / expected, rel=0.01)
+    assert abs(float(noise.mean())) < 4 * z * c / expected / math.sqrt(noise.numel())
+    assert int(new_state[ROUNDS]) == 1 and torch.equal(new_state["dp.noise_secret"], state["dp.noise_secret"])
+
+
+def test_clipping_bounds_every_update_and_passes_zero() -> None:
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 1e3):
+        state = {"a": scale * torch.randn(40, 40, generator=g), "b": scale * torch.randn(7, generator=g)}
+        assert l2_norm(clip_to_norm(state, 0.5)) <= 0.5
+    zero = {"a": torch.zeros(3)}
+    assert torch.equal(clip_to_norm(zero, 0.5)["a"], zero["a"])
+
+
+def test_one_client_moves_the_average_by_at_most_c_over_n_expected() -> None:
+    strategy = DPFedAvg(clip_norm=2.0, noise_multiplier=1e-9, expected_clients=4, sample_rate=0.5)
+    state = strategy.init_state({})
+    zeros = {"w": torch.zeros(1000)}
+    honest = [ClientUpdate(i, zeros, num_examples=10) for i in range(3)]
+    rogue = ClientUpdate(9, {"w": torch.full((1000,), 1e6)}, num_examples=10**9)
+    aggregate, _ = strategy.aggregate(zeros, [*honest, rogue], state)
+    assert l2_norm(aggregate) <= 2.0 / 4 + 1e-6
+
+
+def test_noise_is_reproducible_from_the_checkpointed_state_only() -> None:
+    strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=2, sample_rate=1.0)
+    zeros = {"w": torch.zeros(64)}
+    updates = [ClientUpdate(0, zeros, 1)]
+    state = strategy.init_state(zeros)
+    first, _ = strategy.aggregate(zeros, updates, state)
+    again, _ = strategy.aggregate(zeros, updates, {k: v.clone() for k, v in state.items()})
+    other, _ = strategy.aggregate(zeros, updates, strategy.init_state(zeros))  # another secret
+    assert torch.equal(first["w"], again["w"]) and not torch.equal(first["w"], other["w"])
+
+
+def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
+    config = build_config(
+        {
+            "federation": {
+                "strategy": "dp_fedavg",
+                "clients_per_round": 3,
+                "strategy_options": {"clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 10.0},
+            },
+            "data": {"partition": {"num_clients": 3}},
+        }
+    )
+    strategy = build_strategy(config)
+    assert isinstance(strategy, DPFedAvg) and strategy.sample_rate == 1.0 and strategy.expected == 3
+    allowed = [r for r in range(30) if strategy.can_continue({ROUNDS: torch.tensor([r])})]
+    last = max(allowed) + 1  # rounds that can be completed
+    assert strategy.epsilon_after(last) <= 10.0 < strategy.epsilon_after(last + 1)
+    with pytest.raises(ConfigError, match="cannot afford a single round"):
+        build_config(
+            {
+                "federation": {
+                    "strategy": "dp_fedavg",
+                    "strategy_options": {"clip_norm": 1, "noise_multiplier": 0.3, "target_epsilon": 1},
+                }
+            }
+        )
+    with pytest.raises(ConfigError, match="clip_norm must be positive.*accountant must be one of"):
+        build_config(
+            {
+                "federation": {
+                    "strategy": "dp_fedavg",
+                    "strategy_options": {"clip_norm": 0, "noise_multiplier": 1, "accountant": "moments"},
+                }
+            }
+        )
