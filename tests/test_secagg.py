@@ -1,0 +1,147 @@
+"""Secure aggregation: exact sums under dropouts at every stage, refusals, mask quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedtune.secagg import primitives, shamir
+from fedtune.secagg.protocol import (
+    ProtocolViolation,
+    SecAggAborted,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    UnmaskRequest,
+)
+from fedtune.secagg.quantize import FixedPoint
+
+STAGES = ("advertise", "share", "masked", "unmask")
+
+
+def run(inputs: dict[int, np.ndarray], params: SecAggParams, drop: dict[str, set[int]] | None = None, round_: int = 1):
+    """Drive one round in memory; `drop[stage]` clients go silent from that stage on."""
+    drop = drop or {}
+    gone: set[int] = set()
+    clients = {c: SecAggClient(c, params, round_) for c in inputs}
+    length = next(iter(inputs.values())).shape[0]
+    server = SecAggServer(params, round_, length)
+
+    def live(stage: str) -> list[int]:
+        gone.update(drop.get(stage, set()))
+        return [c for c in sorted(clients) if c not in gone]
+
+    roster = server.collect_keys([clients[c].advertise() for c in live("advertise")])
+    deliveries = server.route_shares([clients[c].share_keys(roster) for c in live("share")])
+    request = server.collect_masked([clients[c].masked_input(deliveries[c], inputs[c]) for c in live("masked")])
+    responses = [clients[c].unmask(request) for c in live("unmask")]
+    return server.unmask(request, responses), request, server
+
+
+def _inputs(n: int, length: int, seed: int, bits: int = 62) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {c: rng.integers(0, 1 << 20, size=length, dtype=np.uint64) for c in range(n)}
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+@pytest.mark.parametrize("stage", [None, *STAGES])
+def test_sum_is_exact_for_the_survivors_with_dropouts_at_each_stage(n: int, stage: str | None) -> None:
+    params = SecAggParams(threshold=n // 2 + 1)
+    inputs = _inputs(n, 257, seed=n)
+    dropped = {1, n - 1} if stage else set()
+    total, request, _ = run(inputs, params, {stage: dropped} if stage else None)
+    survivors = request.alive
+    if stage in ("advertise", "share", "masked"):
+        assert set(survivors) == set(inputs) - dropped
+    expected = np.zeros(257, dtype=np.uint64)
+    for c in survivors:
+        expected = (expected + inputs[c]) & params.modulus_mask
+    assert np.array_equal(total, expected)
+
+
+def test_secagg_plus_sparse_neighbourhoods_with_dropouts() -> None:
+    params = SecAggParams(threshold=4, neighbours=6)
+    inputs = _inputs(20, 64, seed=3)
+    total, request, _ = run(inputs, params, {"masked": {2, 9}, "unmask": {5}})
+    expected = sum(inputs[c] for c in request.alive) & params.modulus_mask
+    assert np.array_equal(total, expected)
+
+
+def test_below_threshold_aborts_and_aggregates_nothing() -> None:
+    params = SecAggParams(threshold=4)
+    for stage in STAGES:
+        with pytest.raises((SecAggAborted, ProtocolViolation)):
+            run(_inputs(5, 16, seed=1), params, {stage: {0, 1, 2}})
+
+
+def test_clients_refuse_contradictory_unmask_requests() -> None:
+    params = SecAggParams(threshold=3)
+    inputs = _inputs(5, 16, seed=2)
+    clients = {c: SecAggClient(c, params, 1) for c in inputs}
+    server = SecAggServer(params, 1, 16)
+    roster = server.collect_keys([c.advertise() for c in clients.values()])
+    deliveries = server.route_shares([c.share_keys(roster) for c in clients.values()])
+    server.collect_masked([clients[c].masked_input(deliveries[c], inputs[c]) for c in clients])
+    bad = [
+        UnmaskRequest(alive=[0, 1, 2, 3], dropped=[3, 4]),  # 3 both alive and dropped
+        UnmaskRequest(alive=[1, 2, 3, 4], dropped=[0]),  # asks client 0, listing it dropped
+        UnmaskRequest(alive=[0, 1, 1, 2], dropped=[]),  # duplicates
+        UnmaskRequest(alive=[0, 1, 2, 9], dropped=[]),  # 9 never shared keys
+        UnmaskRequest(alive=[0, 1], dropped=[2, 3, 4]),  # below the threshold
+    ]
+    for request in bad:
+        with pytest.raises(ProtocolViolation, match="refuses to unmask"):
+            clients[0].unmask(request)
+
+
+def test_masked_inputs_look_uniform_and_uncorrelated_with_the_plaintext() -> None:
+    params = SecAggParams(threshold=3, modulus_bits=32)
+    length = 20_000
+    plain = {c: np.full(length, 7 * c, dtype=np.uint64) for c in range(4)}
+    plain[0] = np.arange(length, dtype=np.uint64)  # a structured input
+    clients = {c: SecAggClient(c, params, 1) for c in plain}
+    server = SecAggServer(params, 1, length)
+    roster = server.collect_keys([c.advertise() for c in clients.values()])
+    deliveries = server.route_shares([c.share_keys(roster) for c in clients.values()])
+    masked = clients[0].masked_input(deliveries[0], plain[0]).vector.astype(np.float64)
+    counts = np.histogram(masked, bins=16, range=(0, 2**32))[0]
+    expected = length / 16
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 37.7  # 15 degrees of freedom, p = 0.001
+    assert abs(np.corrcoef(masked, plain[0].astype(np.float64))[0, 1]) < 0.05
+
+
+def test_mask_seeds_differing_only_in_word_order_give_different_masks() -> None:
+    seed = bytes(range(32))
+    swapped = seed[8:16] + seed[:8] + seed[16:]
+    a, b = primitives.mask(seed, 1000, 62), primitives.mask(swapped, 1000, 62)
+    assert not np.array_equal(a, b) and np.mean(a == b) < 0.01
+    assert np.array_equal(a, primitives.mask(seed, 1000, 62))
+
+
+def test_parameters_that_break_correctness_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        SecAggParams(threshold=1).check(5)
+    with pytest.raises(ValueError, match="exceeds the 5 clients"):
+        SecAggParams(threshold=6).check(5)
+    with pytest.raises(ValueError, match="exceeds the modulus"):
+        FixedPoint(clip=1.0, level_bits=16, modulus_bits=32).check(clients=100, max_weight=1000)
+    FixedPoint(clip=1.0, level_bits=16, modulus_bits=62).check(clients=100, max_weight=1000)
+
+
+def test_shamir_threshold_recovers_and_fewer_shares_do_not() -> None:
+    secret = bytes(range(1, 33))
+    shares = shamir.split(secret, 3, [1, 2, 3, 4, 5])
+    assert shamir.combine([shares[1], shares[4], shares[5]], 32) == secret
+    with pytest.raises(ValueError, match="do not reconstruct"):
+        shamir.combine([shares[2], shares[3]], 32)
+
+
+def test_quantized_weighted_mean_is_within_one_level() -> None:
+    point = FixedPoint(clip=0.5, level_bits=16, modulus_bits=62)
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 0.1, 1000) for _ in range(6)]
+    weights = [10, 200, 35, 1, 77, 120]
+    total = sum(point.encode(u, w, rng) for u, w in zip(updates, weights, strict=True))
+    exact = sum(w * np.clip(u, -0.5, 0.5) for u, w in zip(updates, weights, strict=True)) / sum(weights)
+    assert np.max(np.abs(point.decode(total) - exact)) <= point.step
