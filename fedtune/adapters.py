@@ -54,6 +54,25 @@ def l2_norm(state: AdapterState) -> float:
     return math.sqrt(sum(float(t.to(torch.float64).square().sum()) for t in state.values()))
 
 
+Spec = list[tuple[str, torch.Size, torch.dtype]]
+
+
+def flatten(state: AdapterState) -> tuple[torch.Tensor, Spec]:
+    """All tensors as one float64 vector (keys sorted) and what rebuilds the state from it."""
+    keys = sorted(state)
+    spec = [(k, state[k].shape, state[k].dtype) for k in keys]
+    return torch.cat([state[k].reshape(-1).to(torch.float64) for k in keys]), spec
+
+
+def unflatten(vector: torch.Tensor, spec: Spec) -> AdapterState:
+    state, offset = {}, 0
+    for key, shape, dtype in spec:
+        size = math.prod(shape)
+        state[key] = vector[offset : offset + size].reshape(shape).to(dtype)
+        offset += size
+    return state
+
+
 CLIP_MARGIN = 1e-6
 
 

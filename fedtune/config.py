@@ -169,6 +169,19 @@ class FederationSection(Section):
         return self
 
 
+class SecAggSection(Section):
+    """Secure aggregation: the server learns only the sum of the clients' updates."""
+
+    enabled: bool = False
+    threshold: int | None = Field(
+        None, ge=2, description="t of t-of-n; by default a majority of clients_per_round (at least 2)."
+    )
+    clip: float = Field(1.0, gt=0.0, description="Update coordinates are clipped to [-clip, clip] before encoding.")
+    level_bits: int = Field(24, ge=2, le=40, description="Quantization levels per coordinate: 2^level_bits.")
+    modulus_bits: int = Field(62, ge=8, le=62, description="Masked arithmetic is mod 2^modulus_bits.")
+    neighbours: int | None = Field(None, gt=0, description="SecAgg+: each client's (even) neighbourhood size.")
+
+
 class TrainSection(Section):
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -211,6 +224,7 @@ class FedConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    secagg: SecAggSection = Field(default_factory=SecAggSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> FedConfig:
@@ -225,6 +239,10 @@ class FedConfig(Section):
         from fedtune.strategies import build_strategy
 
         build_strategy(self).check_cohort(self.federation.clients_per_round)
+        if self.secagg.enabled:
+            from fedtune.secure_round import check_secure_aggregation
+
+            check_secure_aggregation(self)
         return self
 
     @property

@@ -19,7 +19,7 @@ from fedtune.config import FedConfig
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from flows.common import failing_run, prepare
-from tasks.aggregation import aggregate, round_allowed
+from tasks.aggregation import aggregate, round_allowed, secure_aggregate_task
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
 from tasks.model import initial_adapter
@@ -46,6 +46,14 @@ def _round_dir(run: Path, round_: int) -> Path:
     return run / "rounds" / f"round_{round_:04d}"
 
 
+def _update_path(config: FedConfig, run: Path, round_: int, client: int) -> str:
+    """Where a client keeps its update: the shared round folder, or with secure aggregation a
+    client-private folder the server never reads (the update leaves only as protocol messages)."""
+    if config.secagg.enabled:
+        return str(run / "clients" / f"client_{client}" / f"round_{round_:04d}_update.safetensors")
+    return str(_round_dir(run, round_) / f"update_client_{client}.safetensors")
+
+
 def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Sampled clients train in waves, the strategy aggregates, the new global is evaluated."""
     tick = time.perf_counter()
@@ -58,8 +66,7 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
     width = config.federation.max_parallel_clients
     for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
         futures = {
-            c: local_train.submit(config, c, round_, str(previous), str(out / f"update_client_{c}.safetensors"))
-            for c in wave
+            c: local_train.submit(config, c, round_, str(previous), _update_path(config, run, round_, c)) for c in wave
         }
         for client, future in futures.items():
             try:
@@ -67,7 +74,8 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
             except Exception as error:  # a lost client drops out; the aggregate step decides if enough remain
                 dropped.append(f"client {client}: training failed ({type(error).__name__}: {error})")
     server_state = str(previous.with_name("server_state.safetensors"))
-    paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped)
+    combine = secure_aggregate_task if config.secagg.enabled else aggregate
+    paths = combine(config, round_, str(previous), server_state, reports, str(out), dropped)
     eval_tick = time.perf_counter()
     metrics = evaluate(config, paths["global_path"], f"round-{round_}")
     eval_seconds = time.perf_counter() - eval_tick
@@ -80,8 +88,9 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
         "left_out": paths["left_out"],
         **paths["state_metrics"],
         "train_loss": sum(r["train_loss"] for r in reports) / max(len(reports), 1),
-        "bytes_up": sum(r["bytes_up"] for r in reports),
-        "bytes_up_per_client": sum(r["bytes_up"] for r in reports) / max(len(reports), 1),
+        "bytes_up": paths.get("protocol_bytes_up", sum(r["bytes_up"] for r in reports)),
+        "bytes_up_per_client": paths.get("protocol_bytes_up", sum(r["bytes_up"] for r in reports))
+        / max(len(reports), 1),
         "bytes_down": sum(r["bytes_down"] for r in reports),
         "examples": sum(r["num_examples"] for r in reports),
         "round_seconds": time.perf_counter() - tick,

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedtune.adapters import load_state, save_state
 from fedtune.config import FedConfig
+from fedtune.secure_round import secure_aggregate
 from fedtune.server import aggregate_reports, state_metrics
 from fedtune.server import round_allowed as allowed
 
@@ -41,6 +42,32 @@ def aggregate(
         "server_state_path": str(out / "server_state.safetensors"),
         "left_out": left_out,
         "state_metrics": state_metrics(config, new_server),
+    }
+
+
+@task(cache_policy=NO_CACHE, task_run_name="secure-aggregate-r{round_}")
+def secure_aggregate_task(
+    config: FedConfig,
+    round_: int,
+    global_path: str,
+    server_state_path: str,
+    reports: list[dict[str, Any]],
+    out_dir: str,
+    dropped: list[str],
+) -> dict[str, Any]:
+    """Aggregate behind secure aggregation: updates leave the clients only as protocol messages."""
+    new_global, left_out, protocol_bytes = secure_aggregate(config, round_, load_state(global_path), reports, dropped)
+    out = Path(out_dir)
+    save_state(new_global, out / "global.safetensors")
+    save_state(load_state(server_state_path), out / "server_state.safetensors")  # FedAvg keeps none
+    for reason in left_out:
+        get_run_logger().warning("round %d: left out %s", round_, reason)
+    return {
+        "global_path": str(out / "global.safetensors"),
+        "server_state_path": str(out / "server_state.safetensors"),
+        "left_out": left_out,
+        "state_metrics": {},
+        "protocol_bytes_up": protocol_bytes,
     }
 
 

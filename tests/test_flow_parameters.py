@@ -12,7 +12,7 @@ def test_config_parameter_becomes_a_typed_form_with_every_section() -> None:
     assert set(schema["properties"]) == {"config", "resume", "prepare_data"}
     definitions = schema["definitions"]
     root = definitions["FedConfig"]["properties"]
-    assert set(root) == {"model", "peft", "data", "federation", "train", "eval", "tracking"}
+    assert set(root) == {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg"}
     rounds = definitions["FederationSection"]["properties"]["rounds"]
     assert rounds["type"] == "integer" and rounds["exclusiveMinimum"] == 0 and rounds["default"] == 3
     quantization = definitions["ModelSection"]["properties"]["quantization"]

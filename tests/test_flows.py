@@ -164,3 +164,25 @@ def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_di
     final = load_state(Path(config.federation.output_dir) / "final_adapter.safetensors")
     round_two = load_state(Path(config.federation.output_dir) / "checkpoints" / "round_0002" / "global.safetensors")
     assert all(torch.equal(final[k], round_two[k]) for k in final)
+
+
+def test_secure_aggregation_gives_the_fedavg_adapter_within_the_quantization_error(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.secure_round import parameters
+
+    results = {}
+    for secure in (False, True):
+        overrides = tiny_overrides(tmp_path / str(secure), tiny_model_dir)
+        overrides["federation"]["rounds"] = 1
+        overrides["secagg"] = {"enabled": secure}
+        config = build_config(overrides)
+        summary = federated_finetune(config=config)
+        out = Path(config.federation.output_dir)
+        results[secure] = (load_state(out / "final_adapter.safetensors"), summary, out)
+    plain, secure = results[False][0], results[True][0]
+    step = parameters(config)[1].step
+    assert max(float((plain[k] - secure[k]).abs().max()) for k in plain) <= step + 1e-7
+    assert any(not torch.equal(plain[k], secure[k]) for k in plain)  # it really went through the encoding
+    out = results[True][2]
+    assert not list((out / "rounds" / "round_0001").glob("update_client_*"))  # no update in the shared folder
+    assert len(list((out / "clients").glob("client_*/round_0001_update.safetensors"))) == 2  # kept by clients
+    assert results[True][1]["bytes_up_per_client_round"] > results[False][1]["bytes_up_per_client_round"]

@@ -15,27 +15,13 @@ from fedtune.secagg.protocol import (
     UnmaskRequest,
 )
 from fedtune.secagg.quantize import FixedPoint
+from fedtune.secagg.simulation import STAGES, run_round
 
-STAGES = ("advertise", "share", "masked", "unmask")
 
-
-def run(inputs: dict[int, np.ndarray], params: SecAggParams, drop: dict[str, set[int]] | None = None, round_: int = 1):
-    """Drive one round in memory; `drop[stage]` clients go silent from that stage on."""
-    drop = drop or {}
-    gone: set[int] = set()
-    clients = {c: SecAggClient(c, params, round_) for c in inputs}
+def run(inputs: dict[int, np.ndarray], params: SecAggParams, drop: dict[str, set[int]] | None = None):
+    """One round through the simulation transport; `drop[stage]` clients go silent from then on."""
     length = next(iter(inputs.values())).shape[0]
-    server = SecAggServer(params, round_, length)
-
-    def live(stage: str) -> list[int]:
-        gone.update(drop.get(stage, set()))
-        return [c for c in sorted(clients) if c not in gone]
-
-    roster = server.collect_keys([clients[c].advertise() for c in live("advertise")])
-    deliveries = server.route_shares([clients[c].share_keys(roster) for c in live("share")])
-    request = server.collect_masked([clients[c].masked_input(deliveries[c], inputs[c]) for c in live("masked")])
-    responses = [clients[c].unmask(request) for c in live("unmask")]
-    return server.unmask(request, responses), request, server
+    return run_round({c: (lambda v=v: v) for c, v in inputs.items()}, length, params, 1, drop)
 
 
 def _inputs(n: int, length: int, seed: int, bits: int = 62) -> dict[int, np.ndarray]:
@@ -49,8 +35,8 @@ def test_sum_is_exact_for_the_survivors_with_dropouts_at_each_stage(n: int, stag
     params = SecAggParams(threshold=n // 2 + 1)
     inputs = _inputs(n, 257, seed=n)
     dropped = {1, n - 1} if stage else set()
-    total, request, _ = run(inputs, params, {stage: dropped} if stage else None)
-    survivors = request.alive
+    result = run(inputs, params, {stage: dropped} if stage else None)
+    total, survivors = result.total, result.aggregated
     if stage in ("advertise", "share", "masked"):
         assert set(survivors) == set(inputs) - dropped
     expected = np.zeros(257, dtype=np.uint64)
@@ -62,9 +48,10 @@ def test_sum_is_exact_for_the_survivors_with_dropouts_at_each_stage(n: int, stag
 def test_secagg_plus_sparse_neighbourhoods_with_dropouts() -> None:
     params = SecAggParams(threshold=4, neighbours=6)
     inputs = _inputs(20, 64, seed=3)
-    total, request, _ = run(inputs, params, {"masked": {2, 9}, "unmask": {5}})
-    expected = sum(inputs[c] for c in request.alive) & params.modulus_mask
-    assert np.array_equal(total, expected)
+    result = run(inputs, params, {"masked": {2, 9}, "unmask": {5}})
+    assert result.aggregated == sorted(set(range(20)) - {2, 9})
+    expected = sum(inputs[c] for c in result.aggregated) & params.modulus_mask
+    assert np.array_equal(result.total, expected)
 
 
 def test_below_threshold_aborts_and_aggregates_nothing() -> None:
@@ -145,3 +132,15 @@ def test_quantized_weighted_mean_is_within_one_level() -> None:
     total = sum(point.encode(u, w, rng) for u, w in zip(updates, weights, strict=True))
     exact = sum(w * np.clip(u, -0.5, 0.5) for u, w in zip(updates, weights, strict=True)) / sum(weights)
     assert np.max(np.abs(point.decode(total) - exact)) <= point.step
+
+
+def test_robust_strategies_and_overflowing_parameters_are_refused_with_secure_aggregation() -> None:
+    from fedtune.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="secagg.enabled: federation.strategy 'median' needs each client's update"):
+        build_config({"secagg": {"enabled": True}, "federation": {"strategy": "median"}})
+    with pytest.raises(ConfigError, match="secagg: .*exceeds the modulus"):
+        build_config({"secagg": {"enabled": True, "modulus_bits": 32, "level_bits": 24}})
+    with pytest.raises(ConfigError, match="threshold 4 exceeds the 3 clients"):
+        build_config({"secagg": {"enabled": True, "threshold": 4}})
+    build_config({"secagg": {"enabled": True}})

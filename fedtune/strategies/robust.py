@@ -20,34 +20,21 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.adapters import AdapterState, add, clip_to_norm
+from fedtune.adapters import AdapterState, Spec, add, clip_to_norm, flatten, unflatten
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 from fedtune.strategies.fedavg import weighted_average
 
-Spec = list[tuple[str, torch.Size, torch.dtype]]
-
 
 def stack_updates(states: Sequence[AdapterState]) -> tuple[torch.Tensor, Spec]:
-    """One float64 row per update (keys in sorted order) and what rebuilds a state from a row."""
-    keys = sorted(states[0])
-    spec = [(k, states[0][k].shape, states[0][k].dtype) for k in keys]
-    rows = [torch.cat([state[k].reshape(-1).to(torch.float64) for k in keys]) for state in states]
-    return torch.stack(rows), spec
-
-
-def unstack(row: torch.Tensor, spec: Spec) -> AdapterState:
-    state, offset = {}, 0
-    for key, shape, dtype in spec:
-        size = math.prod(shape)
-        state[key] = row[offset : offset + size].reshape(shape).to(dtype)
-        offset += size
-    return state
+    """One float64 row per update and what rebuilds a state from a row."""
+    rows, spec = zip(*(flatten(state) for state in states), strict=True)
+    return torch.stack(rows), spec[0]
 
 
 def coordinate_median(states: Sequence[AdapterState]) -> AdapterState:
     """Per coordinate, the median (the mean of the two middle values for an even count)."""
     matrix, spec = stack_updates(states)
-    return unstack(matrix.quantile(0.5, dim=0), spec)
+    return unflatten(matrix.quantile(0.5, dim=0), spec)
 
 
 def trimmed_mean(states: Sequence[AdapterState], beta: float) -> AdapterState:
@@ -57,7 +44,7 @@ def trimmed_mean(states: Sequence[AdapterState], beta: float) -> AdapterState:
     if n - 2 * cut < 1:
         raise ValueError(f"trimmed mean with beta={beta} leaves nothing of {n} updates")
     ordered = matrix.sort(dim=0).values
-    return unstack(ordered[cut : n - cut].mean(dim=0), spec)
+    return unflatten(ordered[cut : n - cut].mean(dim=0), spec)
 
 
 def krum_scores(matrix: torch.Tensor, f: int) -> torch.Tensor:
@@ -75,7 +62,7 @@ def multi_krum(states: Sequence[AdapterState], f: int, m: int) -> tuple[AdapterS
         raise ValueError(f"Krum with f={f} needs at least 2f + 3 = {2 * f + 3} updates, got {n}")
     matrix, spec = stack_updates(states)
     chosen = krum_scores(matrix, f).argsort()[:m].tolist()
-    return unstack(matrix[chosen].mean(dim=0), spec), sorted(chosen)
+    return unflatten(matrix[chosen].mean(dim=0), spec), sorted(chosen)
 
 
 def _integer(name: str, value: float) -> int:
