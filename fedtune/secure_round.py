@@ -33,6 +33,11 @@ def parameters(cfg: Any) -> tuple[SecAggParams, FixedPoint]:
 
 def check_secure_aggregation(cfg: Any) -> None:
     """Refuse combinations that cannot be correct or cannot work, naming the fields."""
+    if cfg.federation.strategy == "dp_fedavg":
+        raise ValueError(
+            "secagg.enabled: dp_fedavg adds its noise on the server, which would need the un-noised sum; "
+            "distributed noise added by the clients is not available yet, so choose one of the two"
+        )
     if cfg.federation.strategy not in LINEAR_STRATEGIES:
         raise ValueError(
             f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} needs each client's update, "
