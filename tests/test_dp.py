@@ -17,7 +17,8 @@ from fedtune.strategies.dp_fedavg import ROUNDS, DPFedAvg, epsilon
 def test_epsilon_matches_reference_values_within_one_percent(z, q, rounds, reference) -> None:  # type: ignore[no-untyped-def]
     assert epsilon(z, q, rounds, 1e-5) == pytest.approx(reference, rel=0.01)
     strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=z, expected_clients=10, sample_rate=q)
-    assert strategy.state_metrics({ROUNDS: torch.tensor([rounds])})["dp_epsilon"] == pytest.approx(reference, rel=0.01)
+    state = {**strategy.init_state({}), ROUNDS: torch.tensor([rounds])}
+    assert strategy.state_metrics(state)["dp_epsilon"] == pytest.approx(reference, rel=0.01)
 
 
 def test_noise_on_zero_updates_has_std_z_c_over_n_expected() -> None:
@@ -77,7 +78,8 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
     )
     strategy = build_strategy(config)
     assert isinstance(strategy, DPFedAvg) and strategy.sample_rate == 1.0 and strategy.expected == 3
-    allowed = [r for r in range(30) if strategy.can_continue({ROUNDS: torch.tensor([r])})]
+    start = strategy.init_state({})
+    allowed = [r for r in range(30) if strategy.can_continue({**start, ROUNDS: torch.tensor([r])})]
     last = max(allowed) + 1  # rounds that can be completed
     assert strategy.epsilon_after(last) <= 10.0 < strategy.epsilon_after(last + 1)
     with pytest.raises(ConfigError, match="cannot afford a single round"):
@@ -98,3 +100,32 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
                 }
             }
         )
+
+
+def test_adaptive_clipping_tracks_the_target_quantile_and_pays_for_the_count() -> None:
+    from fedtune.strategies.dp_fedavg import CLIP
+
+    strategy = DPFedAvg(
+        clip_norm=0.1,
+        noise_multiplier=1.0,
+        expected_clients=20,
+        sample_rate=0.5,
+        target_quantile=0.5,
+        clip_learning_rate=0.5,
+    )
+    # the count's noise takes part of the budget: the update's multiplier grows, the accountant's z does not
+    assert strategy.update_multiplier == pytest.approx((1.0**-2 - (2 * 1.0) ** -2) ** -0.5)
+    g = torch.Generator().manual_seed(0)
+    norms = torch.linspace(1.0, 3.0, 20)  # median 2.0
+    updates = [
+        ClientUpdate(i, {"w": n * torch.nn.functional.normalize(torch.randn(50, generator=g), dim=0)}, 1)
+        for i, n in enumerate(norms)
+    ]
+    state = strategy.init_state({})
+    zeros = {"w": torch.zeros(50)}
+    for _ in range(40):
+        _, state = strategy.aggregate(zeros, updates, state)
+    assert 1.6 < float(state[CLIP]) < 2.4  # near the median norm, from 0.1
+    assert strategy.state_metrics(state)["dp_epsilon"] == pytest.approx(epsilon(1.0, 0.5, 40, 1e-5))
+    with pytest.raises(ValueError, match="count_noise_std > noise_multiplier / 2"):
+        DPFedAvg(clip_norm=1, noise_multiplier=4, expected_clients=20, sample_rate=0.5, target_quantile=0.5)
