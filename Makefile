@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint benchmark mlflow-ui
+.PHONY: setup demo test lint benchmark benchmark-privacy mlflow-ui
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,10 @@ lint: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/overhead.py
+
+benchmark-privacy: setup
+	$(BIN)/python benchmarks/secagg_cost.py --clients 10 50 100 --length 460800 5000000
+	$(BIN)/python benchmarks/privacy_cost.py
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

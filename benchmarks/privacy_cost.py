@@ -1,0 +1,94 @@
+"""Cost of DP-FedAvg and secure aggregation on a full federated round, relative to plain FedAvg.
+
+Each variant runs the real `federated-finetune` flow for one round with the default model and
+data (3 clients, same seeds), one after the other in one process; evaluation time is reported
+by the flow and taken out, so the ratio compares training + aggregation + orchestration.
+
+    python benchmarks/privacy_cost.py [--steps 10] [-s key=value ...]
+
+Prints a markdown table; writes benchmarks/results/privacy_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from fedtune.config import load_config
+from fedtune.data.loading import load_records
+from fedtune.data.partition import split_records, write_partitions
+from fedtune.models import ensure_model
+
+VARIANTS = {
+    "fedavg": [],
+    "dp_fedavg": [
+        "federation.strategy=dp_fedavg",
+        "federation.strategy_options={clip_norm: 0.5, noise_multiplier: 1.0}",
+    ],
+    "secure aggregation": ["secagg.enabled=true"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="privacy cost on a federated round")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("-s", "--set", action="append", default=[], help="config override dotted.key=value")
+    args = parser.parse_args()
+
+    from flows.federated_finetune import federated_finetune
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = [
+            "federation.rounds=1",
+            f"train.steps_per_round={args.steps}",
+            "eval.generation_samples=0",
+            f"data.partitions_dir={root}/partitions",
+            f"data.processed_path={root}/data.jsonl",
+            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+            f"tracking.artifact_location={root}/mlartifacts",
+            *args.set,
+        ]
+        config = load_config("params.yaml", base)
+        ensure_model(config.model)
+        write_partitions(split_records(load_records(config.data), config.data.partition), config.data.partitions_dir)
+        federated_finetune(config=config, prepare_data=False)  # warm-up: server start, caches
+        for name, overrides in VARIANTS.items():
+            variant = load_config("params.yaml", [*base, *overrides, f"federation.output_dir={root}/{name}"])
+            start = time.perf_counter()
+            summary = federated_finetune(config=variant, prepare_data=False)
+            wall = time.perf_counter() - start
+            with (Path(variant.federation.output_dir) / "rounds.csv").open() as handle:
+                history = list(csv.DictReader(handle))
+            evaluation = sum(float(r["eval_seconds"]) for r in history)
+            round_one = next(r for r in history if r["round"] == "1")
+            rows.append(
+                {
+                    "variant": name,
+                    "seconds": wall - evaluation,
+                    "round_seconds": float(round_one["round_seconds"]) - float(round_one["eval_seconds"]),
+                    "bytes_up_per_client": summary["bytes_up_per_client_round"],
+                    "test_loss": summary["test_loss"],
+                }
+            )
+    baseline = rows[0]
+    out = Path(__file__).parent / "results" / "privacy_cost.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print("| variant | round s (no eval) | x fedavg | flow s (no eval) | x fedavg | bytes up / client | test loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['round_seconds']:.1f} | {r['round_seconds'] / baseline['round_seconds']:.3f} "
+            f"| {r['seconds']:.1f} | {r['seconds'] / baseline['seconds']:.3f} | {r['bytes_up_per_client']:,.0f} "
+            f"| {r['test_loss']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
