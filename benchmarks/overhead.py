@@ -16,25 +16,25 @@ the framework's orchestration time (`orchestration_seconds`) added on top.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import evaluation_seconds, prepared_config, save_results
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fedtune.config import load_config
-from fedtune.data.loading import load_records
-from fedtune.data.partition import read_split, split_records, write_partitions
-from fedtune.models import DTYPES, ensure_model
+from fedtune.config import FedConfig
+from fedtune.data.partition import read_split
+from fedtune.models import DTYPES
 from fedtune.peft_methods import PEFT_METHODS
 from fedtune.runtime import encode_records, tokenizer_for
 
 
-def plain_peft_loop(config, data, steps: int, pad_id: int, out_dir: Path) -> dict:  # type: ignore[no-untyped-def]
+def plain_peft_loop(
+    config: FedConfig, data: list[dict[str, list[int]]], steps: int, pad_id: int, out_dir: Path
+) -> dict[str, float]:
     """The textbook loop: right-padded batches, the model's own loss, AdamW, save_pretrained."""
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(config.model.name_or_path, dtype=DTYPES[config.model.dtype])
@@ -62,7 +62,7 @@ def plain_peft_loop(config, data, steps: int, pad_id: int, out_dir: Path) -> dic
     return {"seconds": time.perf_counter() - start, "loop_seconds": loop_seconds, "tokens": tokens}
 
 
-def framework_round(config, steps: int) -> dict:  # type: ignore[no-untyped-def]
+def framework_round(config: FedConfig, steps: int) -> dict[str, float]:
     """Run the real flow for one round and take out the evaluation time it reports."""
     from mlflow import MlflowClient
 
@@ -71,8 +71,7 @@ def framework_round(config, steps: int) -> dict:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     summary = federated_finetune(config=config, prepare_data=False)
     wall = time.perf_counter() - start
-    with (Path(config.federation.output_dir) / "rounds.csv").open() as handle:
-        eval_seconds = sum(float(row["eval_seconds"]) for row in csv.DictReader(handle))
+    eval_seconds, _ = evaluation_seconds(config.federation.output_dir)
     metrics = MlflowClient(config.tracking.tracking_uri).get_run(summary["mlflow_run_id"]).data.metrics
     return {
         "wall": wall,
@@ -91,23 +90,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        overrides = [
-            "federation.rounds=1",
-            "federation.clients_per_round=1",
-            "data.partition.num_clients=1",
-            "data.partition.scheme=iid",
-            f"train.steps_per_round={args.steps}",
-            "eval.generation_samples=0",
-            f"data.partitions_dir={root}/partitions",
-            f"data.processed_path={root}/data.jsonl",
-            f"federation.output_dir={root}/federated",
-            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_location={root}/mlartifacts",
-            *args.set,
-        ]
-        config = load_config("params.yaml", overrides)
-        ensure_model(config.model)
-        write_partitions(split_records(load_records(config.data), config.data.partition), config.data.partitions_dir)
+        config = prepared_config(
+            root,
+            [
+                "federation.rounds=1",
+                "federation.clients_per_round=1",
+                "data.partition.num_clients=1",
+                "data.partition.scheme=iid",
+                f"train.steps_per_round={args.steps}",
+                "eval.generation_samples=0",
+                *args.set,
+            ],
+        )
         tokenizer = tokenizer_for(config)
         data = encode_records(config, tokenizer, read_split(config.data.partitions_dir, 0, "train"))
         framework_round(config, args.steps)  # warm-up: Prefect server start, MLflow schema, file caches
@@ -132,9 +126,7 @@ def main() -> None:
         "overhead_ratio_same_loop": (plain["loop_seconds"] + framework["seconds"] - framework["train_seconds"])
         / plain["seconds"],
     }
-    out = Path(__file__).parent / "results" / "overhead.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save_results("overhead", result)
     print("| quantity | value |\n| --- | --- |")
     for key, value in result.items():
         print(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")

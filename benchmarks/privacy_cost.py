@@ -12,16 +12,13 @@ Prints a markdown table; writes benchmarks/results/privacy_cost.json.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from common import evaluation_seconds, prepared_config, save_results, scratch_overrides
+
 from fedtune.config import load_config
-from fedtune.data.loading import load_records
-from fedtune.data.partition import split_records, write_partitions
-from fedtune.models import ensure_model
 
 VARIANTS = {
     "fedavg": [],
@@ -44,28 +41,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = [
-            "federation.rounds=1",
-            f"train.steps_per_round={args.steps}",
-            "eval.generation_samples=0",
-            f"data.partitions_dir={root}/partitions",
-            f"data.processed_path={root}/data.jsonl",
-            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_location={root}/mlartifacts",
-            *args.set,
-        ]
-        config = load_config("params.yaml", base)
-        ensure_model(config.model)
-        write_partitions(split_records(load_records(config.data), config.data.partition), config.data.partitions_dir)
+        base = ["federation.rounds=1", f"train.steps_per_round={args.steps}", "eval.generation_samples=0", *args.set]
+        config = prepared_config(root, base)
         federated_finetune(config=config, prepare_data=False)  # warm-up: server start, caches
         for name, overrides in VARIANTS.items():
-            variant = load_config("params.yaml", [*base, *overrides, f"federation.output_dir={root}/{name}"])
+            variant = load_config(
+                "params.yaml", [*scratch_overrides(root), *base, *overrides, f"federation.output_dir={root}/{name}"]
+            )
             start = time.perf_counter()
             summary = federated_finetune(config=variant, prepare_data=False)
             wall = time.perf_counter() - start
-            with (Path(variant.federation.output_dir) / "rounds.csv").open() as handle:
-                history = list(csv.DictReader(handle))
-            evaluation = sum(float(r["eval_seconds"]) for r in history)
+            evaluation, history = evaluation_seconds(variant.federation.output_dir)
             round_one = next(r for r in history if r["round"] == "1")
             rows.append(
                 {
@@ -77,9 +63,7 @@ def main() -> None:
                 }
             )
     baseline = rows[0]
-    out = Path(__file__).parent / "results" / "privacy_cost.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    save_results("privacy_cost", rows)
     print("| variant | round s (no eval) | x fedavg | flow s (no eval) | x fedavg | bytes up / client | test loss |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
+from common import save_results
 
 from fedtune.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
 
 
-def measure(n: int, length: int, neighbours: int | None) -> dict:  # type: ignore[type-arg]
+def measure(n: int, length: int, neighbours: int | None) -> dict[str, Any]:
     params = SecAggParams(threshold=max(2, (neighbours or n) // 2 + 1), neighbours=neighbours)
     params.check(n)
     rng = np.random.default_rng(0)
@@ -32,7 +33,7 @@ def measure(n: int, length: int, neighbours: int | None) -> dict:  # type: ignor
     server = SecAggServer(params, 1, length)
     client_seconds, server_seconds, sent = 0.0, 0.0, 0
 
-    def timed(fn):  # type: ignore[no-untyped-def]
+    def timed(fn: Any) -> Any:
         nonlocal client_seconds
         start = time.perf_counter()
         out = fn()
@@ -84,9 +85,7 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=10, help="SecAgg+ k for more than 10 clients")
     args = parser.parse_args()
     rows = [measure(n, length, None if n <= 10 else args.neighbours) for length in args.length for n in args.clients]
-    out = Path(__file__).parent / "results" / "secagg_cost.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    save_results("secagg_cost", rows)
     print("| clients | coordinates | neighbours | dropped | client ms (mean) | server ms | bytes / client | x plain |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
