@@ -182,6 +182,18 @@ class SecAggSection(Section):
     neighbours: int | None = Field(None, gt=0, description="SecAgg+: each client's (even) neighbourhood size.")
 
 
+class RecordDPSection(Section):
+    """Record-level DP-SGD inside each client (Opacus): protects each training example, with a
+    per-client ledger. Client-level DP is `federation.strategy: dp_fedavg`."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0.0, description="Gaussian noise std over the per-example clip norm.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Each example's gradient is clipped to this L2 norm.")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_epsilon: float = Field(0.0, ge=0.0, description="A client declines rounds it cannot afford; 0 = none.")
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
 class TrainSection(Section):
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -225,6 +237,7 @@ class FedConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
+    record_dp: RecordDPSection = Field(default_factory=RecordDPSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> FedConfig:
@@ -239,6 +252,8 @@ class FedConfig(Section):
         from fedtune.strategies import build_strategy
 
         build_strategy(self).check_cohort(self.federation.clients_per_round)
+        if self.record_dp.enabled and self.train.grad_accum != 1:
+            raise ValueError("record_dp.enabled: each step is one Poisson-sampled batch, so train.grad_accum must be 1")
         if self.secagg.enabled:
             from fedtune.secure_round import check_secure_aggregation
 

@@ -43,8 +43,8 @@ def window_logits(model: Any, batch: dict[str, Any], window: int) -> torch.Tenso
     return head(hidden[:, -window:].contiguous())
 
 
-def response_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of label tokens) for a left-padded batch."""
+def _token_losses(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses of the response window (0 where unlabelled) and the label mask."""
     labels = batch["labels"]
     width = labels.shape[1]
     labelled = labels != IGNORE_INDEX
@@ -52,7 +52,19 @@ def response_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]
     window = min(width, width - first + 1)
     logits = window_logits(model, batch, window)
     targets = labels[:, width - window + 1 :]
-    total = nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    losses = nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
-    return total, int((targets != IGNORE_INDEX).sum())
+    return losses.view(targets.shape), targets != IGNORE_INDEX
+
+
+def response_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of label tokens) for a left-padded batch."""
+    losses, mask = _token_losses(model, batch)
+    return losses.sum(), int(mask.sum())
+
+
+def per_example_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Each example's mean token loss: DP-SGD clips gradients example by example."""
+    losses, mask = _token_losses(model, batch)
+    return losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)

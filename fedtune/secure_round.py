@@ -1,27 +1,42 @@
 """A federated round's aggregation behind secure aggregation (simulation transport).
 
-Each client encodes its own update (clipped, quantized, weighted by its example count) on its
-side; the protocol's server object sees masked vectors and reconstructs only their sum, which is
-decoded into the example-weighted mean update: FedAvg, within one quantization level per
-coordinate. Only linear aggregation fits: robust filters need the individual updates that
-secure aggregation exists to hide, so asking for both is refused when the config is built.
+Each client encodes its own update on its side; the protocol's server object sees masked
+vectors and reconstructs only their sum. Two encodings, chosen by the strategy:
+
+- fedavg: clipped per coordinate, quantized, weighted by the example count (the weight rides
+  inside the masked vector), decoded into the example-weighted mean: FedAvg within one
+  quantization level per coordinate.
+- dp_fedavg: clipped to L2 norm C, scaled to integers, plus each client's share of Skellam noise
+  (`fedtune.secagg.skellam`), decoded over the fixed denominator: DP-FedAvg where the server never
+  sees an un-noised sum.
+
+Only linear aggregation fits: robust filters need the individual updates that secure aggregation
+exists to hide, so asking for both is refused when the config is built.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedtune.adapters import AdapterState, Spec, add, flatten, load_state, unflatten
+from fedtune.atomic import atomic_write_bytes
 from fedtune.secagg.protocol import ProtocolViolation, SecAggAborted, SecAggParams
 from fedtune.secagg.quantize import FixedPoint
 from fedtune.secagg.simulation import Encoded, run_round
+from fedtune.secagg.skellam import SkellamEncoder
+from fedtune.strategies import ServerState, build_strategy
+from fedtune.strategies.dp_fedavg import DPFedAvg
 from fedtune.validation import RoundAborted
 
-LINEAR_STRATEGIES = ("fedavg",)
+LINEAR_STRATEGIES = ("fedavg", "dp_fedavg")
+LARGEST_ADAPTER = 1 << 34  # coordinates assumed when the config is checked, before the adapter exists
 
 
 def parameters(cfg: Any) -> tuple[SecAggParams, FixedPoint]:
@@ -31,51 +46,89 @@ def parameters(cfg: Any) -> tuple[SecAggParams, FixedPoint]:
     return params, FixedPoint(clip=section.clip, level_bits=section.level_bits, modulus_bits=section.modulus_bits)
 
 
+def skellam_encoder(cfg: Any, strategy: DPFedAvg, dim: int) -> SkellamEncoder:
+    """Noise shares calibrated for the fewest clients a round can aggregate (see skellam.py)."""
+    params, _ = parameters(cfg)
+    fewest = max(params.threshold, cfg.federation.min_fit_clients)
+    return SkellamEncoder(strategy.clip_norm, strategy.noise_multiplier, fewest, params.modulus_bits, dim)
+
+
 def check_secure_aggregation(cfg: Any) -> None:
     """Refuse combinations that cannot be correct or cannot work, naming the fields."""
-    if cfg.federation.strategy == "dp_fedavg":
-        raise ValueError(
-            "secagg.enabled: dp_fedavg adds its noise on the server, which would need the un-noised sum; "
-            "distributed noise added by the clients is not available yet, so choose one of the two"
-        )
     if cfg.federation.strategy not in LINEAR_STRATEGIES:
         raise ValueError(
             f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} needs each client's update, "
-            "which secure aggregation hides; use fedavg (norm bounding belongs on the clients then)"
+            "which secure aggregation hides; use fedavg or dp_fedavg (norm bounding belongs on the clients then)"
         )
     params, point = parameters(cfg)
+    k = cfg.federation.clients_per_round
+    strategy = build_strategy(cfg)
     try:
-        params.check(cfg.federation.clients_per_round)
-        point.check(cfg.federation.clients_per_round, cfg.federation.max_client_examples)
+        params.check(k)
+        if isinstance(strategy, DPFedAvg):
+            skellam_encoder(cfg, strategy, LARGEST_ADAPTER).check(k)
+        else:
+            point.check(k, cfg.federation.max_client_examples)
     except ValueError as error:
         raise ValueError(f"secagg: {error}") from None
 
 
-def _client_encode(path: str, weight: int, spec: Spec, point: FixedPoint, seed: int) -> np.ndarray:
-    """Runs on the client's side: its own update, checked, clipped, quantized and weighted."""
+def _client_rng(update_path: str, round_: int) -> np.random.Generator:
+    """The client's generator for rounding and noise, from a secret kept in its own folder: the
+    server cannot predict (and subtract) the noise, and a re-run round draws the same values."""
+    secret_path = Path(update_path).with_name("noise.secret")
+    if not secret_path.exists():
+        atomic_write_bytes(os.urandom(32), secret_path)
+    digest = hashlib.sha256(secret_path.read_bytes() + round_.to_bytes(8, "little")).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def _client_vector(path: str, spec: Spec) -> np.ndarray:
+    """Runs on the client's side: its own update, checked against the global adapter's tensors."""
     state = load_state(path)
     if sorted(state) != [key for key, _, _ in spec]:
         raise ProtocolViolation("my update does not match the global adapter's tensors")
     vector, _ = flatten(state)
     if not torch.isfinite(vector).all():
         raise ProtocolViolation("my update has NaN or Inf values")
-    return point.encode(vector.numpy(), weight, np.random.default_rng(seed))
+    return vector.numpy()
+
+
+def _weighted_encode(path: str, weight: int, spec: Spec, point: FixedPoint, round_: int) -> np.ndarray:
+    return point.encode(_client_vector(path, spec), weight, _client_rng(path, round_))
+
+
+def _noised_encode(path: str, spec: Spec, encoder: SkellamEncoder, round_: int) -> np.ndarray:
+    return encoder.encode(_client_vector(path, spec), _client_rng(path, round_))
 
 
 def secure_aggregate(
-    cfg: Any, round_: int, global_state: AdapterState, reports: list[dict[str, Any]], dropped: list[str]
-) -> tuple[AdapterState, list[str], int]:
-    """New global state, clients left out with reasons, and the protocol bytes the clients sent."""
+    cfg: Any,
+    round_: int,
+    global_state: AdapterState,
+    server_state: ServerState,
+    reports: list[dict[str, Any]],
+    dropped: list[str],
+) -> tuple[AdapterState, ServerState, list[str], int]:
+    """New global and server state, clients left out with reasons, and the protocol bytes sent."""
     params, point = parameters(cfg)
+    strategy = build_strategy(cfg)
     _, spec = flatten(global_state)
-    length = sum(int(np.prod(shape)) for _, shape, _ in spec) + 1  # + the weight coordinate
+    dim = sum(int(np.prod(shape)) for _, shape, _ in spec)
     too_many = [r for r in reports if not 0 < r["num_examples"] <= cfg.federation.max_client_examples]
     left_out = [*dropped, *(f"client {r['client']}: example count {r['num_examples']} out of range" for r in too_many)]
-    inputs: dict[int, Encoded] = {
-        r["client"]: partial(_client_encode, r["update_path"], r["num_examples"], spec, point, r["client"] + round_)
-        for r in reports
-        if r not in too_many
-    }
+    accepted = [r for r in reports if r not in too_many]
+    inputs: dict[int, Encoded]
+    if isinstance(strategy, DPFedAvg):
+        encoder = skellam_encoder(cfg, strategy, dim)
+        inputs = {r["client"]: partial(_noised_encode, r["update_path"], spec, encoder, round_) for r in accepted}
+        length = dim
+    else:
+        inputs = {
+            r["client"]: partial(_weighted_encode, r["update_path"], r["num_examples"], spec, point, round_)
+            for r in accepted
+        }
+        length = dim + 1  # + the weight coordinate
     if len(inputs) < max(params.threshold, cfg.federation.min_fit_clients):
         raise RoundAborted(f"round {round_}: {len(inputs)} clients for secure aggregation; left out: {left_out}")
     try:
@@ -85,5 +138,10 @@ def secure_aggregate(
     left_out += result.left_out
     if len(result.aggregated) < cfg.federation.min_fit_clients:
         raise RoundAborted(f"round {round_}: {len(result.aggregated)} aggregated; left out: {left_out}")
-    mean = unflatten(torch.from_numpy(point.decode(result.total)), spec)
-    return add(global_state, mean), left_out, sum(result.bytes_up.values())
+    if isinstance(strategy, DPFedAvg):
+        mean = encoder.decode(result.total, strategy.expected)
+        server_state = strategy.released(server_state)
+    else:
+        mean = point.decode(result.total)
+    new_global = add(global_state, unflatten(torch.from_numpy(mean), spec))
+    return new_global, server_state, left_out, sum(result.bytes_up.values())

@@ -69,10 +69,17 @@ def secure_aggregate_task(
     dropped: list[str],
 ) -> dict[str, Any]:
     """Aggregate behind secure aggregation: updates leave the clients only as protocol messages."""
-    new_global, left_out, protocol_bytes = secure_aggregate(config, round_, load_state(global_path), reports, dropped)
-    server_state = load_state(server_state_path)  # FedAvg keeps none; carried over unchanged
+    new_global, new_server, left_out, protocol_bytes = secure_aggregate(
+        config, round_, load_state(global_path), load_state(server_state_path), reports, dropped
+    )
     return _written(
-        round_, out_dir, new_global, server_state, left_out, state_metrics={}, protocol_bytes_up=protocol_bytes
+        round_,
+        out_dir,
+        new_global,
+        new_server,
+        left_out,
+        state_metrics=state_metrics(config, new_server),
+        protocol_bytes_up=protocol_bytes,
     )
 
 

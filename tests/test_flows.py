@@ -186,3 +186,27 @@ def test_secure_aggregation_gives_the_fedavg_adapter_within_the_quantization_err
     assert not list((out / "rounds" / "round_0001").glob("update_client_*"))  # no update in the shared folder
     assert len(list((out / "clients").glob("client_*/round_0001_update.safetensors"))) == 2  # kept by clients
     assert results[True][1]["bytes_up_per_client_round"] > results[False][1]["bytes_up_per_client_round"]
+
+
+def test_dp_with_secure_aggregation_noises_on_the_clients_and_accounts_every_round(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.secagg.skellam import skellam_epsilon
+
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["federation"] |= {
+        "rounds": 2,
+        "strategy": "dp_fedavg",
+        "strategy_options": {"clip_norm": 0.5, "noise_multiplier": 0.7},
+    }
+    overrides["secagg"] = {"enabled": True}
+    config = build_config(overrides)
+    summary = federated_finetune(config=config)
+    client = MlflowClient(config.tracking.tracking_uri)
+    spent = _history(client, summary["mlflow_run_id"], "dp_epsilon")
+    assert spent == pytest.approx({1: skellam_epsilon(0.7, 1, 1e-5), 2: skellam_epsilon(0.7, 2, 1e-5)})
+    out = Path(config.federation.output_dir)
+    assert not list((out / "rounds").glob("round_*/update_client_*"))  # updates never left the clients' folders
+    assert len(list((out / "clients").glob("client_*/noise.secret"))) >= 2  # each client's own noise secret
+    start = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
+    final = load_state(out / "final_adapter.safetensors")
+    assert all(torch.isfinite(final[k]).all() for k in final)
+    assert any(not torch.equal(start[k], final[k]) for k in final)

@@ -143,11 +143,4 @@ def test_robust_strategies_and_overflowing_parameters_are_refused_with_secure_ag
         build_config({"secagg": {"enabled": True, "modulus_bits": 32, "level_bits": 24}})
     with pytest.raises(ConfigError, match="threshold 4 exceeds the 3 clients"):
         build_config({"secagg": {"enabled": True, "threshold": 4}})
-    with pytest.raises(ConfigError, match="dp_fedavg adds its noise on the server"):
-        build_config(
-            {
-                "secagg": {"enabled": True},
-                "federation": {"strategy": "dp_fedavg", "strategy_options": {"clip_norm": 1, "noise_multiplier": 1}},
-            }
-        )
     build_config({"secagg": {"enabled": True}})

@@ -27,13 +27,15 @@ def build_strategy(config: Any) -> Strategy:
     """The configured strategy with `federation.strategy_options`; bad options name the field.
 
     Options a strategy declares but the user left out are filled from the federation's shape:
-    `expected_clients` (clients_per_round) and `sample_rate` (clients_per_round / num_clients).
+    `expected_clients` (clients_per_round), `sample_rate` (clients_per_round / num_clients) and
+    `distributed` (secagg.enabled: noise added by the clients).
     """
     federation = config.federation
     cls = STRATEGIES.get(federation.strategy)
     derived = {
         "expected_clients": federation.clients_per_round,
         "sample_rate": federation.clients_per_round / config.data.partition.num_clients,
+        "distributed": config.secagg.enabled,
     }
     accepted = inspect.signature(cls).parameters
     options = {k: v for k, v in derived.items() if k in accepted} | dict(federation.strategy_options)

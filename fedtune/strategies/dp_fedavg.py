@@ -8,7 +8,9 @@ claims and whether or not others drop out, moves the average by more than C / n_
 the noise on the average has standard deviation z * C / n_expected.
 
 Trust model: the aggregator is trusted to add the noise (central DP); it sees clipped individual
-updates. Hiding those needs secure aggregation with noise added by the clients.
+updates. With `secagg.enabled` (`distributed=True`) the clients add integer Skellam noise instead
+and the server sees only the noised sum (`fedtune.secagg.skellam`, which also holds its
+accountant); adaptive clipping then has no individual norms to count and is refused.
 
 Accounting: each round is one step of the sampled Gaussian mechanism with sampling rate
 q = clients_per_round / num_clients, accounted by Opacus' RDP (default) or PRV accountant; our
@@ -32,25 +34,20 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from typing import Any
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedtune.accounting import ACCOUNTANTS, epsilon_of
 from fedtune.adapters import AdapterState, add, clip_to_norm, l2_norm
+from fedtune.secagg.skellam import skellam_epsilon
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 
-ACCOUNTANTS: dict[str, Any] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 SECRET, ROUNDS, CLIP = "dp.noise_secret", "dp.rounds", "dp.clip_norm"
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent after `rounds` rounds at the given delta."""
-    if rounds == 0:
-        return 0.0
-    ledger = ACCOUNTANTS[accountant]()
-    ledger.history = [(noise_multiplier, sample_rate, rounds)]
-    return float(ledger.get_epsilon(delta))
+    return epsilon_of([(noise_multiplier, sample_rate, rounds)], delta, accountant)
 
 
 def noised_mean(
@@ -77,7 +74,7 @@ class DPFedAvg(Strategy):
     adaptive clipping target_quantile (0 = off), clip_learning_rate, count_noise_std.
 
     expected_clients and sample_rate default to the config's clients_per_round and
-    clients_per_round / num_clients.
+    clients_per_round / num_clients; distributed to secagg.enabled.
     """
 
     def __init__(
@@ -93,6 +90,7 @@ class DPFedAvg(Strategy):
         target_quantile: float = 0.0,
         clip_learning_rate: float = 0.2,
         count_noise_std: float = 0.0,
+        distributed: bool = False,
     ) -> None:
         problems = []
         if clip_norm <= 0:
@@ -111,8 +109,15 @@ class DPFedAvg(Strategy):
                 f"adaptive clipping needs 0 < target_quantile < 1 and count_noise_std > noise_multiplier / 2 "
                 f"(got {target_quantile}, {count_std})"
             )
+        if distributed and (target_quantile or accountant != "rdp"):
+            problems.append(
+                "with secure aggregation (distributed noise) adaptive clipping is unavailable (the server sees "
+                "no individual norm) and the accountant is the Skellam RDP bound: leave target_quantile and "
+                "accountant unset"
+            )
         if problems:
             raise ValueError("; ".join(problems))
+        self.distributed = distributed
         self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
         self.expected, self.sample_rate = int(expected_clients), float(sample_rate)
         self.delta, self.target, self.accountant = float(delta), float(target_epsilon), accountant
@@ -128,6 +133,8 @@ class DPFedAvg(Strategy):
             )
 
     def epsilon_after(self, rounds: int) -> float:
+        if self.distributed:
+            return skellam_epsilon(self.noise_multiplier, rounds, self.delta)
         return epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta, self.accountant)
 
     def init_state(self, global_state: AdapterState) -> ServerState:
@@ -146,7 +153,7 @@ class DPFedAvg(Strategy):
         generator = _round_generator(server_state[SECRET], rounds)
         deltas = [u.delta for u in updates]
         mean = noised_mean(deltas, clip, self.update_multiplier, self.expected, generator)
-        new_state = {**server_state, ROUNDS: torch.tensor([rounds])}
+        new_state = self.released(server_state)
         if self.quantile:
             # centred bits (b - 1/2) have sensitivity 1/2, which is where the 2 sigma_b above comes from
             centred = sum(float(l2_norm(d) <= clip) - 0.5 for d in deltas)
@@ -154,6 +161,10 @@ class DPFedAvg(Strategy):
             noisy = (centred + noise) / self.expected + 0.5
             new_state[CLIP] = torch.tensor([clip * math.exp(-self.clip_rate * (noisy - self.quantile))])
         return add(global_state, mean), new_state
+
+    def released(self, server_state: ServerState) -> ServerState:
+        """The server state after one more noised release (what the accountant counts)."""
+        return {**server_state, ROUNDS: torch.tensor([int(server_state[ROUNDS]) + 1])}
 
     def state_metrics(self, server_state: ServerState) -> dict[str, float]:
         return {
