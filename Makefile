@@ -21,9 +21,14 @@ lint: setup
 benchmark: setup
 	$(BIN)/python benchmarks/overhead.py
 
-benchmark-privacy: setup
-	$(BIN)/python benchmarks/secagg_cost.py --clients 10 50 100 --length 460800 5000000
+benchmark-privacy: setup .venv-flower/bin/flwr
+	$(BIN)/python benchmarks/secagg_cost.py --clients 10 50 100 --length 460800 5000000 --flower .venv-flower/bin/python
 	$(BIN)/python benchmarks/privacy_cost.py
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# Flower's pinned web stack conflicts with Prefect's, so its SecAgg+ runs in a venv of its own
+.venv-flower/bin/flwr:
+	python3 -m venv .venv-flower
+	.venv-flower/bin/pip install --quiet flwr==1.42.0

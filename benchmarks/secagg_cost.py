@@ -5,16 +5,22 @@ for N clients on vectors of `--length` coordinates (default 460,800: LoRA r=8 on
 SmolLM2-135M), with 10% of the clients dropping after sharing keys, so the server also
 recovers their pairwise masks. Complete graph for N <= 10, SecAgg+ neighbourhoods above.
 
-    python benchmarks/secagg_cost.py [--clients 10 50 100] [--length 460800]
+    python benchmarks/secagg_cost.py [--clients 10 50 100] [--length 460800] [--flower .venv-flower/bin/python]
 
-Prints a markdown table; writes benchmarks/results/secagg_cost.json.
+With `--flower`, the same round (same N, length, neighbourhood size, threshold and dropouts) also
+runs through Flower's own SecAgg+ in that interpreter's environment (`flower_secaggplus.py`), and
+the table gains its columns. Prints a markdown table; writes benchmarks/results/secagg_cost.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,22 +84,54 @@ def measure(n: int, length: int, neighbours: int | None) -> dict[str, Any]:
     }
 
 
+def flower(python: str, row: dict[str, Any], threshold: int) -> dict[str, Any]:
+    """The same round through Flower's SecAgg+ (num_shares counts the client itself)."""
+    command = [python, str(Path(__file__).with_name("flower_secaggplus.py"))]
+    command += ["--clients", str(row["clients"]), "--length", str(row["length"])]
+    command += ["--shares", str(row["neighbours"] + 1), "--threshold", str(threshold)]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    measured = json.loads(out.strip().splitlines()[-1])
+    assert measured["dropped"] == row["dropped"], "both sides must drop the same clients"
+    return {f"flower_{key}": value for key, value in measured.items() if key not in ("clients", "length", "dropped")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="secure aggregation cost")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--length", type=int, nargs="+", default=[460_800])
     parser.add_argument("--neighbours", type=int, default=10, help="SecAgg+ k for more than 10 clients")
+    parser.add_argument("--flower", help="a Python with flwr installed: compare with Flower's SecAgg+")
     args = parser.parse_args()
-    rows = [measure(n, length, None if n <= 10 else args.neighbours) for length in args.length for n in args.clients]
+    rows = []
+    for length in args.length:
+        for n in args.clients:
+            neighbours = None if n <= 10 else args.neighbours
+            row = measure(n, length, neighbours)
+            if args.flower:
+                row |= flower(args.flower, row, threshold=max(2, (neighbours or n) // 2 + 1))
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
     save_results("secagg_cost", rows)
-    print("| clients | coordinates | neighbours | dropped | client ms (mean) | server ms | bytes / client | x plain |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = "| clients | coordinates | neighbours | dropped | client ms | server ms | bytes / client | x plain |"
+    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    if args.flower:
+        header += " Flower client ms | Flower server ms | Flower bytes / client |"
+        rule += " --- | --- | --- |"
+    print(header)
+    print(rule)
     for r in rows:
         ratio = r["bytes_per_client"] / r["plain_float32_bytes"]
-        print(
+        line = (
             f"| {r['clients']} | {r['length']:,} | {r['neighbours']} | {r['dropped']} | {r['client_ms_mean']:.0f} "
             f"| {r['server_ms']:.0f} | {r['bytes_per_client']:,.0f} | {ratio:.2f} |"
         )
+        if args.flower:
+            line += (
+                f" {r['flower_client_ms_mean']:.0f} | {r['flower_server_ms']:.0f} "
+                f"| {r['flower_bytes_per_client']:,.0f} |"
+            )
+        print(line)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.adapters import get_adapter_state, load_state, subtract
+from fedtune.client_secret import private_seed
 from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.federation import client_seed
+from fedtune.record_dp import DPSGD, Ledger
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
 from fedtune.strategies import build_strategy
 from fedtune.training import local_train, total_steps
@@ -27,11 +29,22 @@ def train_client(
     round_: int,
     global_path: str | Path,
     update_path: str | Path,
+    private_dir: str | Path,
     server_state_path: str | Path | None = None,
 ) -> dict[str, Any]:
+    """`private_dir` is the client's own folder (its secret, its privacy ledger)."""
     tokenizer = tokenizer_for(cfg)
     train = load_encoded(cfg, tokenizer, client, "train")
     val = load_encoded(cfg, tokenizer, client, "val")
+    steps = total_steps(cfg.train, len(train))
+    privacy: dict[str, float] = {}
+    dp = None
+    if cfg.record_dp.enabled:
+        ledger = Ledger.load(private_dir)
+        rate = DPSGD.sample_rate(cfg.train.batch_size, len(train))
+        ledger.charge(cfg.record_dp, (cfg.record_dp.noise_multiplier, rate, steps), client)
+        dp = (cfg.record_dp, private_seed(private_dir, round_, "dp-sgd"))
+        privacy = {"record_epsilon": ledger.epsilon(cfg.record_dp)}
     global_state = load_state(global_path)
     server_state = load_state(server_state_path) if server_state_path else {}
     model = build_peft_model(cfg, global_state)
@@ -42,9 +55,10 @@ def train_client(
         cfg.train,
         pad_id=tokenizer.pad_token_id,
         seed=client_seed(cfg.train.seed, round_, client),
-        steps=total_steps(cfg.train, len(train)),
+        steps=steps,
         objective=objective,
         desc=f"round {round_} client {client}",
+        dp=dp,
     )
     update = subtract(get_adapter_state(model), global_state)
     bytes_up = write_update(update, update_path, round_=round_, client=client)
@@ -66,4 +80,5 @@ def train_client(
         "tokens": result.tokens,
         "seconds": result.seconds,
         "val_seconds": val_seconds,
+        **privacy,
     }

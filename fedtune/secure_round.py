@@ -16,8 +16,6 @@ exists to hide, so asking for both is refused when the config is built.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from fedtune.adapters import AdapterState, Spec, add, flatten, load_state, unflatten
-from fedtune.atomic import atomic_write_bytes
+from fedtune.client_secret import private_seed
 from fedtune.secagg.protocol import ProtocolViolation, SecAggAborted, SecAggParams
 from fedtune.secagg.quantize import FixedPoint
 from fedtune.secagg.simulation import Encoded, run_round
@@ -74,13 +72,8 @@ def check_secure_aggregation(cfg: Any) -> None:
 
 
 def _client_rng(update_path: str, round_: int) -> np.random.Generator:
-    """The client's generator for rounding and noise, from a secret kept in its own folder: the
-    server cannot predict (and subtract) the noise, and a re-run round draws the same values."""
-    secret_path = Path(update_path).with_name("noise.secret")
-    if not secret_path.exists():
-        atomic_write_bytes(os.urandom(32), secret_path)
-    digest = hashlib.sha256(secret_path.read_bytes() + round_.to_bytes(8, "little")).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+    """The client's generator for rounding and noise (its update sits in its private folder)."""
+    return np.random.default_rng(private_seed(Path(update_path).parent, round_, "secagg"))
 
 
 def _client_vector(path: str, spec: Spec) -> np.ndarray:

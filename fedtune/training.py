@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from fedtune.config import TrainSection
+from fedtune.config import RecordDPSection, TrainSection
 from fedtune.data.prompts import collate
-from fedtune.losses import response_loss
+from fedtune.losses import per_example_loss, response_loss
+from fedtune.record_dp import DPSGD, poisson_sample
 from fedtune.strategies.base import LocalObjective
 
 Encoded = list[dict[str, list[int]]]
@@ -61,7 +65,9 @@ def local_train(
     steps: int,
     objective: LocalObjective | None = None,
     desc: str = "train",
+    dp: tuple[RecordDPSection, int] | None = None,
 ) -> TrainResult:
+    """Train `steps` optimizer steps; with `dp` = (settings, private noise seed), by DP-SGD."""
     if not data:
         raise ValueError("no training examples left after tokenization (check data.max_length)")
     torch.manual_seed(seed)
@@ -71,6 +77,8 @@ def local_train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     objective = objective or LocalObjective()
+    if dp is not None:
+        return _dp_train(model, data, cfg, dp, pad_id, generator, steps, scheduler, objective, named, desc)
     batches = _batches(data, cfg.batch_size, generator)
     losses: list[float] = []
     examples = tokens = 0
@@ -95,6 +103,11 @@ def local_train(
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
     model.eval()
+    return _result(steps, examples, tokens, losses, start)
+
+
+def _result(steps: int, examples: int, tokens: int, losses: list[float], start: float) -> TrainResult:
+    losses = losses or [float("nan")]
     return TrainResult(
         steps=steps,
         examples=examples,
@@ -104,3 +117,42 @@ def local_train(
         last_loss=losses[-1],
         seconds=time.perf_counter() - start,
     )
+
+
+def _dp_train(
+    model: PeftModel,
+    data: Encoded,
+    cfg: TrainSection,
+    dp: tuple[RecordDPSection, int],
+    pad_id: int,
+    generator: torch.Generator,
+    steps: int,
+    scheduler: Any,
+    objective: LocalObjective,
+    named: Mapping[str, torch.Tensor],
+    desc: str,
+) -> TrainResult:
+    """DP-SGD steps: Poisson-sampled batches, per-example clipping and noise (see record_dp)."""
+    if objective.extra_loss(named) is not None:
+        raise ValueError("record_dp: the strategy adds a loss on the weights, which DP-SGD cannot clip per example")
+    settings, noise_seed = dp
+    engine = DPSGD(model, scheduler.optimizer, settings, cfg.batch_size, noise_seed)
+    rate = DPSGD.sample_rate(cfg.batch_size, len(data))
+    losses: list[float] = []
+    examples = tokens = 0
+    start = time.perf_counter()
+    model.train()
+    try:
+        for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
+            sample = poisson_sample(data, rate, generator)
+            batch = collate(sample, pad_id) if sample else None
+            loss = engine.step(batch, partial(per_example_loss, model))
+            if batch is not None and loss is not None:
+                losses.append(loss)
+                examples += len(sample)
+                tokens += int(batch["attention_mask"].sum())
+            scheduler.step()
+    finally:
+        engine.close()
+        model.eval()
+    return _result(steps, examples, tokens, losses, start)

@@ -18,6 +18,7 @@ from fedtune.atomic import atomic_write_bytes
 from fedtune.config import FedConfig
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
+from fedtune.record_dp import PrivacyBudgetExhausted
 from flows.common import failing_run, prepare
 from tasks.aggregation import aggregate, round_allowed, secure_aggregate_task
 from tasks.checkpoint import checkpoint as checkpoint_task
@@ -46,33 +47,48 @@ def _round_dir(run: Path, round_: int) -> Path:
     return run / "rounds" / f"round_{round_:04d}"
 
 
+def _private_dir(run: Path, client: int) -> Path:
+    """A client's own folder (its secret, its privacy ledger), which the server never reads."""
+    return run / "clients" / f"client_{client}"
+
+
 def _update_path(config: FedConfig, run: Path, round_: int, client: int) -> str:
-    """Where a client keeps its update: the shared round folder, or with secure aggregation a
-    client-private folder the server never reads (the update leaves only as protocol messages)."""
+    """Where a client keeps its update: the shared round folder, or with secure aggregation its
+    private folder (the update leaves only as protocol messages)."""
     if config.secagg.enabled:
-        return str(run / "clients" / f"client_{client}" / f"round_{round_:04d}_update.safetensors")
+        return str(_private_dir(run, client) / f"round_{round_:04d}_update.safetensors")
     return str(_round_dir(run, round_) / f"update_client_{client}.safetensors")
 
 
-def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Sampled clients train in waves, the strategy aggregates, the new global is evaluated."""
+def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """Sampled clients train in waves, the strategy aggregates, the new global is evaluated.
+
+    None when too few clients can afford the round under their record-level privacy budgets."""
     tick = time.perf_counter()
     previous = checkpoint_dir(run, round_ - 1) / "global.safetensors"
     out = _round_dir(run, round_)
     n, k = config.data.partition.num_clients, config.federation.clients_per_round
     clients = sample_clients(n, k, config.federation.seed, round_)
     get_run_logger().info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
-    reports, dropped = [], []
+    reports, dropped, declined = [], [], 0
     width = config.federation.max_parallel_clients
     for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
         futures = {
-            c: local_train.submit(config, c, round_, str(previous), _update_path(config, run, round_, c)) for c in wave
+            c: local_train.submit(
+                config, c, round_, str(previous), _update_path(config, run, round_, c), str(_private_dir(run, c))
+            )
+            for c in wave
         }
         for client, future in futures.items():
             try:
                 reports.append(future.result())
+            except PrivacyBudgetExhausted as error:
+                declined += 1
+                dropped.append(str(error))
             except Exception as error:  # a lost client drops out; the aggregate step decides if enough remain
                 dropped.append(f"client {client}: training failed ({type(error).__name__}: {error})")
+    if declined and len(reports) < config.federation.min_fit_clients:
+        return None
     server_state = str(previous.with_name("server_state.safetensors"))
     combine = secure_aggregate_task if config.secagg.enabled else aggregate
     paths = combine(config, round_, str(previous), server_state, reports, str(out), dropped)
@@ -153,7 +169,11 @@ def federated_finetune(
             if not round_allowed(config, round_, str(checkpoint_dir(run, round_ - 1) / "server_state.safetensors")):
                 logger.warning("stopping before round %d: the strategy's budget would be exceeded", round_)
                 break
-            row, reports = _round(config, run, round_)
+            outcome = _round(config, run, round_)
+            if outcome is None:
+                logger.warning("stopping before round %d: too few clients can afford it (record_dp)", round_)
+                break
+            row, reports = outcome
             history.append(row)
             log_round(config, run_id, round_, row, reports, history)
             out = _round_dir(run, round_)

@@ -13,9 +13,18 @@ from fedtune.config import FedConfig
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-r{round_}-c{client}")
-def local_train(config: FedConfig, client: int, round_: int, global_path: str, update_path: str) -> dict[str, Any]:
+def local_train(
+    config: FedConfig, client: int, round_: int, global_path: str, update_path: str, private_dir: str
+) -> dict[str, Any]:
     """Train from the global adapter on this client's data; only the update file leaves."""
-    report = train_client(config, client=client, round_=round_, global_path=global_path, update_path=update_path)
+    report = train_client(
+        config,
+        client=client,
+        round_=round_,
+        global_path=global_path,
+        update_path=update_path,
+        private_dir=private_dir,
+    )
     get_run_logger().info(
         "round %d client %d: loss %.3f -> %.3f, val %.3f, %d B up, %.1f s",
         round_,

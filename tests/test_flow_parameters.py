@@ -12,7 +12,7 @@ def test_config_parameter_becomes_a_typed_form_with_every_section() -> None:
     assert set(schema["properties"]) == {"config", "resume", "prepare_data"}
     definitions = schema["definitions"]
     root = definitions["FedConfig"]["properties"]
-    assert set(root) == {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg"}
+    assert set(root) == {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp"}
     rounds = definitions["FederationSection"]["properties"]["rounds"]
     assert rounds["type"] == "integer" and rounds["exclusiveMinimum"] == 0 and rounds["default"] == 3
     quantization = definitions["ModelSection"]["properties"]["quantization"]

@@ -210,3 +210,24 @@ def test_dp_with_secure_aggregation_noises_on_the_clients_and_accounts_every_rou
     final = load_state(out / "final_adapter.safetensors")
     assert all(torch.isfinite(final[k]).all() for k in final)
     assert any(not torch.equal(start[k], final[k]) for k in final)
+
+
+def test_record_level_dp_sgd_run_logs_each_clients_epsilon_and_stops_at_the_target(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.accounting import epsilon_of
+
+    z, steps = 1.0, 2
+    spent_after = [epsilon_of([(z, 1.0, steps * r)], 1e-5) for r in (1, 2, 3)]
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["federation"] |= {"clients_per_round": 3}
+    overrides["train"] |= {"batch_size": 128, "steps_per_round": steps}  # q = 1 on every client
+    overrides["record_dp"] = {"enabled": True, "noise_multiplier": z, "target_epsilon": sum(spent_after[1:]) / 2}
+    config = build_config(overrides)
+    summary = federated_finetune(config=config)
+    assert summary["rounds"] == 2 and summary["stopped_early"] is True
+    client = MlflowClient(config.tracking.tracking_uri)
+    for c in range(3):
+        assert _history(client, summary["mlflow_run_id"], f"client_{c}/record_epsilon") == pytest.approx(
+            {1: spent_after[0], 2: spent_after[1]}
+        )
+    ledgers = list(Path(config.federation.output_dir).glob("clients/client_*/record_dp_ledger.json"))
+    assert len(ledgers) == 3 and all(len(json.loads(p.read_text())) == 2 for p in ledgers)
