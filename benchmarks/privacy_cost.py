@@ -1,4 +1,4 @@
-"""Cost of DP-FedAvg and secure aggregation on a full federated round, relative to plain FedAvg.
+"""Cost of DP and secure aggregation on a full federated round, relative to plain FedAvg.
 
 Each variant runs the real `federated-finetune` flow for one round with the default model and
 data (3 clients, same seeds), one after the other in one process; evaluation time is reported
@@ -27,6 +27,12 @@ VARIANTS = {
         "federation.strategy_options={clip_norm: 0.5, noise_multiplier: 1.0}",
     ],
     "secure aggregation": ["secagg.enabled=true"],
+    "dp_fedavg + secure aggregation (client noise)": [
+        "federation.strategy=dp_fedavg",
+        "federation.strategy_options={clip_norm: 0.5, noise_multiplier: 1.0}",
+        "secagg.enabled=true",
+    ],
+    "record-level DP-SGD (Opacus)": ["record_dp.enabled=true", "record_dp.noise_multiplier=1.0"],
 }
 
 

@@ -189,14 +189,19 @@ class SecAggClient:
                 raise ProtocolViolation(f"client {self.client}: share from {sender} is addressed elsewhere")
             self._held[sender] = (_share(plain["key"]), _share(plain["seed"]))
         self._sharers = sharers
-        bits, modulus = self.params.modulus_bits, self.params.modulus_mask
+        bits = self.params.modulus_bits
         length = encoded.shape[0]
-        total = (encoded.astype(np.uint64) + primitives.mask(self._seed, length, bits)) & modulus
+        total = encoded.astype(np.uint64)  # a copy; sums wrap mod 2^64, reduced mod 2^bits once at the end
+        total += primitives.mask(self._seed, length, bits)
         for v in self._peers:
             if v == self.client or v not in sharers:
                 continue
             pair = primitives.mask(primitives.agree(self._mask, self._roster[v][1], b"mask"), length, bits)
-            total = (total + pair) & modulus if self.client < v else (total - pair) & modulus
+            if self.client < v:
+                total += pair
+            else:
+                total -= pair
+        total &= self.params.modulus_mask
         return MaskedInput(self.client, total)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -266,20 +271,23 @@ class SecAggServer:
     def unmask(self, request: UnmaskRequest, responses: list[UnmaskResponse]) -> np.ndarray:
         """The sum of the alive clients' inputs mod 2^bits, with every mask removed."""
         self._enough("unmasking", len(responses))
-        bits, modulus = self.params.modulus_bits, self.params.modulus_mask
-        total = np.zeros(self.length, dtype=np.uint64)
+        bits = self.params.modulus_bits
+        total = np.zeros(self.length, dtype=np.uint64)  # wraps mod 2^64, reduced mod 2^bits at the end
         for vector in self._masked.values():
-            total = (total + vector) & modulus
+            total += vector
         for u in request.alive:
             seed = self._reconstruct(u, [r.seed_shares[u] for r in responses if u in r.seed_shares], 32)
-            total = (total - primitives.mask(seed, self.length, bits)) & modulus
+            total -= primitives.mask(seed, self.length, bits)
         for v in request.dropped:
             key = self._reconstruct(v, [r.key_shares[v] for r in responses if v in r.key_shares], 32)
             for u in neighbourhood(v, list(self._roster), self.params, self.round):
                 if u in request.alive:
                     pair = primitives.mask(primitives.agree(key, self._roster[u][1], b"mask"), self.length, bits)
-                    # u added +pair when u < v, -pair otherwise: take it back out
-                    total = (total - pair) & modulus if u < v else (total + pair) & modulus
+                    if u < v:  # u added +pair when u < v, -pair otherwise: take it back out
+                        total -= pair
+                    else:
+                        total += pair
+        total &= self.params.modulus_mask
         return total
 
     def _reconstruct(self, owner: int, shares: list[shamir.Share], length: int) -> bytes:
