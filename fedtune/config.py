@@ -150,6 +150,9 @@ class FederationSection(Section):
         1_000_000, gt=0, description="An update claiming more training examples than this is rejected."
     )
     max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once (in waves).")
+    client_timeout_s: float = Field(
+        3600.0, gt=0.0, description="Deadline of a client's local training; a client past it drops out."
+    )
     seed: int = 0
     output_dir: str = "outputs/federated"
 
@@ -180,6 +183,9 @@ class SecAggSection(Section):
     level_bits: int = Field(24, ge=2, le=40, description="Quantization levels per coordinate: 2^level_bits.")
     modulus_bits: int = Field(62, ge=8, le=62, description="Masked arithmetic is mod 2^modulus_bits.")
     neighbours: int | None = Field(None, gt=0, description="SecAgg+: each client's (even) neighbourhood size.")
+    stage_timeout_s: float = Field(
+        300.0, gt=0.0, description="Deadline of each protocol stage; a later reply counts as a dropout."
+    )
 
 
 class RecordDPSection(Section):

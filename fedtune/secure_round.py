@@ -125,7 +125,7 @@ def secure_aggregate(
     if len(inputs) < max(params.threshold, cfg.federation.min_fit_clients):
         raise RoundAborted(f"round {round_}: {len(inputs)} clients for secure aggregation; left out: {left_out}")
     try:
-        result = run_round(inputs, length, params, round_)
+        result = run_round(inputs, length, params, round_, stage_timeout=cfg.secagg.stage_timeout_s)
     except SecAggAborted as error:
         raise RoundAborted(f"round {round_}: secure aggregation aborted ({error}); left out: {left_out}") from error
     left_out += result.left_out

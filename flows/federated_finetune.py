@@ -79,9 +79,10 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
             )
             for c in wave
         }
+        deadline = time.monotonic() + config.federation.client_timeout_s  # the wave's clients run at once
         for client, future in futures.items():
             try:
-                reports.append(future.result())
+                reports.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except PrivacyBudgetExhausted as error:
                 declined += 1
                 dropped.append(str(error))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -125,13 +126,20 @@ def test_baselines_log_comparable_runs(tmp_path, tiny_model_dir) -> None:  # typ
     assert pooled["steps"] == config.federation.rounds * config.train.steps_per_round
 
 
-def test_a_client_lost_mid_round_drops_out_while_min_fit_clients_holds(tmp_path, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    config = _config(tmp_path, tiny_model_dir)  # 2 of 3 clients per round, min_fit_clients = 1
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_a_client_lost_mid_round_drops_out_while_min_fit_clients_holds(
+    tmp_path, tiny_model_dir, monkeypatch, fault
+) -> None:  # type: ignore[no-untyped-def]
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)  # 2 of 3 clients per round, min_fit_clients = 1
+    overrides["federation"]["client_timeout_s"] = 4.0
+    config = build_config(overrides)
     lost = sample_clients(3, 2, config.federation.seed, 2)[0]
     real = tasks.training.train_client
 
     def lose_one_client_in_round_2(*args, **kwargs):  # type: ignore[no-untyped-def]
         if kwargs["round_"] == 2 and kwargs["client"] == lost:
+            if fault == "hang":
+                time.sleep(8)  # past the deadline: its late report must be ignored
             raise ConnectionResetError("worker went away")
         return real(*args, **kwargs)
 
@@ -141,7 +149,8 @@ def test_a_client_lost_mid_round_drops_out_while_min_fit_clients_holds(tmp_path,
     assert _history(client, summary["mlflow_run_id"], "clients_left_out") == {1: 0.0, 2: 1.0, 3: 0.0}
     assert _history(client, summary["mlflow_run_id"], "clients_aggregated") == {1: 2.0, 2: 1.0, 3: 2.0}
     checkpoint = latest_checkpoint(config.federation.output_dir)
-    assert checkpoint is not None and "worker went away" in checkpoint.history[2]["left_out"][0]
+    reason = "did not complete within" if fault == "hang" else "worker went away"
+    assert checkpoint is not None and reason in checkpoint.history[2]["left_out"][0]
 
 
 def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]

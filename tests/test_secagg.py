@@ -144,3 +144,24 @@ def test_robust_strategies_and_overflowing_parameters_are_refused_with_secure_ag
     with pytest.raises(ConfigError, match="threshold 4 exceeds the 3 clients"):
         build_config({"secagg": {"enabled": True, "threshold": 4}})
     build_config({"secagg": {"enabled": True}})
+
+
+def test_a_reply_past_the_stage_deadline_counts_as_a_dropout() -> None:
+    import time
+
+    params = SecAggParams(threshold=3)
+    inputs = _inputs(5, 64, seed=1)
+
+    def slow(c: int):  # type: ignore[no-untyped-def]
+        def encode():  # type: ignore[no-untyped-def]
+            if c == 2:
+                time.sleep(0.5)
+            return inputs[c]
+
+        return encode
+
+    result = run_round({c: slow(c) for c in inputs}, 64, params, round_=1, stage_timeout=0.25)
+    assert result.aggregated == [0, 1, 3, 4]
+    assert any("client 2: missed the masked deadline" in reason for reason in result.left_out)
+    expected = sum(inputs[c] for c in (0, 1, 3, 4)) & params.modulus_mask
+    assert np.array_equal(result.total, expected)

@@ -2,13 +2,16 @@
 
 Client and server objects exchange the protocol's messages in memory, stage by stage; a client
 that breaks off (raises, or is listed in `silent`) drops out from that stage on, and the round
-recovers while at least `threshold` remain. Each client's update is read, flattened and encoded
-by that client's own code; the server side sees only the messages.
+recovers while at least `threshold` remain. Every stage has a deadline: a reply that takes
+longer than `stage_timeout` seconds is discarded and its client counts as dropped from that
+stage on, as a server waiting on a network would. Each client's update is read, flattened and
+encoded by that client's own code; the server side sees only the messages.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,7 @@ def run_round(
     params: SecAggParams,
     round_: int,
     silent: dict[str, set[int]] | None = None,
+    stage_timeout: float = float("inf"),
 ) -> RoundResult:
     params.check(len(inputs))
     silent = silent or {}
@@ -48,11 +52,16 @@ def run_round(
         gone.update(silent.get(stage, set()) - gone)
         replies = []
         for c in sorted(set(clients) - gone):
+            start = time.monotonic()
             try:
                 reply = act(c)
             except ProtocolViolation as error:
                 gone.add(c)
                 left_out.append(f"client {c}: {error}")
+                continue
+            if time.monotonic() - start > stage_timeout:
+                gone.add(c)
+                left_out.append(f"client {c}: missed the {stage} deadline of {stage_timeout:g} s")
                 continue
             sent[c] += size(reply)
             replies.append(reply)
