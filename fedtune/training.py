@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -78,7 +77,9 @@ def local_train(
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     objective = objective or LocalObjective()
     if dp is not None:
-        return _dp_train(model, data, cfg, dp, pad_id, generator, steps, scheduler, objective, named, desc)
+        if objective.extra_loss(named) is not None:
+            raise ValueError("record_dp: the strategy adds a loss on the weights, which DP-SGD cannot clip per example")
+        return _dp_train(model, data, cfg, dp, pad_id, generator, steps, scheduler, desc)
     batches = _batches(data, cfg.batch_size, generator)
     losses: list[float] = []
     examples = tokens = 0
@@ -128,13 +129,9 @@ def _dp_train(
     generator: torch.Generator,
     steps: int,
     scheduler: Any,
-    objective: LocalObjective,
-    named: Mapping[str, torch.Tensor],
     desc: str,
 ) -> TrainResult:
     """DP-SGD steps: Poisson-sampled batches, per-example clipping and noise (see record_dp)."""
-    if objective.extra_loss(named) is not None:
-        raise ValueError("record_dp: the strategy adds a loss on the weights, which DP-SGD cannot clip per example")
     settings, noise_seed = dp
     engine = DPSGD(model, scheduler.optimizer, settings, cfg.batch_size, noise_seed)
     rate = DPSGD.sample_rate(cfg.batch_size, len(data))

@@ -20,7 +20,7 @@ from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.record_dp import PrivacyBudgetExhausted
 from flows.common import failing_run, prepare
-from tasks.aggregation import aggregate, round_allowed, secure_aggregate_task
+from tasks.aggregation import aggregate, round_allowed
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
 from tasks.model import initial_adapter
@@ -91,8 +91,7 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
     if declined and len(reports) < config.federation.min_fit_clients:
         return None
     server_state = str(previous.with_name("server_state.safetensors"))
-    combine = secure_aggregate_task if config.secagg.enabled else aggregate
-    paths = combine(config, round_, str(previous), server_state, reports, str(out), dropped)
+    paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped)
     eval_tick = time.perf_counter()
     metrics = evaluate(config, paths["global_path"], f"round-{round_}")
     eval_seconds = time.perf_counter() - eval_tick

@@ -58,8 +58,6 @@ def test_each_example_is_clipped_and_the_noise_has_std_z_c_over_batch(tiny_confi
     z, clip = 1.5, 0.8
     engine = _engine(model, clip=clip, z=z, batch_size=batch_size)
     noise = []
-    for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape))
     while sum(t.numel() for t in noise) < 100_000:  # noise-only steps on empty Poisson samples
         for p in params:
             p.grad_sample = torch.zeros((0, *p.shape))
