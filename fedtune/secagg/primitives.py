@@ -67,7 +67,7 @@ def mask(seed: bytes, length: int, bits: int) -> np.ndarray:
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
     size = 8 * length
     buffer = np.empty(size + 15, dtype=np.uint8)  # update_into wants room for one more block
-    encryptor.update_into(_zeros(size), memoryview(buffer))
+    encryptor.update_into(_zeros(size), buffer.data)
     encryptor.finalize()
     words = buffer[:size].view("<u8")
     np.bitwise_and(words, np.uint64((1 << bits) - 1), out=words)
