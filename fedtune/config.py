@@ -230,6 +230,11 @@ class TrackingSection(Section):
     artifact_location: str = Field("mlartifacts", description="Artifact root for new experiments.")
     experiment: str = "fedtune"
     registered_model: str = Field("fedtune-global-adapter", description="Registry name of the final adapter.")
+    register_final: bool = Field(
+        True,
+        description="Register every federated run's final adapter; the continual-learning flow turns this off "
+        "and registers only an adapter that beats the champion.",
+    )
 
 
 class FedConfig(Section):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from fedtune.adapters import AdapterState
 from fedtune.atomic import staged_directory
 from fedtune.config import PeftSection
 from fedtune.registry import Registry
@@ -58,3 +59,8 @@ def save_peft_adapter(state: dict, section: PeftSection, base_model: str, direct
         peft_config.save_pretrained(str(staging))
         save_file(state, str(staging / SAFETENSORS_WEIGHTS_NAME))
     return Path(directory)
+
+
+def load_peft_adapter(directory: str | Path) -> AdapterState:
+    """The adapter state of a folder written by `save_peft_adapter` (or peft's `save_pretrained`)."""
+    return load_file(str(Path(directory) / SAFETENSORS_WEIGHTS_NAME))

@@ -14,7 +14,7 @@ from fedtune.data.loading import Record
 from fedtune.data.partition import read_split
 from fedtune.data.prompts import encode_all
 from fedtune.models import load_base_model, load_tokenizer
-from fedtune.peft_methods import attach_adapter
+from fedtune.peft_methods import attach_adapter, load_peft_adapter
 
 Encoded = list[dict[str, list[int]]]
 
@@ -27,10 +27,12 @@ def build_peft_model(cfg: FedConfig, adapter: AdapterState | str | Path | None =
     return model
 
 
-def initial_adapter_state(cfg: FedConfig) -> tuple[AdapterState, int]:
-    """The round-0 global adapter (identical for the same train.seed) and the base parameter count."""
+def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) -> tuple[AdapterState, int]:
+    """The round-0 global adapter and the base parameter count. The adapter is fresh (identical for
+    the same train.seed) or, to continue training, `start_from`: a peft adapter folder whose keys
+    must match the configured method's."""
     torch.manual_seed(cfg.train.seed)
-    model = build_peft_model(cfg)
+    model = build_peft_model(cfg, None if start_from is None else load_peft_adapter(start_from))
     trainable, total = model.get_nb_trainable_parameters()
     return get_adapter_state(model), total - trainable
 

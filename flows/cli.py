@@ -101,6 +101,29 @@ def run_cmd(
     print_results([summary], _config(config, set_))
 
 
+@app.command("serve-continual")
+def serve_continual_cmd(
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between runs.")] = None,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 3 * * *'.")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+) -> None:
+    """Serve the `continual-learning` flow on a schedule until interrupted; runs execute here."""
+    from prefect import serve
+
+    from flows.common import preflight
+    from flows.continual import deployment
+
+    if (interval is None) == (cron is None):
+        console.print("[red]give exactly one of --interval and --cron[/red]")
+        raise typer.Exit(2)
+    cfg = _config(config, set_)
+    with _reported():
+        preflight(cfg)
+    serve(deployment(cfg, interval=interval, cron=cron, name=name))
+
+
 @app.command("local-only")
 def local_only_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None, prepare_data: bool = True) -> None:
     """Baseline: each client trains alone."""

@@ -28,11 +28,11 @@ from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracki
 from tasks.training import local_train
 
 
-def _start(config: FedConfig, run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Round 0: the initial adapter, evaluated and checkpointed, and a new MLflow run."""
+def _start(config: FedConfig, run: Path, init_adapter: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Round 0: the initial adapter (fresh, or `init_adapter`), evaluated and checkpointed, and a new MLflow run."""
     for stale in ("checkpoints", "rounds"):
         shutil.rmtree(run / stale, ignore_errors=True)
-    init = initial_adapter(config, str(_round_dir(run, 0)))
+    init = initial_adapter(config, str(_round_dir(run, 0)), init_adapter)
     run_id = start_tracking(config, "federated")
     tick = time.perf_counter()
     metrics = evaluate(config, init["global_path"], "round-0")
@@ -147,8 +147,12 @@ def federated_finetune(
     config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
     resume: bool = False,
     prepare_data: bool = True,
+    init_adapter: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a simulated federation and return its summary."""
+    """Run (or resume) a simulated federation and return its summary.
+
+    `init_adapter`, a peft adapter folder, is round 0's global instead of a fresh adapter (continual
+    learning starts from the registry's champion); a resumed run keeps its own round 0."""
     logger = get_run_logger()
     started = time.perf_counter()
     run = Path(config.federation.output_dir)
@@ -162,7 +166,7 @@ def federated_finetune(
         completed, history, meta = done.round, list(done.history), done.meta
     else:
         completed = 0
-        history, meta = _start(config, run)
+        history, meta = _start(config, run, init_adapter)
     run_id = meta["mlflow_run_id"]
     with failing_run(config, run_id):
         for round_ in range(completed + 1, config.federation.rounds + 1):

@@ -98,6 +98,13 @@ class RunTracker:
                     metrics[f"client_{report['client']}/{key}"] = value
         self.log_metrics(metrics, step=round_)
 
+    def metric_history(self, key: str) -> dict[int, float]:
+        """A metric's value at every step (round)."""
+        return {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> str:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
         return artifact_path

@@ -24,10 +24,10 @@ def prepare_model(config: FedConfig) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def initial_adapter(config: FedConfig, out_dir: str) -> dict[str, Any]:
-    """Write the round-0 adapter and strategy state; return their paths and the sizes
-    communication is compared against."""
-    state, base_parameters = initial_adapter_state(config)
+def initial_adapter(config: FedConfig, out_dir: str, start_from: str | None = None) -> dict[str, Any]:
+    """Write the round-0 adapter (fresh, or the peft adapter folder `start_from`) and a fresh
+    strategy state; return their paths and the sizes communication is compared against."""
+    state, base_parameters = initial_adapter_state(config, start_from)
     paths = {
         "global_path": str(Path(out_dir) / "global.safetensors"),
         "server_state_path": str(Path(out_dir) / "server_state.safetensors"),

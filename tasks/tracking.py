@@ -74,12 +74,12 @@ def fail_tracking(config: FedConfig, run_id: str) -> None:
 def finish_tracking(
     config: FedConfig, run_id: str, summary: dict[str, Any], register_artifact: str | None = None
 ) -> str | None:
-    """Log the summary, optionally register the final adapter, and close the run."""
+    """Log the summary, register the final adapter (when given and `tracking.register_final`), close the run."""
     run = tracker(config, run_id)
     run.log_metrics({f"final/{k}": v for k, v in summary.items()})  # non-numeric values are skipped
     run.log_dict(summary, "summary.json")
     version = None
-    if register_artifact is not None:
+    if register_artifact is not None and config.tracking.register_final:
         version = run.register(register_artifact, config.tracking.registered_model, {"config": config.fingerprint()})
     run.finish()
     return version

@@ -9,7 +9,7 @@ from flows.local_only import local_only
 
 def test_config_parameter_becomes_a_typed_form_with_every_section() -> None:
     schema = parameter_schema(federated_finetune).model_dump_for_openapi()
-    assert set(schema["properties"]) == {"config", "resume", "prepare_data"}
+    assert set(schema["properties"]) == {"config", "resume", "prepare_data", "init_adapter"}
     definitions = schema["definitions"]
     root = definitions["FedConfig"]["properties"]
     assert set(root) == {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp"}

@@ -158,9 +158,14 @@ def write_partitions(partitions: Partitions, root: str | Path) -> dict[str, Any]
     return summary
 
 
+def split_path(root: str | Path, client: int | None, split: str) -> Path:
+    """Where one client's split lives, or the global test set when `client` is None."""
+    return Path(root) / "test.jsonl" if client is None else client_dir(root, client) / f"{split}.jsonl"
+
+
 def read_split(root: str | Path, client: int | None, split: str) -> list[Record]:
     """One client's split, or the global test set when `client` is None."""
-    path = Path(root) / "test.jsonl" if client is None else client_dir(root, client) / f"{split}.jsonl"
+    path = split_path(root, client, split)
     if not path.exists():
         raise PartitionError(f"data.partitions_dir: {path} is missing; run the partition step first")
     return read_jsonl(path)

@@ -1,0 +1,187 @@
+"""Continual learning on a real schedule: a served interval deployment under a real Prefect server
+fires twice, and the second run continues from the adapter the first one registered."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from fedtune.config import build_config
+from fedtune.data.partition import client_dir, split_path
+from mlflow_tracking.lineage import dvc_md5
+from tests.conftest import tiny_overrides
+
+BIN = Path(sys.executable).parent
+DEADLINE_S = 240.0  # generous for a loaded 2-core machine; about 90 s when it is idle
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Interrupt the process group this test started (the served flow runs are children), then kill it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture
+def prefect_api(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real Prefect server (its scheduler is what fires the schedule) on a free port, with its own home."""
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    port = url.split(":")[2].split("/")[0]
+    server = _start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"],
+        env,
+        tmp_path,
+        tmp_path / "server.log",
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("the Prefect server did not start")
+        yield url, {**env, "PREFECT_API_URL": url}
+    finally:
+        _stop(server)
+
+
+def _flow_runs(url: str, states: list[str]) -> list[dict]:
+    query = {"flows": {"name": {"any_": ["continual-learning"]}}, "flow_runs": {"state": {"type": {"any_": states}}}}
+    return httpx.post(f"{url}/flow_runs/filter", json=query, timeout=10).json()
+
+
+def test_an_interval_schedule_fires_twice_and_the_second_run_starts_from_the_first(  # type: ignore[no-untyped-def]
+    tmp_path, tiny_model_dir, prefect_api
+) -> None:
+    url, env = prefect_api
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["federation"]["rounds"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overrides))
+    config = build_config(overrides)
+
+    serve_log = tmp_path / "serve.log"
+    serve = _start(
+        [str(BIN / "fedtune"), "serve-continual", "-c", "params.yaml", "--interval", "4"], env, tmp_path, serve_log
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while len(_flow_runs(url, ["COMPLETED"])) < 2:
+            failed = _flow_runs(url, ["FAILED", "CRASHED"])
+            assert not failed and serve.poll() is None, serve_log.read_text()[-5000:]
+            assert time.monotonic() < deadline, "two scheduled runs did not complete in time"
+            time.sleep(1)
+    finally:
+        _stop(serve)
+    completed = sorted(_flow_runs(url, ["COMPLETED"]), key=lambda r: r["start_time"])
+    assert all(r["deployment_id"] and r["auto_scheduled"] for r in completed)  # fired by the schedule
+
+    mlflow = MlflowClient(config.tracking.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    first, second = mlflow.search_runs(
+        [experiment.experiment_id], "tags.`continual.decision` != ''", order_by=["attributes.start_time ASC"]
+    )[:2]
+    # the first run started fresh and, better than a fresh adapter, became the champion
+    assert first.data.tags["lineage.parent_version"] == "none"
+    assert first.data.tags["continual.decision"] == "promoted"
+    name = config.tracking.registered_model
+    registered = {v.run_id: v for v in mlflow.search_model_versions(f"name='{name}'")}
+    parent = registered[first.info.run_id].version
+    # the second run started from it: the champion's version, and round 0 scores exactly its adapter
+    assert second.data.tags["lineage.parent_version"] == str(parent)
+    assert second.data.tags["lineage.parent_run_id"] == first.info.run_id
+    start = {m.step: m.value for m in mlflow.get_metric_history(second.info.run_id, "test_loss")}[0]
+    assert start == pytest.approx(first.data.metrics["final/test_loss"], abs=1e-5)
+    # registered only if better, with its lineage; the alias moved with it
+    if second.data.tags["continual.decision"] == "promoted":
+        assert float(second.data.tags["continual.test_loss"]) < start
+        version = registered[second.info.run_id]
+        assert version.tags["lineage.parent_version"] == str(parent)
+    else:
+        assert second.info.run_id not in registered
+    # data versions: DVC's md5 of each client's partition folder and of the test set
+    root = config.data.partitions_dir
+    expected = {f"client_{c}": dvc_md5(client_dir(root, c)) for c in range(config.data.partition.num_clients)}
+    expected["test"] = dvc_md5(split_path(root, None, "test"))
+    for run in (first, second):
+        assert {k: run.data.tags[f"lineage.data.{k}"] for k in expected} == expected
+    assert registered[first.info.run_id].tags["lineage.data.test"] == expected["test"]
+
+
+def test_a_candidate_no_better_than_its_start_is_not_registered(tmp_path: Path) -> None:
+    from prefect.logging import disable_run_logger
+
+    from mlflow_tracking.runs import RunTracker
+    from tasks.continual import settle
+
+    config = build_config(
+        {"tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_location": str(tmp_path / "a")}}
+    )
+    run = RunTracker.start(
+        tracking_uri=config.tracking.tracking_uri,
+        experiment="tests",
+        artifact_location=config.tracking.artifact_location,
+        run_name="candidate",
+        params={},
+        tags={},
+    )
+    run.log_metrics({"test_loss": 0.5}, step=0)
+    summary = {"mlflow_run_id": run.run_id, "test_loss": 0.5, "rounds": 2}  # a tie is not better
+    champion = {"version": "4", "run_id": "parent-run", "adapter": str(tmp_path)}
+    with disable_run_logger():
+        outcome = settle.fn(config, "champion", summary, champion, {"test": "abc"})
+    assert outcome["promoted"] is False and outcome["version"] is None
+    tags = run.client.get_run(run.run_id).data.tags
+    assert tags["continual.decision"] == "kept" and tags["lineage.parent_version"] == "4"
+    assert tags["lineage.data.test"] == "abc"
+    assert not run.client.search_registered_models()
+
+
+def test_data_versions_are_the_md5_dvc_add_records(tmp_path: Path) -> None:
+    from dvc.repo import Repo
+
+    folder = tmp_path / "client_0"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "train.jsonl").write_text('{"a": 1}\n')
+    (folder / "nested" / "val.jsonl").write_text('{"b": 2}\n')
+    repo = Repo.init(str(tmp_path), no_scm=True)
+    repo.add(str(folder))
+    recorded = yaml.safe_load((tmp_path / "client_0.dvc").read_text())["outs"][0]["md5"]
+    assert dvc_md5(folder) == recorded and recorded.endswith(".dir")
