@@ -14,6 +14,7 @@ from fedtune.adapters import get_adapter_state, load_state, subtract
 from fedtune.client_secret import private_seed
 from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
+from fedtune.faults import crash_point
 from fedtune.federation import client_seed
 from fedtune.record_dp import DPSGD, Ledger
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
@@ -60,6 +61,7 @@ def train_client(
         desc=f"round {round_} client {client}",
         dp=dp,
     )
+    crash_point("training", round_)  # after the optimizer steps, before the update exists
     update = subtract(get_adapter_state(model), global_state)
     bytes_up = write_update(update, update_path, round_=round_, client=client)
     tick = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedtune.adapters import AdapterState, load_state, save_state
 from fedtune.atomic import atomic_write_bytes, staged_directory
+from fedtune.faults import crash_point
 from fedtune.strategies.base import ServerState
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def save_checkpoint(checkpoint: Checkpoint, root: str | Path) -> Path:
         files = {name: _sha256(staging / name) for name in ("global.safetensors", "server_state.safetensors")}
         manifest = {"round": checkpoint.round, "history": checkpoint.history, "meta": checkpoint.meta, "sha256": files}
         atomic_write_bytes(json.dumps(manifest, indent=2).encode(), staging / "checkpoint.json")
+        crash_point("checkpoint", checkpoint.round)  # every file staged, none renamed into place
     return target
 
 

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 
 from fedtune.atomic import atomic_write_bytes
 from fedtune.config import FedConfig
+from fedtune.faults import crash_point
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.record_dp import PrivacyBudgetExhausted
@@ -24,7 +25,7 @@ from tasks.aggregation import aggregate, round_allowed
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
 from tasks.model import initial_adapter
-from tasks.tracking import finish_tracking, log_adapter, log_round, start_tracking
+from tasks.tracking import finish_tracking, log_adapter, log_history, log_round, start_tracking
 from tasks.training import local_train
 
 
@@ -37,9 +38,9 @@ def _start(config: FedConfig, run: Path, init_adapter: str | None) -> tuple[list
     tick = time.perf_counter()
     metrics = evaluate(config, init["global_path"], "round-0")
     history = [{"round": 0, **metrics, "eval_seconds": time.perf_counter() - tick}]
-    log_round(config, run_id, 0, metrics, [], history)
     meta = {"mlflow_run_id": run_id, "config_fingerprint": config.fingerprint(), "sizes": init}
     checkpoint_task(str(run), 0, init["global_path"], init["server_state_path"], history, meta)
+    log_round(config, run_id, 0, metrics, [], history)
     return history, meta
 
 
@@ -83,6 +84,7 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
         for client, future in futures.items():
             try:
                 reports.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+                crash_point("replies", round_)
             except PrivacyBudgetExhausted as error:
                 declined += 1
                 dropped.append(str(error))
@@ -164,6 +166,7 @@ def federated_finetune(
         logger.info("resuming after round %d of %d", done.round, config.federation.rounds)
         start_tracking(config, "federated", resume_run_id=done.meta["mlflow_run_id"])
         completed, history, meta = done.round, list(done.history), done.meta
+        log_history(config, str(run), meta["mlflow_run_id"], history)  # rounds checkpointed but not yet logged
     else:
         completed = 0
         history, meta = _start(config, run, init_adapter)
@@ -178,13 +181,13 @@ def federated_finetune(
                 logger.warning("stopping before round %d: too few clients can afford it (record_dp)", round_)
                 break
             row, reports = outcome
-            history.append(row)
-            log_round(config, run_id, round_, row, reports, history)
+            history.append({**row, "reports": reports})  # checkpointed with the round, for log_history
             out = _round_dir(run, round_)
-            log_adapter(config, run_id, str(out / "global.safetensors"), f"adapters/round_{round_:04d}")
             checkpoint_task(
                 str(run), round_, str(out / "global.safetensors"), str(out / "server_state.safetensors"), history, meta
             )
+            log_round(config, run_id, round_, row, reports, history)  # only a checkpointed round is logged
+            log_adapter(config, run_id, str(out / "global.safetensors"), f"adapters/round_{round_:04d}")
         summary = _finish(config, run, run_id, meta["sizes"], history, started)
     logger.info("federated: test accuracy %s, test loss %.4f", summary["test_accuracy"], summary["test_loss"])
     return summary

@@ -38,6 +38,15 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def _round_metrics(global_metrics: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    metrics = dict(_numeric(global_metrics))
+    for report in clients:
+        for key, value in _numeric(report).items():
+            if key not in ("client", "round"):
+                metrics[f"client_{report['client']}/{key}"] = value
+    return metrics
+
+
 class RunTracker:
     """A handle on one parent run; every method logs into it, whichever thread calls."""
 
@@ -91,12 +100,20 @@ class RunTracker:
 
     def log_round(self, round_: int, global_metrics: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> None:
         """Global metrics plus one `client_<id>/<metric>` series per client, at step=round."""
-        metrics = dict(_numeric(global_metrics))
-        for report in clients:
-            for key, value in _numeric(report).items():
-                if key not in ("client", "round"):
-                    metrics[f"client_{report['client']}/{key}"] = value
-        self.log_metrics(metrics, step=round_)
+        self.log_rounds([(round_, global_metrics, clients)])
+
+    def log_rounds(self, rounds: Sequence[tuple[int, Mapping[str, Any], Sequence[Mapping[str, Any]]]]) -> None:
+        """Log (round, global metrics, client reports) triples, skipping every (metric, step) the run
+        already has: a round logged again (a retried task, a resumed run catching up, a round recomputed
+        from an earlier checkpoint) keeps exactly one value per step."""
+        per_round = {round_: _round_metrics(metrics, clients) for round_, metrics, clients in rounds}
+        keys = {key for metrics in per_round.values() for key in metrics}
+        logged = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in keys}
+        for round_, metrics in per_round.items():
+            self.log_metrics({k: v for k, v in metrics.items() if round_ not in logged[k]}, step=round_)
+
+    def artifact_paths(self, folder: str) -> set[str]:
+        return {info.path for info in self.client.list_artifacts(self.run_id, folder)}
 
     def metric_history(self, key: str) -> dict[int, float]:
         """A metric's value at every step (round)."""

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedtune.adapters import load_state, save_state
 from fedtune.config import FedConfig
+from fedtune.faults import crash_point
 from fedtune.secure_round import secure_aggregate
 from fedtune.server import aggregate_reports, state_metrics
 from fedtune.server import round_allowed as allowed
@@ -41,6 +42,7 @@ def aggregate(
         )
     out = Path(out_dir)
     save_state(new_global, out / "global.safetensors")
+    crash_point("aggregation", round_)  # the new global written, its server state not yet
     save_state(new_server, out / "server_state.safetensors")
     for reason in left_out:
         get_run_logger().warning("round %d: left out %s", round_, reason)

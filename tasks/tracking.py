@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from fedtune.adapters import load_state
 from fedtune.config import FedConfig
+from fedtune.federation import checkpoint_dir
 from fedtune.peft_methods import save_peft_adapter
 from mlflow_tracking import RunTracker
 
@@ -61,6 +62,20 @@ def log_round(
 ) -> None:
     run = tracker(config, run_id)
     run.log_round(round_, metrics, reports)
+    run.log_round_plot(history)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def log_history(config: FedConfig, run_dir: str, run_id: str, history: list[dict[str, Any]]) -> None:
+    """On resume: log what the run lacks of the checkpointed rounds (a round is logged only once its
+    checkpoint exists, so a kill in between leaves it unlogged), metrics and adapters alike."""
+    run = tracker(config, run_id)
+    run.log_rounds([(row["round"], row, row.get("reports", [])) for row in history])
+    have = run.artifact_paths("adapters")
+    for row in history[1:]:
+        artifact = f"adapters/round_{row['round']:04d}"
+        if artifact not in have:
+            log_adapter.fn(config, run_id, str(checkpoint_dir(run_dir, row["round"]) / "global.safetensors"), artifact)
     run.log_round_plot(history)
 
 
