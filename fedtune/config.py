@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -150,6 +151,16 @@ class FederationSection(Section):
         1_000_000, gt=0, description="An update claiming more training examples than this is rejected."
     )
     max_parallel_clients: int = Field(1, gt=0, description="Client trainings that run at once (in waves).")
+    runner: Literal["threads", "dask", "ray"] = Field(
+        "threads",
+        description="Where simulated clients train: threads of the flow's process, or the workers of a Dask or "
+        "Ray cluster (docs/scale.md).",
+    )
+    cluster_address: str | None = Field(
+        None,
+        description="A running Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001); "
+        "None starts a local cluster of max_parallel_clients workers for the run.",
+    )
     client_timeout_s: float = Field(
         3600.0, gt=0.0, description="Deadline of a client's local training; a client past it drops out."
     )
@@ -169,6 +180,12 @@ class FederationSection(Section):
             raise ValueError(
                 f"min_fit_clients ({self.min_fit_clients}) exceeds clients_per_round ({self.clients_per_round})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _address_of_a_cluster(self) -> FederationSection:
+        if self.cluster_address is not None and self.runner == "threads":
+            raise ValueError("cluster_address is the address of a Dask or Ray cluster: set runner to dask or ray")
         return self
 
 
@@ -227,6 +244,17 @@ class EvalSection(Section):
 
 class TrackingSection(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow store; a server URL in deployments.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        if "@" in urlsplit(value).netloc:
+            raise ValueError(
+                "credentials do not belong in the config (it is logged and versioned); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"
+            )
+        return value
+
     artifact_location: str = Field("mlartifacts", description="Artifact root for new experiments.")
     experiment: str = "fedtune"
     registered_model: str = Field("fedtune-global-adapter", description="Registry name of the final adapter.")
@@ -235,6 +263,26 @@ class TrackingSection(Section):
         description="Register every federated run's final adapter; the continual-learning flow turns this off "
         "and registers only an adapter that beats the champion.",
     )
+
+
+class DeploymentSection(Section):
+    """Deployment mode: every sampled client trains in its own organization's Prefect worker."""
+
+    enabled: bool = Field(False, description="Run clients as Prefect deployments (else simulate in-process).")
+    exchange: str = Field(
+        "outputs/exchange", description="Folder or fsspec URL all parties reach; only updates and reports travel."
+    )
+    client_deployment: str = Field(
+        "fedtune-client/client-{client}", description="Deployment that trains client {client} (its work pool)."
+    )
+    poll_s: float = Field(1.0, gt=0.0, description="How often the coordinator looks for replies.")
+
+    @field_validator("client_deployment")
+    @classmethod
+    def _names_the_client(cls, value: str) -> str:
+        if "{client}" not in value or "/" not in value:
+            raise ValueError("expected 'flow-name/deployment-name' with a {client} placeholder")
+        return value
 
 
 class FedConfig(Section):
@@ -249,6 +297,7 @@ class FedConfig(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     secagg: SecAggSection = Field(default_factory=SecAggSection)
     record_dp: RecordDPSection = Field(default_factory=RecordDPSection)
+    deployment: DeploymentSection = Field(default_factory=DeploymentSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> FedConfig:

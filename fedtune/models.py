@@ -28,9 +28,10 @@ from fedtune.errors import InputError
 log = logging.getLogger(__name__)
 
 # from_pretrained builds models on the meta device through a process-global patch of
-# torch.nn.Module (accelerate's init_empty_weights), so two threads loading at once corrupt
-# each other ("expected device meta but got cpu"); loads are serialized, training is not.
-_LOAD_LOCK = threading.Lock()
+# torch.nn.Module (accelerate's init_empty_weights), so modules another thread creates meanwhile
+# (a load, LoRA layers) land on the meta device ("expected device meta but got cpu"). Building
+# models is serialized (reentrant: a build holds it around its load), training is not.
+BUILD_LOCK = threading.RLock()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,7 +114,7 @@ def materialize_model(source: str, target: str | Path) -> Path:
             location, kwargs = _location(source)
         log.info("loading %s to convert it into %s", source, target)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        with _LOAD_LOCK:
+        with BUILD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
         _align_special_tokens(tokenizer, model)
         _serializable_copy(model).save_pretrained(staging, safe_serialization=True)
@@ -166,7 +167,7 @@ def load_base_model(cfg: ModelSection) -> PreTrainedModel:
     check_model(cfg)
     location, kwargs = _location(cfg.name_or_path)
     quantization = _quantization_config(cfg)
-    with _named_load_errors(cfg), _LOAD_LOCK:
+    with _named_load_errors(cfg), BUILD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs
         )

@@ -13,7 +13,7 @@ from fedtune.config import FedConfig
 from fedtune.data.loading import Record
 from fedtune.data.partition import read_split
 from fedtune.data.prompts import encode_all
-from fedtune.models import load_base_model, load_tokenizer
+from fedtune.models import BUILD_LOCK, load_base_model, load_tokenizer
 from fedtune.peft_methods import attach_adapter, load_peft_adapter
 
 Encoded = list[dict[str, list[int]]]
@@ -21,7 +21,8 @@ Encoded = list[dict[str, list[int]]]
 
 def build_peft_model(cfg: FedConfig, adapter: AdapterState | str | Path | None = None) -> PeftModel:
     """Base model + adapter; the adapter is set from a state or a wire file when given."""
-    model = attach_adapter(load_base_model(cfg.model), cfg.peft)
+    with BUILD_LOCK:
+        model = attach_adapter(load_base_model(cfg.model), cfg.peft)
     if adapter is not None:
         set_adapter_state(model, adapter if isinstance(adapter, dict) else load_state(adapter))
     return model

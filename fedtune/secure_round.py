@@ -1,7 +1,9 @@
-"""A federated round's aggregation behind secure aggregation (simulation transport).
+"""A federated round's aggregation behind secure aggregation.
 
 Each client encodes its own update on its side; the protocol's server object sees masked
-vectors and reconstructs only their sum. Two encodings, chosen by the strategy:
+vectors and reconstructs only their sum. The protocol runs in this process (simulation) or
+between the parties' processes over the deployment's exchange (`fedtune.secagg.remote`). Two
+encodings, chosen by the strategy:
 
 - fedavg: clipped per coordinate, quantized, weighted by the example count (the weight rides
   inside the masked vector), decoded into the example-weighted mean: FedAvg within one
@@ -27,6 +29,7 @@ from fedtune.adapters import AdapterState, Spec, add, flatten, load_state, unfla
 from fedtune.client_secret import private_seed
 from fedtune.secagg.protocol import ProtocolViolation, SecAggAborted, SecAggParams
 from fedtune.secagg.quantize import FixedPoint
+from fedtune.secagg.remote import RemoteRound
 from fedtune.secagg.simulation import Encoded, run_round
 from fedtune.secagg.skellam import SkellamEncoder
 from fedtune.strategies import ServerState, build_strategy
@@ -71,12 +74,12 @@ def check_secure_aggregation(cfg: Any) -> None:
         raise ValueError(f"secagg: {error}") from None
 
 
-def _client_rng(update_path: str, round_: int) -> np.random.Generator:
-    """The client's generator for rounding and noise (its update sits in its private folder)."""
-    return np.random.default_rng(private_seed(Path(update_path).parent, round_, "secagg"))
+def _client_rng(secret_dir: str | Path, round_: int) -> np.random.Generator:
+    """The client's generator for rounding and noise, from a secret in its private folder."""
+    return np.random.default_rng(private_seed(secret_dir, round_, "secagg"))
 
 
-def _client_vector(path: str, spec: Spec) -> np.ndarray:
+def _client_vector(path: str | Path, spec: Spec) -> np.ndarray:
     """Runs on the client's side: its own update, checked against the global adapter's tensors."""
     state = load_state(path)
     if sorted(state) != [key for key, _, _ in spec]:
@@ -87,12 +90,36 @@ def _client_vector(path: str, spec: Spec) -> np.ndarray:
     return vector.numpy()
 
 
-def _weighted_encode(path: str, weight: int, spec: Spec, point: FixedPoint, round_: int) -> np.ndarray:
-    return point.encode(_client_vector(path, spec), weight, _client_rng(path, round_))
+def _weighted_encode(
+    path: str | Path, weight: int, spec: Spec, point: FixedPoint, secret: np.random.Generator
+) -> np.ndarray:
+    return point.encode(_client_vector(path, spec), weight, secret)
 
 
-def _noised_encode(path: str, spec: Spec, encoder: SkellamEncoder, round_: int) -> np.ndarray:
-    return encoder.encode(_client_vector(path, spec), _client_rng(path, round_))
+def _noised_encode(path: str | Path, spec: Spec, encoder: SkellamEncoder, secret: np.random.Generator) -> np.ndarray:
+    return encoder.encode(_client_vector(path, spec), secret)
+
+
+def _dimension(spec: Spec) -> int:
+    return sum(int(np.prod(shape)) for _, shape, _ in spec)
+
+
+def vector_length(cfg: Any, spec: Spec) -> int:
+    """Coordinates of every client's encoded vector: the adapter's, plus the weight for FedAvg."""
+    return _dimension(spec) + (0 if isinstance(build_strategy(cfg), DPFedAvg) else 1)
+
+
+def client_input(
+    cfg: Any, spec: Spec, update_path: str | Path, num_examples: int, round_: int, secret_dir: str | Path
+) -> Encoded:
+    """The client's encoding of its own update, to be run on its side (`secret_dir`: its private folder)."""
+    strategy = build_strategy(cfg)
+    secret = partial(_client_rng, secret_dir, round_)
+    if isinstance(strategy, DPFedAvg):
+        encoder = skellam_encoder(cfg, strategy, _dimension(spec))
+        return lambda: _noised_encode(update_path, spec, encoder, secret())
+    _, point = parameters(cfg)
+    return lambda: _weighted_encode(update_path, num_examples, spec, point, secret())
 
 
 def secure_aggregate(
@@ -102,37 +129,39 @@ def secure_aggregate(
     server_state: ServerState,
     reports: list[dict[str, Any]],
     dropped: list[str],
+    remote: RemoteRound | None = None,
 ) -> tuple[AdapterState, ServerState, list[str], int]:
-    """New global and server state, clients left out with reasons, and the protocol bytes sent."""
+    """New global and server state, clients left out with reasons, and the protocol bytes sent.
+
+    Without `remote` the protocol runs in this process, each client encoding the update file of
+    its report; with it, the clients run their side in their own processes (a deployment)."""
     params, point = parameters(cfg)
     strategy = build_strategy(cfg)
     _, spec = flatten(global_state)
-    dim = sum(int(np.prod(shape)) for _, shape, _ in spec)
     too_many = [r for r in reports if not 0 < r["num_examples"] <= cfg.federation.max_client_examples]
     left_out = [*dropped, *(f"client {r['client']}: example count {r['num_examples']} out of range" for r in too_many)]
     accepted = [r for r in reports if r not in too_many]
-    inputs: dict[int, Encoded]
-    if isinstance(strategy, DPFedAvg):
-        encoder = skellam_encoder(cfg, strategy, dim)
-        inputs = {r["client"]: partial(_noised_encode, r["update_path"], spec, encoder, round_) for r in accepted}
-        length = dim
-    else:
-        inputs = {
-            r["client"]: partial(_weighted_encode, r["update_path"], r["num_examples"], spec, point, round_)
-            for r in accepted
-        }
-        length = dim + 1  # + the weight coordinate
-    if len(inputs) < max(params.threshold, cfg.federation.min_fit_clients):
-        raise RoundAborted(f"round {round_}: {len(inputs)} clients for secure aggregation; left out: {left_out}")
+    if len(accepted) < max(params.threshold, cfg.federation.min_fit_clients):
+        raise RoundAborted(f"round {round_}: {len(accepted)} clients for secure aggregation; left out: {left_out}")
+    length, stage_timeout = vector_length(cfg, spec), cfg.secagg.stage_timeout_s
     try:
-        result = run_round(inputs, length, params, round_, stage_timeout=cfg.secagg.stage_timeout_s)
+        if remote is None:
+            inputs = {
+                r["client"]: client_input(
+                    cfg, spec, r["update_path"], r["num_examples"], round_, Path(r["update_path"]).parent
+                )
+                for r in accepted
+            }
+            result = run_round(inputs, length, params, round_, stage_timeout=stage_timeout)
+        else:
+            result = remote.run(sorted(r["client"] for r in accepted), length, params, round_, stage_timeout)
     except SecAggAborted as error:
         raise RoundAborted(f"round {round_}: secure aggregation aborted ({error}); left out: {left_out}") from error
     left_out += result.left_out
     if len(result.aggregated) < cfg.federation.min_fit_clients:
         raise RoundAborted(f"round {round_}: {len(result.aggregated)} aggregated; left out: {left_out}")
     if isinstance(strategy, DPFedAvg):
-        mean = encoder.decode(result.total, strategy.expected)
+        mean = skellam_encoder(cfg, strategy, _dimension(spec)).decode(result.total, strategy.expected)
         server_state = strategy.released(server_state)
     else:
         mean = point.decode(result.total)

@@ -8,6 +8,7 @@ before anything is aggregated (the run resumes from the last completed round).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fedtune.adapters import AdapterState, to_bytes
@@ -33,21 +34,28 @@ def aggregate_reports(
         max_bytes=2 * len(to_bytes(global_state)),
         max_examples=cfg.federation.max_client_examples,
     )
-    updates, left_out = [], list(dropped or [])
-    for report in reports:
-        try:
-            delta = validator.check(report["client"], report["update_path"], report["num_examples"])
-        except UpdateRejected as error:
-            log.warning("round %d: rejected %s", round_, error)
-            left_out.append(str(error))
-            continue
-        updates.append(ClientUpdate(report["client"], delta, report["num_examples"]))
-    if len(updates) < cfg.federation.min_fit_clients:
-        raise RoundAborted(
-            f"round {round_}: {len(updates)} valid updates, federation.min_fit_clients is "
-            f"{cfg.federation.min_fit_clients}; left out: {'; '.join(left_out) or 'none'}"
-        )
-    new_global, new_server = build_strategy(cfg).aggregate(global_state, updates, server_state)
+    left_out = list(dropped or [])
+
+    def valid_updates() -> Iterator[ClientUpdate]:
+        """Read and checked one at a time, so that a streaming strategy holds one update, not all.
+        Too few valid ones raise when the strategy asks past the last, before it can return."""
+        valid = 0
+        for report in reports:
+            try:
+                delta = validator.check(report["client"], report["update_path"], report["num_examples"])
+            except UpdateRejected as error:
+                log.warning("round %d: rejected %s", round_, error)
+                left_out.append(str(error))
+                continue
+            valid += 1
+            yield ClientUpdate(report["client"], delta, report["num_examples"])
+        if valid < cfg.federation.min_fit_clients:
+            raise RoundAborted(
+                f"round {round_}: {valid} valid updates, federation.min_fit_clients is "
+                f"{cfg.federation.min_fit_clients}; left out: {'; '.join(left_out) or 'none'}"
+            )
+
+    new_global, new_server = build_strategy(cfg).aggregate_stream(global_state, valid_updates(), server_state)
     return new_global, new_server, left_out
 
 

@@ -11,6 +11,7 @@ from fedtune.config import FedConfig
 from fedtune.data.loading import check_columns
 from fedtune.models import check_model
 from fedtune.outputs import clear_outputs
+from flows.runners import check_runner
 from tasks.data import partition, prepare_data
 from tasks.model import prepare_model
 from tasks.tracking import fail_tracking, start_tracking
@@ -19,6 +20,7 @@ from tasks.tracking import fail_tracking, start_tracking
 def preflight(config: FedConfig) -> None:
     """Cheap checks that name the bad field before any task runs."""
     check_model(config.model)
+    check_runner(config.federation)
     if config.data.source == "synthetic":
         check_columns(config.data, ["instruction", "input", "response", "skill"])
 

@@ -21,6 +21,8 @@ from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.record_dp import PrivacyBudgetExhausted
 from flows.common import failing_run, prepare
+from flows.remote_clients import round_namespace, train_remotely
+from flows.runners import task_runner
 from tasks.aggregation import aggregate, round_allowed
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
@@ -36,7 +38,7 @@ def _start(config: FedConfig, run: Path, init_adapter: str | None) -> tuple[list
     init = initial_adapter(config, str(_round_dir(run, 0)), init_adapter)
     run_id = start_tracking(config, "federated")
     tick = time.perf_counter()
-    metrics = evaluate(config, init["global_path"], "round-0")
+    metrics = evaluate(config, init["global_path"], "round-0", client_val=not config.deployment.enabled)
     history = [{"round": 0, **metrics, "eval_seconds": time.perf_counter() - tick}]
     meta = {"mlflow_run_id": run_id, "config_fingerprint": config.fingerprint(), "sizes": init}
     checkpoint_task(str(run), 0, init["global_path"], init["server_state_path"], history, meta)
@@ -61,16 +63,10 @@ def _update_path(config: FedConfig, run: Path, round_: int, client: int) -> str:
     return str(_round_dir(run, round_) / f"update_client_{client}.safetensors")
 
 
-def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """Sampled clients train in waves, the strategy aggregates, the new global is evaluated.
-
-    None when too few clients can afford the round under their record-level privacy budgets."""
-    tick = time.perf_counter()
-    previous = checkpoint_dir(run, round_ - 1) / "global.safetensors"
-    out = _round_dir(run, round_)
-    n, k = config.data.partition.num_clients, config.federation.clients_per_round
-    clients = sample_clients(n, k, config.federation.seed, round_)
-    get_run_logger().info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
+def _train_here(
+    config: FedConfig, run: Path, round_: int, clients: list[int], previous: Path
+) -> tuple[list[dict[str, Any]], list[str], int]:
+    """Simulation: the sampled clients train in this process's task runner, in waves."""
     reports, dropped, declined = [], [], 0
     width = config.federation.max_parallel_clients
     for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
@@ -90,12 +86,34 @@ def _round(config: FedConfig, run: Path, round_: int) -> tuple[dict[str, Any], l
                 dropped.append(str(error))
             except Exception as error:  # a lost client drops out; the aggregate step decides if enough remain
                 dropped.append(f"client {client}: training failed ({type(error).__name__}: {error})")
+    return reports, dropped, declined
+
+
+def _round(
+    config: FedConfig, run: Path, round_: int, run_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """Sampled clients train in waves, the strategy aggregates, the new global is evaluated.
+
+    None when too few clients can afford the round under their record-level privacy budgets."""
+    tick = time.perf_counter()
+    previous = checkpoint_dir(run, round_ - 1) / "global.safetensors"
+    out = _round_dir(run, round_)
+    n, k = config.data.partition.num_clients, config.federation.clients_per_round
+    clients = sample_clients(n, k, config.federation.seed, round_)
+    get_run_logger().info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
+    namespace = None
+    if config.deployment.enabled:
+        namespace = round_namespace(run_id, round_)
+        reports, dropped = train_remotely(config, namespace, round_, clients, previous, out)
+        declined = 0
+    else:
+        reports, dropped, declined = _train_here(config, run, round_, clients, previous)
     if declined and len(reports) < config.federation.min_fit_clients:
         return None
     server_state = str(previous.with_name("server_state.safetensors"))
-    paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped)
+    paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped, namespace)
     eval_tick = time.perf_counter()
-    metrics = evaluate(config, paths["global_path"], f"round-{round_}")
+    metrics = evaluate(config, paths["global_path"], f"round-{round_}", client_val=not config.deployment.enabled)
     eval_seconds = time.perf_counter() - eval_tick
     row = {
         "round": round_,
@@ -144,6 +162,35 @@ def _finish(
     return summary
 
 
+@flow(name="federated-rounds")
+def federated_rounds(
+    config: FedConfig, run_dir: str, first: int, history: list[dict[str, Any]], meta: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rounds `first`..R, checkpointed one by one; returns the history extended with them.
+
+    A subflow because its task runner (threads, a Dask or Ray cluster: `federation.runner`) comes
+    from the config, which a flow started from the CLI or a deployment only knows once it runs."""
+    logger = get_run_logger()
+    run, run_id, history = Path(run_dir), meta["mlflow_run_id"], list(history)
+    for round_ in range(first, config.federation.rounds + 1):
+        if not round_allowed(config, round_, str(checkpoint_dir(run, round_ - 1) / "server_state.safetensors")):
+            logger.warning("stopping before round %d: the strategy's budget would be exceeded", round_)
+            break
+        outcome = _round(config, run, round_, run_id)
+        if outcome is None:
+            logger.warning("stopping before round %d: too few clients can afford it (record_dp)", round_)
+            break
+        row, reports = outcome
+        history.append({**row, "reports": reports})  # checkpointed with the round, for log_history
+        out = _round_dir(run, round_)
+        checkpoint_task(
+            str(run), round_, str(out / "global.safetensors"), str(out / "server_state.safetensors"), history, meta
+        )
+        log_round(config, run_id, round_, row, reports, history)  # only a checkpointed round is logged
+        log_adapter(config, run_id, str(out / "global.safetensors"), f"adapters/round_{round_:04d}")
+    return history
+
+
 @flow(name="federated-finetune")
 def federated_finetune(
     config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
@@ -160,7 +207,7 @@ def federated_finetune(
     run = Path(config.federation.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     clear_outputs(run)
-    prepare(config, data=prepare_data)
+    prepare(config, data=prepare_data and not config.deployment.enabled)  # deployed: the data is the clients'
     done = latest_checkpoint(run) if resume else None
     if done is not None:
         logger.info("resuming after round %d of %d", done.round, config.federation.rounds)
@@ -172,22 +219,8 @@ def federated_finetune(
         history, meta = _start(config, run, init_adapter)
     run_id = meta["mlflow_run_id"]
     with failing_run(config, run_id):
-        for round_ in range(completed + 1, config.federation.rounds + 1):
-            if not round_allowed(config, round_, str(checkpoint_dir(run, round_ - 1) / "server_state.safetensors")):
-                logger.warning("stopping before round %d: the strategy's budget would be exceeded", round_)
-                break
-            outcome = _round(config, run, round_)
-            if outcome is None:
-                logger.warning("stopping before round %d: too few clients can afford it (record_dp)", round_)
-                break
-            row, reports = outcome
-            history.append({**row, "reports": reports})  # checkpointed with the round, for log_history
-            out = _round_dir(run, round_)
-            checkpoint_task(
-                str(run), round_, str(out / "global.safetensors"), str(out / "server_state.safetensors"), history, meta
-            )
-            log_round(config, run_id, round_, row, reports, history)  # only a checkpointed round is logged
-            log_adapter(config, run_id, str(out / "global.safetensors"), f"adapters/round_{round_:04d}")
+        rounds = federated_rounds.with_options(task_runner=task_runner(config.federation))
+        history = rounds(config, str(run), completed + 1, history, meta)
         summary = _finish(config, run, run_id, meta["sizes"], history, started)
     logger.info("federated: test accuracy %s, test loss %.4f", summary["test_accuracy"], summary["test_loss"])
     return summary

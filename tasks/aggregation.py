@@ -10,7 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from fedtune.adapters import load_state, save_state
 from fedtune.config import FedConfig
+from fedtune.exchange import Exchange
 from fedtune.faults import crash_point
+from fedtune.secagg.remote import RemoteRound
 from fedtune.secure_round import secure_aggregate
 from fedtune.server import aggregate_reports, state_metrics
 from fedtune.server import round_allowed as allowed
@@ -25,16 +27,23 @@ def aggregate(
     reports: list[dict[str, Any]],
     out_dir: str,
     dropped: list[str],
+    namespace: str | None = None,
 ) -> dict[str, Any]:
     """Validate and aggregate, or with `secagg.enabled` aggregate behind secure aggregation (updates
     leave the clients only as protocol messages); write the new global adapter and strategy state
     under `out_dir`. Returns their paths, the reasons of the clients left out (failed or
-    rejected), the strategy's state metrics and, with secure aggregation, the protocol bytes."""
+    rejected), the strategy's state metrics and, with secure aggregation, the protocol bytes.
+
+    `namespace`: the deployed round's folder in the exchange, where the clients run their side of
+    secure aggregation; None when they are simulated here."""
     global_state, server_state = load_state(global_path), load_state(server_state_path)
     extra: dict[str, Any] = {}
     if config.secagg.enabled:
+        remote = None
+        if namespace is not None:
+            remote = RemoteRound(Exchange(config.deployment.exchange), namespace, config.deployment.poll_s)
         new_global, new_server, left_out, extra["protocol_bytes_up"] = secure_aggregate(
-            config, round_, global_state, server_state, reports, dropped
+            config, round_, global_state, server_state, reports, dropped, remote
         )
     else:
         new_global, new_server, left_out = aggregate_reports(

@@ -12,12 +12,14 @@ def test_config_parameter_becomes_a_typed_form_with_every_section() -> None:
     assert set(schema["properties"]) == {"config", "resume", "prepare_data", "init_adapter"}
     definitions = schema["definitions"]
     root = definitions["FedConfig"]["properties"]
-    assert set(root) == {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp"}
+    sections = {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp", "deployment"}
+    assert set(root) == sections
     rounds = definitions["FederationSection"]["properties"]["rounds"]
     assert rounds["type"] == "integer" and rounds["exclusiveMinimum"] == 0 and rounds["default"] == 3
     quantization = definitions["ModelSection"]["properties"]["quantization"]
     assert quantization["enum"] == ["none", "4bit", "8bit"]
     assert "description" in definitions["FederationSection"]["properties"]["clients_per_round"]
+    assert definitions["FederationSection"]["properties"]["runner"]["enum"] == ["threads", "dask", "ray"]
 
 
 def test_baselines_take_the_same_config() -> None:

@@ -80,7 +80,10 @@ def run_round(
         lambda m: len(json.dumps([m.seed_shares, m.key_shares], default=str)),
     )
     total = server.unmask(request, responses)
-    for c in sorted(set(clients) - set(request.alive)):
-        if not any(reason.startswith(f"client {c}:") for reason in left_out):
-            left_out.append(f"client {c}: dropped out of secure aggregation")
-    return RoundResult(total, request.alive, sent, left_out)
+    return RoundResult(total, request.alive, sent, unaccounted(list(clients), request.alive, left_out))
+
+
+def unaccounted(clients: list[int], alive: list[int], left_out: list[str]) -> list[str]:
+    """`left_out` plus a reason for every client missing from `alive` that has none yet."""
+    silent = [c for c in sorted(set(clients) - set(alive)) if not any(r.startswith(f"client {c}:") for r in left_out)]
+    return [*left_out, *(f"client {c}: dropped out of secure aggregation" for c in silent)]

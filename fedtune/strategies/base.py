@@ -10,7 +10,7 @@ Client-side terms (FedProx's proximal term, SCAFFOLD's correction) come through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -60,3 +60,10 @@ class Strategy(ABC):
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
         """New global state and server state; must not modify its inputs."""
+
+    def aggregate_stream(
+        self, global_state: AdapterState, updates: Iterable[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        """`aggregate` over updates read one at a time, consuming all of them. Strategies that need
+        every update at once (the robust ones) collect them; FedAvg keeps only a running sum."""
+        return self.aggregate(global_state, list(updates), server_state)

@@ -1,0 +1,73 @@
+"""`python -m deploy up`: a whole federation on this machine, as several organizations would run it.
+
+Starts the Prefect server (API auth on) and the MLflow tracking server (database store, proxied
+artifacts, basic auth), gives every client organization its own folder with only its partition,
+creates a work pool per party, runs `prefect deploy --all`, starts one confined worker per party,
+prints where to go, and keeps everything running until Ctrl-C. Credentials come from the
+environment only (FEDTUNE_PREFECT_AUTH, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from deploy.federation import distribute_from, running
+from deploy.secrets import mlflow_credentials, prefect_auth
+from fedtune.config import load_config
+from fedtune.errors import InputError
+from fedtune.models import ensure_model
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Operate a real multi-party federation.")
+console = Console()
+
+
+@app.command()
+def up(
+    config: Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")] = Path("params.yaml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: dotted.key=value.")] = None,
+    root: Annotated[Path, typer.Option(help="Where the parties' folders, servers' stores and logs go.")] = Path(
+        "outputs/deployment"
+    ),
+    host: Annotated[str, typer.Option(help="Address the servers listen on.")] = "127.0.0.1",
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+) -> None:
+    """Servers, parties, pools, deployments and workers; then wait until Ctrl-C and stop them all."""
+    try:
+        prefect_auth(), mlflow_credentials()  # refuse to run servers without auth, before any work
+        cfg = load_config(config, set_ or [])
+        model_dir = Path(ensure_model(cfg.model))
+        source = distribute_from(cfg)
+    except InputError as error:
+        console.print(f"[red]{error}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    with running(cfg, root, model_dir, source, host=host, prefect_port=prefect_port, mlflow_port=mlflow_port) as fed:
+        api, logs = fed.prefect.url, fed.layout.root / "logs"
+        console.print(
+            f"Prefect UI  {api.removesuffix('/api')}  (log in with FEDTUNE_PREFECT_AUTH)\n"
+            f"MLflow UI   {fed.mlflow.url}  (MLFLOW_TRACKING_USERNAME / _PASSWORD)\n"
+            f"workers     coordinator + {len(fed.workers) - 1} clients, logs in {logs}\n"
+            "start a run from the UI (Deployments > federated-finetune/coordinator > Run), or:\n"
+            f"  PREFECT_API_URL={api} PREFECT_API_AUTH_STRING=... \\\n"
+            "  prefect deployment run federated-finetune/coordinator\n"
+            "Ctrl-C stops everything."
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                for name, worker in fed.workers.items():
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the {name} worker exited with {worker.returncode}; see {logs}")
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,89 @@
+"""A whole federation brought up on this machine and torn down again: what `python -m deploy up`
+runs for a person, and what the deployment tests and benchmark run for themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+from deploy import parties, servers
+from deploy.secrets import prefect_auth
+from fedtune.config import FedConfig
+from fedtune.data.loading import load_records, write_jsonl
+from fedtune.data.partition import split_records, write_partitions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Federation:
+    prefect: servers.Server
+    mlflow: servers.Server
+    layout: parties.Layout
+    workers: dict[str, Popen[bytes]]
+    config: FedConfig  # the coordinator deployment's default parameters
+
+
+def coordinator_config(config: FedConfig, layout: parties.Layout, mlflow_url: str) -> FedConfig:
+    """The user's config, pointed at the coordinator's folders, the tracking server and the exchange."""
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"partitions_dir": str(layout.coordinator / "partitions")}),
+            "federation": config.federation.model_copy(
+                update={"output_dir": str(layout.coordinator / "runs" / "federated")}
+            ),
+            "tracking": config.tracking.model_copy(update={"tracking_uri": mlflow_url, "artifact_location": ""}),
+            "deployment": config.deployment.model_copy(update={"enabled": True, "exchange": str(layout.exchange)}),
+        }
+    )
+
+
+def distribute_from(config: FedConfig) -> list[Path]:
+    """Prepare and partition `config`'s data; returns the folders of the undistributed data, which
+    no party's worker may see (each gets its own partition through `parties.provision`)."""
+    records = load_records(config.data)
+    write_jsonl(records, config.data.processed_path)
+    write_partitions(split_records(records, config.data.partition), config.data.partitions_dir)
+    return [Path(config.data.processed_path).resolve().parent, Path(config.data.partitions_dir).resolve()]
+
+
+@contextmanager
+def running(
+    config: FedConfig,
+    root: Path,
+    model_dir: Path,
+    source: list[Path],
+    *,
+    host: str = "127.0.0.1",
+    prefect_port: int | None = None,
+    mlflow_port: int | None = None,
+    drills: dict[int, str] | None = None,
+) -> Iterator[Federation]:
+    """Servers (auth on), a folder, work pool and confined worker per party, every deployment made.
+
+    `config` has been partitioned already (its `data.partitions_dir`); `source` lists the folders of
+    the undistributed data, hidden from every worker. This process's Prefect client talks to the
+    new server while the federation runs."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    root = root.resolve()
+    clients = config.data.partition.num_clients
+    prefect = servers.start_prefect(root / "prefect", prefect_port or servers.free_port(host), host)
+    mlflow = servers.start_mlflow(root / "mlflow", mlflow_port or servers.free_port(host), host)
+    workers: dict[str, Popen[bytes]] = {}
+    try:
+        layout = parties.provision(Path(config.data.partitions_dir), root / "parties", clients)
+        parties.create_pools(prefect.url, clients)
+        deployed = coordinator_config(config, layout, mlflow.url)
+        parties.deploy_all(prefect.url, REPO, layout, clients, mlflow.url, model_dir, deployed.model_dump(mode="json"))
+        workers = parties.start_workers(prefect.url, layout, clients, source, drills)
+        with temporary_settings(updates={PREFECT_API_URL: prefect.url, PREFECT_API_AUTH_STRING: prefect_auth()}):
+            yield Federation(prefect, mlflow, layout, workers, deployed)
+    finally:
+        for worker in workers.values():
+            parties.stop(worker)
+        prefect.stop()
+        mlflow.stop()

@@ -1,0 +1,103 @@
+"""The client organization's flow: one round of local training, run by that organization's worker.
+
+The coordinator triggers it (`run_deployment` on the client's work pool) with the round's
+exchange namespace. It fetches the published global adapter, trains on data only this worker can
+read, and publishes a report of numbers and its update: as a file, or with `secagg.enabled` only
+masked, by running its side of the secure aggregation protocol over the exchange. The data, the
+private folder (secrets, privacy ledger), the unmasked update and the model stay on the client's
+side.
+
+The worker's environment says whose worker it is (set by `deploy/parties.py`):
+FEDTUNE_CLIENT_ID, and FEDTUNE_CLIENT_HOME holding `partitions/client_<id>/` and `private/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from fedtune.adapters import flatten, load_state
+from fedtune.atomic import atomic_write_bytes
+from fedtune.client import train_client
+from fedtune.config import FedConfig
+from fedtune.errors import InputError
+from fedtune.exchange import SERVER, Exchange, outbox
+from fedtune.secagg.remote import take_part
+from fedtune.secure_round import client_input, parameters
+
+REPORT_FIELDS = (
+    "client",
+    "round",
+    "num_examples",
+    "bytes_up",
+    "bytes_down",
+    "train_loss",
+    "train_loss_first",
+    "train_loss_last",
+    "val_loss",
+    "steps",
+    "tokens",
+    "seconds",
+    "val_seconds",
+    "record_epsilon",
+)
+
+
+class WrongWorker(InputError):
+    """A client's run reached a worker of another organization (or an unprovisioned one)."""
+
+
+def client_home(client: int) -> Path:
+    """This worker's own folder, after checking the run was meant for this worker's client."""
+    home, owner = os.environ.get("FEDTUNE_CLIENT_HOME"), os.environ.get("FEDTUNE_CLIENT_ID")
+    if home is None or owner is None:
+        raise WrongWorker("this worker has no FEDTUNE_CLIENT_HOME/FEDTUNE_CLIENT_ID; start it with `deploy/` recipes")
+    if int(owner) != client:
+        raise WrongWorker(f"a run for client {client} reached the worker of client {owner}; check the work pools")
+    return Path(home)
+
+
+@flow(name="fedtune-client")
+def client_round(config: FedConfig, round_: int, client: int, namespace: str) -> dict[str, Any]:
+    """Train from the round's global adapter; publish the update and the report (numbers only)."""
+    home = client_home(client)
+    cfg = config.model_copy(
+        update={"data": config.data.model_copy(update={"partitions_dir": str(home / "partitions")})}
+    )
+    exchange = Exchange(config.deployment.exchange)
+    deadline = time.monotonic() + config.federation.client_timeout_s
+    private = home / "private"
+    work = private / "rounds" / namespace.replace("/", "_")
+    global_path = atomic_write_bytes(
+        exchange.wait(f"{SERVER}/{namespace}/global.safetensors", deadline, config.deployment.poll_s),
+        work / "global.safetensors",
+    )
+    report = train_client(
+        cfg,
+        client=client,
+        round_=round_,
+        global_path=global_path,
+        update_path=work / "update.safetensors",
+        private_dir=private,
+    )
+    public = {key: report[key] for key in REPORT_FIELDS if key in report}
+    if config.secagg.enabled:  # the update leaves only masked, through the protocol's stages
+        exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
+        _, spec = flatten(load_state(global_path))
+        encode = client_input(config, spec, work / "update.safetensors", report["num_examples"], round_, private)
+        stages_deadline = time.monotonic() + config.federation.client_timeout_s + 4 * config.secagg.stage_timeout_s
+        params, _ = parameters(config)
+        sent = take_part(exchange, namespace, client, params, round_, encode, stages_deadline, config.deployment.poll_s)
+        public["protocol_bytes_up"] = sent
+    else:  # the report last: once it is there, so is the update
+        exchange.put(f"{outbox(client)}/{namespace}/update.safetensors", (work / "update.safetensors").read_bytes())
+        exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
+    get_run_logger().info(
+        "round %d client %d: %d B up, val loss %.3f", round_, client, public["bytes_up"], public["val_loss"]
+    )
+    return public

@@ -1,0 +1,104 @@
+"""The coordinator's side of a deployed round: trigger each sampled client's deployment, collect
+what comes back through the exchange, and drop whoever fails or misses the deadline.
+
+The coordinator reads only the exchange (updates and reports) and flow-run states from the
+Prefect API; a client's data directory is never opened here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+
+from fedtune.atomic import atomic_write_bytes
+from fedtune.config import FedConfig
+from fedtune.exchange import SERVER, Exchange, outbox
+
+
+def round_namespace(run_id: str, round_: int) -> str:
+    """A fresh folder per attempt, so a resumed round never picks up a crashed attempt's replies."""
+    return f"{run_id}/round_{round_:04d}-{uuid.uuid4().hex[:8]}"
+
+
+def _trigger(config: FedConfig, round_: int, clients: list[int], namespace: str) -> dict[int, FlowRun]:
+    runs: dict[int, FlowRun] = {}
+    for client in clients:
+        runs[client] = run_deployment(  # type: ignore[assignment]  # called sync: a FlowRun, not a coroutine
+            config.deployment.client_deployment.format(client=client),
+            parameters={"config": config, "round_": round_, "client": client, "namespace": namespace},
+            flow_run_name=f"round-{round_}-client-{client}",
+            timeout=0,  # returns once the run is scheduled; the replies come through the exchange
+        )
+    return runs
+
+
+def _collect(exchange: Exchange, client: int, namespace: str, folder: Path, masked: bool) -> dict[str, Any] | None:
+    """The client's report, and its update once both are published (the report is written last).
+    A `masked` update comes later, through secure aggregation, never as a file."""
+    report = exchange.get(f"{outbox(client)}/{namespace}/report.json")
+    if report is None:
+        return None
+    if masked:
+        return json.loads(report)
+    update = exchange.get(f"{outbox(client)}/{namespace}/update.safetensors")
+    if update is None:
+        raise RuntimeError(f"client {client} published a report without its update")
+    path = atomic_write_bytes(update, folder / f"update_client_{client}.safetensors")
+    return {**json.loads(report), "update_path": str(path)}
+
+
+def train_remotely(
+    config: FedConfig, namespace: str, round_: int, clients: list[int], global_path: Path, round_dir: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Reports of the clients that delivered in time, and why the others dropped out."""
+    logger = get_run_logger()
+    exchange = Exchange(config.deployment.exchange)
+    masked = config.secagg.enabled
+    exchange.put(f"{SERVER}/{namespace}/global.safetensors", global_path.read_bytes())
+    runs = _trigger(config, round_, clients, namespace)
+    deadline = time.monotonic() + config.federation.client_timeout_s
+    reports: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    pending = set(clients)
+    with get_client(sync_client=True) as api:
+        while pending:
+            for client in sorted(pending):
+                try:
+                    report = _collect(exchange, client, namespace, round_dir, masked)
+                    if report is None:
+                        state = api.read_flow_run(runs[client].id).state
+                        if state is None or not state.is_final():
+                            continue
+                        report = _collect(exchange, client, namespace, round_dir, masked)  # it may have just arrived
+                        if report is None:
+                            raise RuntimeError(f"its flow run ended {state.name} ({state.message})")
+                    reports.append(report)
+                except (RuntimeError, ValueError) as error:
+                    dropped.append(f"client {client}: {error}")
+                pending.discard(client)
+            if pending and time.monotonic() >= deadline:
+                for client in sorted(pending):
+                    dropped.append(f"client {client}: missed the {config.federation.client_timeout_s:g} s deadline")
+                    _cancel(api, runs[client].id)
+                break
+            if pending:
+                time.sleep(config.deployment.poll_s)
+    for reason in dropped:
+        logger.warning("round %d: %s", round_, reason)
+    return sorted(reports, key=lambda r: r["client"]), dropped
+
+
+def _cancel(api: Any, flow_run_id: UUID) -> None:
+    """Ask the client's worker to stop a run the round no longer waits for."""
+    from prefect.states import Cancelling
+
+    api.set_flow_run_state(flow_run_id, Cancelling(message="the round's client deadline passed"), force=True)

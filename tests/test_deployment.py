@@ -1,0 +1,306 @@
+"""A real multi-party federation on this machine: Prefect and MLflow servers with auth on, a work
+pool and an isolated worker per party, `prefect deploy --all`, rounds triggered by deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from deploy import federation as running_federation
+from deploy import parties, servers
+from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH
+from fedtune.adapters import load_state
+from fedtune.config import build_config
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="isolating parties on one machine needs root"
+)
+REPO = Path(__file__).resolve().parents[1]
+SECRETS = {
+    PREFECT_AUTH: "fedtune-admin:prefect-test-secret",
+    MLFLOW_USER: "admin",
+    MLFLOW_PASSWORD: "mlflow-Test-s3cret",
+}
+
+
+@dataclass
+class Federation:
+    running: running_federation.Federation
+
+    @property
+    def layout(self) -> parties.Layout:
+        return self.running.layout
+
+    @property
+    def mlflow(self) -> servers.Server:
+        return self.running.mlflow
+
+    @property
+    def prefect(self) -> servers.Server:
+        return self.running.prefect
+
+    def coordinator_config(self, **federation: Any) -> dict[str, Any]:
+        """The deployment's default parameters with `federation` fields changed, polling faster."""
+        config = self.running.config.model_dump(mode="json")
+        config["federation"] |= federation
+        config["tracking"]["experiment"] = "deployed"
+        config["deployment"]["poll_s"] = 0.5
+        return build_config(config).model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_model_dir: Path) -> Iterator[Federation]:
+    root = Path(tempfile.mkdtemp(prefix="fedtune-deploy-"))
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in SECRETS.items():
+            env.setenv(key, value)
+        config = build_config(tiny_overrides(root / "source", tiny_model_dir))
+        source = running_federation.distribute_from(config)
+        # client 1's flow runs kill themselves once they have sent their key shares (secure aggregation)
+        drills = {1: "secagg-shared:1"}
+        try:
+            with running_federation.running(config, root, tiny_model_dir, source, drills=drills) as up:
+                yield Federation(up)
+        finally:
+            if not os.environ.get("FEDTUNE_KEEP_DEPLOYMENT"):
+                shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_party(client: int) -> None:
+    """SIGKILL every process of client `client`'s organization (its worker and its flow runs)."""
+    marker = f"FEDTUNE_CLIENT_ID={client}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            continue
+
+
+def _final_state(flow_run_id: Any, deadline: float) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as api:
+        while not (state := api.read_flow_run(flow_run_id).state).is_final():
+            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {state.name}"
+            time.sleep(2)
+    return state
+
+
+def _tracked_run(client: MlflowClient, flow_run_id: Any, experiment: str = "deployed") -> Any:
+    """The MLflow run the coordinator's flow run opened (tagged with its Prefect id)."""
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
+    return run
+
+
+def test_unauthenticated_requests_are_refused(federation: Federation) -> None:
+    prefect_auth = servers.basic_auth_header(SECRETS[PREFECT_AUTH])
+    mlflow_auth = servers.basic_auth_header(f"{SECRETS[MLFLOW_USER]}:{SECRETS[MLFLOW_PASSWORD]}")
+    experiments = f"{federation.mlflow.url}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert servers.status_of(f"{federation.prefect.url}/admin/version") == 401
+    assert servers.status_of(f"{federation.prefect.url}/admin/version", servers.basic_auth_header("x:wrong")) == 401
+    assert servers.status_of(f"{federation.prefect.url}/admin/version", prefect_auth) == 200
+    assert servers.status_of(experiments) == 401
+    assert servers.status_of(experiments, servers.basic_auth_header("admin:wrong")) == 401
+    assert servers.status_of(experiments, mlflow_auth) == 200
+
+
+def test_deploy_all_puts_every_party_on_its_own_pool_and_the_nightly_schedule_paused(federation: Federation) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as api:
+        coordinator = api.read_deployment_by_name("federated-finetune/coordinator")
+        continual = api.read_deployment_by_name("continual-learning/continual")
+        clients = [api.read_deployment_by_name(f"fedtune-client/client-{c}") for c in range(3)]
+    assert coordinator.work_pool_name == continual.work_pool_name == parties.COORDINATOR_POOL
+    assert [d.work_pool_name for d in clients] == [parties.client_pool(c) for c in range(3)]
+    (schedule,) = continual.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and not schedule.active  # on only when an operator says so
+    assert continual.global_concurrency_limit.limit == 1  # runs never overlap: each continues the last
+    deployed = coordinator.parameters["config"]
+    assert deployed["deployment"]["enabled"] and deployed["tracking"]["tracking_uri"] == federation.mlflow.url
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "outputs" / "test-artifacts"
+
+
+def _form_input(page: Any, label: str) -> Any:
+    """The input of the innermost schema-form property labelled `label`."""
+    return page.locator(
+        f'xpath=//span[text()="{label} (Optional)"]'
+        '/ancestor::div[contains(concat(" ", @class, " "), " schema-form-property ")][1]//input'
+    )
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is installed by .ci/run")
+def test_a_person_starts_a_federated_run_from_the_prefect_ui(federation: Federation) -> None:
+    """Headless Chromium logs in to the real UI, fills the typed run form with non-default values,
+    submits, and watches the run complete."""
+    from playwright.sync_api import expect, sync_playwright
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    ui = federation.prefect.url.removesuffix("/api")
+    with get_client(sync_client=True) as api:
+        deployment = api.read_deployment_by_name("federated-finetune/coordinator")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/deployments")
+        page.get_by_placeholder("admin:pass").fill(SECRETS[PREFECT_AUTH])  # the server demands the auth string
+        page.get_by_role("button", name="Login").click()
+        expect(page.get_by_placeholder("admin:pass")).to_have_count(0)
+        page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
+        for label, value in (("Rounds", "1"), ("Clients Per Round", "2"), ("Steps Per Round", "3")):
+            _form_input(page, label).first.fill(value)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"), timeout=30_000)  # run created
+        with get_client(sync_client=True) as api:
+            (flow_run,) = api.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
+        flow_run_id = str(flow_run.id)
+        page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        state = _final_state(flow_run.id, deadline=time.monotonic() + 400)
+        page.reload()
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / "prefect-ui-federated-run.png", full_page=True)
+        browser.close()
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as api:
+        flow_run = api.read_flow_run(flow_run.id)
+    config = flow_run.parameters["config"]
+    assert (config["federation"]["rounds"], config["federation"]["clients_per_round"]) == (1, 2)
+    assert config["train"]["steps_per_round"] == 3
+    client = MlflowClient(federation.mlflow.url)
+    run = _tracked_run(client, flow_run.id, config["tracking"]["experiment"])
+    aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
+    assert [(m.step, m.value) for m in aggregated] == [(1, 2.0)]
+
+
+def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_keys(federation: Federation) -> None:
+    """Clients run their side of the protocol in their own workers, over the exchange. Client 1 dies
+    after sending its key shares: the others reveal its mask key's shares so the server can remove
+    its pairwise masks, and the new global is the example-weighted mean of clients 0 and 2's
+    updates, which never left them unmasked."""
+    from prefect.deployments import run_deployment
+
+    out = federation.layout.coordinator / "runs" / "secagg"
+    config = federation.coordinator_config(
+        rounds=1, clients_per_round=3, min_fit_clients=2, client_timeout_s=120, output_dir=str(out)
+    )
+    config["secagg"] |= {"enabled": True, "stage_timeout_s": 20}
+    flow_run = run_deployment(
+        "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
+    )
+    state = _final_state(flow_run.id, time.monotonic() + 400)
+    assert state.is_completed(), state
+    tracking = MlflowClient(federation.mlflow.url)
+    run = _tracked_run(tracking, flow_run.id)
+    aggregated = tracking.get_metric_history(run.info.run_id, "clients_aggregated")
+    assert [(m.step, m.value) for m in aggregated] == [(1, 2.0)]
+
+    exchange = federation.layout.exchange
+    (round_folder,) = (exchange / "server" / run.info.run_id).glob("round_0001-*")
+    namespace = f"{run.info.run_id}/{round_folder.name}"
+    sent = {
+        c: {
+            str(p.relative_to(exchange / f"client_{c}" / namespace))
+            for p in (exchange / f"client_{c}" / namespace).rglob("*")
+            if p.is_file()
+        }
+        for c in range(3)
+    }
+    full = {"report.json", "secagg/advertise.json", "secagg/shares.json", "secagg/masked.npy", "secagg/unmask.json"}
+    assert sent == {0: full, 1: {"report.json", "secagg/advertise.json", "secagg/shares.json"}, 2: full}
+    assert not list(out.rglob("update_client_*"))  # the coordinator never held an update
+
+    def private_update(c: int) -> dict[str, torch.Tensor]:
+        home = federation.layout.client_home(c)
+        return load_state(home / "private" / "rounds" / namespace.replace("/", "_") / "update.safetensors")
+
+    examples = {
+        c: json.loads((exchange / f"client_{c}" / namespace / "report.json").read_text())["num_examples"]
+        for c in range(3)
+    }
+    before = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
+    after = load_state(out / "final_adapter.safetensors")
+
+    def mean_of(clients: list[int]) -> dict[str, torch.Tensor]:
+        updates = {c: private_update(c) for c in clients}
+        total = sum(examples[c] for c in clients)
+        return {k: v + sum(examples[c] * updates[c][k] for c in clients) / total for k, v in before.items()}
+
+    def close(expected: dict[str, torch.Tensor]) -> bool:  # within the fixed-point encoding's resolution
+        return all(torch.allclose(after[k], expected[k], rtol=0, atol=1e-6) for k in after)
+
+    assert close(mean_of([0, 2]))
+    assert not close(mean_of([0, 1, 2]))
+
+
+def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(federation: Federation) -> None:
+    """Round 1 with all three clients; in round 2 client 1's organization dies mid-training (worker and
+    flow run SIGKILLed): the round completes with the other two (min_fit_clients 2) at the deadline."""
+    from prefect.deployments import run_deployment
+
+    coordinator = federation.running.workers[parties.COORDINATOR_POOL]
+    mounts = Path(f"/proc/{coordinator.pid}/mountinfo").read_text()
+    for client in range(3):  # the kernel hides every client's home from the coordinator's worker
+        assert f" {federation.layout.client_home(client)} " in mounts
+    config = federation.coordinator_config(rounds=2, clients_per_round=3, min_fit_clients=2, client_timeout_s=90)
+    flow_run = run_deployment(
+        "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
+    )
+    deadline = time.monotonic() + 400
+    rounds = federation.layout.client_home(1) / "private" / "rounds"
+    while not any(rounds.glob("*round_0002*/global.safetensors")):
+        assert time.monotonic() < deadline, "client 1 never started round 2"
+        time.sleep(0.5)
+    _kill_party(1)
+    state = _final_state(flow_run.id, deadline)
+    assert state.is_completed(), state
+    client = MlflowClient(federation.mlflow.url)
+    run = _tracked_run(client, flow_run.id)
+    assert run.info.status == "FINISHED"
+    aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
+    assert [(m.step, m.value) for m in aggregated] == [(1, 3.0), (2, 2.0)]
+    loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
+    assert loss[2] < loss[0]
+    outboxes = sorted(p.name for p in federation.layout.exchange.iterdir())
+    assert outboxes == ["client_0", "client_1", "client_2", "server"]
+    for client_id in range(3):  # only updates and reports crossed; nothing of the data
+        outbox = federation.layout.exchange / f"client_{client_id}" / run.info.run_id
+        sent = {p.name for p in outbox.rglob("*") if p.is_file()}
+        assert sent == {"update.safetensors", "report.json"}

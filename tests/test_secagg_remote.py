@@ -1,0 +1,129 @@
+"""Secure aggregation between processes: the wire format, and the protocol run over a real exchange
+folder by client threads that know only the exchange (as the deployed client flows do)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedtune.exchange import Exchange, ExchangeAborted
+from fedtune.secagg import wire
+from fedtune.secagg.protocol import (
+    AdvertiseKeys,
+    EncryptedShares,
+    KeyRoster,
+    MaskedInput,
+    ProtocolViolation,
+    SecAggAborted,
+    SecAggParams,
+    ShareDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedtune.secagg.remote import RemoteRound, take_part
+from fedtune.secagg.simulation import RoundResult
+from tests.test_secagg import _inputs
+
+BIG = 2**520 + 12345  # a Shamir share's y is a point of GF(2^521 - 1): far past 64 bits
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        AdvertiseKeys(3, b"\x01" * 32, b"\x02" * 32),
+        KeyRoster(7, {0: (b"a" * 32, b"b" * 32), 5: (b"c" * 32, b"d" * 32)}),
+        EncryptedShares(2, {0: b"\x00ciphertext", 4: b"\xffmore"}),
+        ShareDelivery(1, {0: b"x", 2: b"y"}, [0, 1, 2]),
+        UnmaskRequest([0, 2, 3], [1]),
+        UnmaskResponse(0, {2: (3, BIG)}, {1: (1, BIG - 1)}),
+    ],
+)
+def test_messages_survive_the_wire_unchanged(message: wire.Message) -> None:
+    assert wire.load(wire.dump(message), type(message)) == message
+
+
+def test_a_masked_vector_survives_the_wire_bit_for_bit() -> None:
+    vector = np.array([0, 1, 2**62 - 1, 2**63 + 5], dtype=np.uint64)
+    back = wire.load_masked(wire.dump(MaskedInput(4, vector)))
+    assert back.sender == 4 and back.vector.dtype == np.uint64 and np.array_equal(back.vector, vector)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"not json", AdvertiseKeys),
+        (wire.dump(UnmaskRequest([0], [])), AdvertiseKeys),  # another message type
+        (b'{"type": "AdvertiseKeys", "sender": 1, "cipher_key": "%%%", "mask_key": ""}', AdvertiseKeys),
+        (b'{"type": "KeyRoster", "round": 1}', KeyRoster),
+    ],
+)
+def test_malformed_messages_are_protocol_violations(data: bytes, kind: type[wire.Message]) -> None:
+    with pytest.raises(ProtocolViolation):
+        wire.load(data, kind)
+
+
+def test_a_masked_input_that_is_not_a_uint64_vector_is_refused() -> None:
+    with pytest.raises(ProtocolViolation, match="float64"):
+        wire.load_masked(b"1\n" + wire.dump(MaskedInput(1, np.zeros(3)))[2:].replace(b"<u8", b"<f8"))
+
+
+NAMESPACE = "run/round_0001"
+
+
+def _run(
+    root: Path, clients: list[int], inputs: dict[int, Callable[[], np.ndarray]], params: SecAggParams, length: int
+) -> tuple[RoundResult | SecAggAborted, dict[int, BaseException | int]]:
+    """The server in this thread for `clients`, each client of `inputs` in a thread of its own,
+    the exchange a folder; stage deadlines of 3 s, the clients' own of 60 s."""
+    exchange, outcome = Exchange(str(root)), {}
+
+    def client(c: int) -> None:
+        try:
+            outcome[c] = take_part(exchange, NAMESPACE, c, params, 1, inputs[c], time.monotonic() + 60, 0.02)
+        except BaseException as error:  # noqa: BLE001 (recorded for the test to inspect)
+            outcome[c] = error
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in inputs]
+    for thread in threads:
+        thread.start()
+    result: RoundResult | SecAggAborted
+    try:
+        result = RemoteRound(exchange, NAMESPACE, 0.02).run(clients, length, params, 1, stage_timeout=3)
+    except SecAggAborted as error:
+        result = error
+    for thread in threads:
+        thread.join(timeout=60)
+    return result, outcome
+
+
+def test_survivors_sum_exactly_when_a_client_dies_after_sharing_its_keys(tmp_path: Path) -> None:
+    vectors = _inputs(4, 64, seed=5)
+
+    def dies() -> np.ndarray:
+        raise RuntimeError("killed before masking")
+
+    inputs: dict[int, Callable[[], np.ndarray]] = {c: (lambda v=v: v) for c, v in vectors.items()}
+    inputs[3] = dies
+    params = SecAggParams(threshold=2)
+    result, outcome = _run(tmp_path, [0, 1, 2, 3], inputs, params, 64)
+    assert isinstance(result, RoundResult) and result.aggregated == [0, 1, 2]
+    assert np.array_equal(result.total, (vectors[0] + vectors[1] + vectors[2]) & params.modulus_mask)
+    assert result.left_out == ["client 3: missed the masked deadline of 3 s"]
+    assert all(isinstance(outcome[c], int) and outcome[c] > 0 for c in (0, 1, 2))
+    assert isinstance(outcome[3], RuntimeError)
+    masked = wire.load_masked((tmp_path / "client_0" / NAMESPACE / "secagg" / "masked.npy").read_bytes())
+    assert not np.array_equal(masked.vector, vectors[0])  # what travelled was masked
+
+
+def test_an_aborting_server_stops_every_waiting_client_at_once(tmp_path: Path) -> None:
+    vectors = _inputs(2, 16, seed=6)  # client 2 never shows up: the roster falls below the threshold
+    start = time.monotonic()
+    result, outcome = _run(tmp_path, [0, 1, 2], {c: (lambda v=v: v) for c, v in vectors.items()}, SecAggParams(3), 16)
+    assert isinstance(result, SecAggAborted) and "key advertisement: 2 clients left, threshold is 3" in str(result)
+    assert all(isinstance(outcome[c], ExchangeAborted) for c in (0, 1))
+    assert time.monotonic() - start < 30  # well before the clients' own 60 s deadline
