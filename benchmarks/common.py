@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from fedtune.data.partition import split_records, write_partitions
 from fedtune.models import ensure_model
 
 RESULTS = Path(__file__).parent / "results"
+# a benchmark's temporary Prefect server must not phone home (`make` sets this too)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def scratch_overrides(root: Path) -> list[str]:

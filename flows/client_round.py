@@ -25,10 +25,12 @@ from fedtune.adapters import flatten, load_state
 from fedtune.atomic import atomic_write_bytes
 from fedtune.client import train_client
 from fedtune.config import FedConfig
+from fedtune.data.partition import client_dir
 from fedtune.errors import InputError
 from fedtune.exchange import SERVER, Exchange, outbox
 from fedtune.secagg.remote import take_part
 from fedtune.secure_round import client_input, parameters
+from mlflow_tracking.lineage import dvc_md5
 
 REPORT_FIELDS = (
     "client",
@@ -86,6 +88,7 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         private_dir=private,
     )
     public = {key: report[key] for key in REPORT_FIELDS if key in report}
+    public["data_version"] = dvc_md5(client_dir(home / "partitions", client))  # lineage, for the coordinator
     if config.secagg.enabled:  # the update leaves only masked, through the protocol's stages
         exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
         _, spec = flatten(load_state(global_path))

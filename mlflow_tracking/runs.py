@@ -105,12 +105,21 @@ class RunTracker:
     def log_rounds(self, rounds: Sequence[tuple[int, Mapping[str, Any], Sequence[Mapping[str, Any]]]]) -> None:
         """Log (round, global metrics, client reports) triples, skipping every (metric, step) the run
         already has: a round logged again (a retried task, a resumed run catching up, a round recomputed
-        from an earlier checkpoint) keeps exactly one value per step."""
+        from an earlier checkpoint) keeps exactly one value per step. A report's `data_version`
+        becomes the run's `lineage.data.client_<c>` tag."""
         per_round = {round_: _round_metrics(metrics, clients) for round_, metrics, clients in rounds}
         keys = {key for metrics in per_round.values() for key in metrics}
         logged = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in keys}
         for round_, metrics in per_round.items():
             self.log_metrics({k: v for k, v in metrics.items() if round_ not in logged[k]}, step=round_)
+        versions = {  # a deployed client reports the DVC md5 of the data it trained on
+            f"lineage.data.client_{report['client']}": str(report["data_version"])
+            for _, _, clients in rounds
+            for report in clients
+            if "data_version" in report
+        }
+        if versions:
+            self.set_tags(versions)
 
     def artifact_paths(self, folder: str) -> set[str]:
         return {info.path for info in self.client.list_artifacts(self.run_id, folder)}

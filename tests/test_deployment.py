@@ -24,6 +24,8 @@ from deploy import parties, servers
 from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH
 from fedtune.adapters import load_state
 from fedtune.config import build_config
+from fedtune.data.partition import client_dir
+from mlflow_tracking.lineage import dvc_md5
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.skipif(
@@ -268,6 +270,9 @@ def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_k
 
     assert close(mean_of([0, 2]))
     assert not close(mean_of([0, 1, 2]))
+    for c in range(3):  # each client's DVC data version reached the run's lineage through its report
+        partition = client_dir(federation.layout.client_home(c) / "partitions", c)
+        assert run.data.tags[f"lineage.data.client_{c}"] == dvc_md5(partition)
 
 
 def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(federation: Federation) -> None:
