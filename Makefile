@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(BIN)/fedtune demo
 
-test: setup
+test: setup .venv-flower/bin/flwr
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -12,15 +12,16 @@ encodings, chosen by the strategy:
   (`fedtune.secagg.skellam`), decoded over the fixed denominator: DP-FedAvg where the server never
   sees an un-noised sum.
 
-Only linear aggregation fits: robust filters need the individual updates that secure aggregation
-exists to hide, so asking for both is refused when the config is built.
+Only strategies that need nothing but the mean update fit (FedAvg and its server optimizers,
+which step with the unmasked mean): robust filters need the individual updates that secure
+aggregation exists to hide, so asking for both is refused when the config is built.
 """
 
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,9 +35,9 @@ from fedtune.secagg.simulation import Encoded, run_round
 from fedtune.secagg.skellam import SkellamEncoder
 from fedtune.strategies import ServerState, build_strategy
 from fedtune.strategies.dp_fedavg import DPFedAvg
+from fedtune.strategies.fedavg import FedAvg
 from fedtune.validation import RoundAborted
 
-LINEAR_STRATEGIES = ("fedavg", "dp_fedavg")
 LARGEST_ADAPTER = 1 << 34  # coordinates assumed when the config is checked, before the adapter exists
 
 
@@ -56,14 +57,15 @@ def skellam_encoder(cfg: Any, strategy: DPFedAvg, dim: int) -> SkellamEncoder:
 
 def check_secure_aggregation(cfg: Any) -> None:
     """Refuse combinations that cannot be correct or cannot work, naming the fields."""
-    if cfg.federation.strategy not in LINEAR_STRATEGIES:
+    strategy = build_strategy(cfg)
+    if not isinstance(strategy, FedAvg | DPFedAvg):
         raise ValueError(
             f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} needs each client's update, "
-            "which secure aggregation hides; use fedavg or dp_fedavg (norm bounding belongs on the clients then)"
+            "which secure aggregation hides; use fedavg, a server optimizer (fedavgm, fedadagrad, fedyogi, "
+            "fedadam) or dp_fedavg (norm bounding belongs on the clients then)"
         )
     params, point = parameters(cfg)
     k = cfg.federation.clients_per_round
-    strategy = build_strategy(cfg)
     try:
         params.check(k)
         if isinstance(strategy, DPFedAvg):
@@ -162,8 +164,9 @@ def secure_aggregate(
         raise RoundAborted(f"round {round_}: {len(result.aggregated)} aggregated; left out: {left_out}")
     if isinstance(strategy, DPFedAvg):
         mean = skellam_encoder(cfg, strategy, _dimension(spec)).decode(result.total, strategy.expected)
+        new_global = add(global_state, unflatten(torch.from_numpy(mean), spec))
         server_state = strategy.released(server_state)
-    else:
-        mean = point.decode(result.total)
-    new_global = add(global_state, unflatten(torch.from_numpy(mean), spec))
+    else:  # FedAvg or a server optimizer: its step with the mean update, the only thing unmasked
+        mean_update = unflatten(torch.from_numpy(point.decode(result.total)), spec)
+        new_global, server_state = cast(FedAvg, strategy).apply(global_state, mean_update, server_state)
     return new_global, server_state, left_out, sum(result.bytes_up.values())

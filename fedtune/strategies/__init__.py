@@ -7,7 +7,9 @@ from fedtune.registry import Registry
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
 from fedtune.strategies.dp_fedavg import DPFedAvg
 from fedtune.strategies.fedavg import FedAvg, weighted_average
+from fedtune.strategies.fedprox import FedProx
 from fedtune.strategies.robust import CoordinateMedian, Krum, MultiKrum, NormBoundedFedAvg, TrimmedMean
+from fedtune.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 _BUILT_IN: list[tuple[str, type[Strategy]]] = [
@@ -18,6 +20,11 @@ _BUILT_IN: list[tuple[str, type[Strategy]]] = [
     ("multi_krum", MultiKrum),
     ("norm_bound", NormBoundedFedAvg),
     ("dp_fedavg", DPFedAvg),
+    ("fedprox", FedProx),
+    ("fedavgm", FedAvgM),
+    ("fedadagrad", FedAdagrad),
+    ("fedyogi", FedYogi),
+    ("fedadam", FedAdam),
 ]
 for _name, _cls in _BUILT_IN:
     STRATEGIES.register(_name)(_cls)

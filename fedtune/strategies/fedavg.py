@@ -50,6 +50,14 @@ def weighted_average(states: Sequence[AdapterState], weights: Sequence[float]) -
     return total.mean()
 
 
+def mean_update(updates: Iterable[ClientUpdate]) -> AdapterState:
+    """The example-weighted mean of the updates' deltas, holding one update at a time."""
+    total = WeightedSum()
+    for update in updates:
+        total.add(update.delta, update.num_examples)
+    return total.mean()
+
+
 class FedAvg(Strategy):
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
@@ -59,7 +67,10 @@ class FedAvg(Strategy):
     def aggregate_stream(
         self, global_state: AdapterState, updates: Iterable[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
-        total = WeightedSum()
-        for update in updates:
-            total.add(update.delta, update.num_examples)
-        return add(global_state, total.mean()), dict(server_state)
+        return self.apply(global_state, mean_update(updates), server_state)
+
+    def apply(
+        self, global_state: AdapterState, delta: AdapterState, server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        """The server's step with the round's mean update (secure aggregation hands over only that)."""
+        return add(global_state, delta), dict(server_state)

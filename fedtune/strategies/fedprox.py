@@ -1,0 +1,49 @@
+"""FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks").
+
+Clients minimise their loss plus (mu / 2) ||w - w_global||^2 over the adapter weights, which keeps
+local models on skewed data from drifting far from the global one; the server averages as
+FedAvg. As in Flower, the strategy only carries mu: the term lives in the clients' objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedtune.adapters import AdapterState
+from fedtune.strategies.base import LocalObjective, ServerState
+from fedtune.strategies.fedavg import FedAvg
+
+ADAPTER_NAME = ".default."  # peft's name for the one adapter fedtune attaches
+
+
+def state_key(parameter_name: str) -> str:
+    """The `AdapterState` key of a peft parameter (peft drops the adapter name when it saves)."""
+    return parameter_name.replace(ADAPTER_NAME, ".")
+
+
+class ProximalTerm(LocalObjective):
+    def __init__(self, anchor: AdapterState, mu: float) -> None:
+        self.anchor, self.mu = anchor, mu
+
+    def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        keys = {state_key(name): name for name in named_params}
+        if set(keys) != set(self.anchor):
+            missing = sorted(set(self.anchor) ^ set(keys))[:3]
+            raise ValueError(f"fedprox: the model's trainable weights and the global adapter differ: {missing}")
+        total = sum(
+            (named_params[name] - self.anchor[key].to(named_params[name].device)).square().sum()
+            for key, name in keys.items()
+        )
+        return 0.5 * self.mu * torch.as_tensor(total)
+
+
+class FedProx(FedAvg):
+    def __init__(self, *, mu: float = 0.01) -> None:
+        if mu <= 0:
+            raise ValueError(f"mu must be positive (mu = 0 is fedavg), got {mu}")
+        self.mu = mu
+
+    def local_objective(self, global_state: AdapterState, server_state: ServerState) -> LocalObjective:
+        return ProximalTerm(global_state, self.mu)
