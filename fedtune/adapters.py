@@ -8,6 +8,7 @@ the bytes actually produced.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,19 +26,56 @@ class AdapterMismatchError(InputError):
     pass
 
 
+ENCODER = "prompt_encoder."
+
+
+def _prompt_encoder(model: PeftModel) -> torch.nn.Module | None:
+    """The prompt encoder of a prompt-learning method. Its parameters are what fedtune exchanges:
+    peft saves the encoder's *output* (the virtual tokens' embeddings), from which P-tuning's MLP
+    or a projected prefix could not be trained further."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return None
+    return model.prompt_encoder[model.active_adapter]
+
+
+def _trainable_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    encoder = _prompt_encoder(model)
+    if encoder is not None:
+        return {ENCODER + key: value for key, value in encoder.state_dict().items()}
+    return get_peft_model_state_dict(model)
+
+
 def get_adapter_state(model: PeftModel) -> AdapterState:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _trainable_state(model).items()}
 
 
 def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
     """Load an adapter state; any missing or unexpected key is an error, never silently skipped."""
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(_trainable_state(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise AdapterMismatchError(f"adapter keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    encoder = _prompt_encoder(model)
+    if encoder is not None:
+        encoder.load_state_dict({key.removeprefix(ENCODER): value for key, value in state.items()})
+        return
     rejected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
     if rejected:
         raise AdapterMismatchError(f"peft rejected keys {rejected[:5]}")
+
+
+ADAPTER_NAME = ".default."  # peft's name for the one adapter fedtune attaches
+
+
+def state_keys(named_params: Mapping[str, torch.Tensor], reference: AdapterState, who: str) -> dict[str, str]:
+    """`AdapterState` key -> name of the trainable parameter (peft drops the adapter name when it
+    saves a state), checked to cover exactly the keys of `reference`."""
+    keys = {name.replace(ADAPTER_NAME, "."): name for name in named_params}
+    if set(keys) != set(reference):
+        differ = sorted(set(reference) ^ set(keys))[:3]
+        raise ValueError(f"{who}: the model's trainable weights and the global adapter differ: {differ}")
+    return keys
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

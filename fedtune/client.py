@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import get_adapter_state, load_state, subtract
+from fedtune.adapters import AdapterState, get_adapter_state, load_state, save_state, subtract
 from fedtune.client_secret import private_seed
 from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
@@ -23,6 +23,14 @@ from fedtune.training import local_train, total_steps
 from fedtune.validation import write_update
 
 
+def own_state(private_dir: str | Path, round_: int) -> AdapterState | None:
+    """The client's strategy state after its latest round before `round_` (one file per round, so
+    a round that is run again starts from the same state), or None before its first."""
+    files = sorted(Path(private_dir).glob("strategy/round_*.safetensors"))
+    earlier = [f for f in files if int(f.stem.removeprefix("round_")) < round_]
+    return load_state(earlier[-1]) if earlier else None
+
+
 def train_client(
     cfg: FedConfig,
     *,
@@ -31,9 +39,10 @@ def train_client(
     global_path: str | Path,
     update_path: str | Path,
     private_dir: str | Path,
-    server_state_path: str | Path | None = None,
+    server_view_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """`private_dir` is the client's own folder (its secret, its privacy ledger)."""
+    """`private_dir` is the client's own folder (its secret, its privacy ledger, its strategy
+    state); `server_view_path` what the strategy shares of the server's state (`client_view`)."""
     tokenizer = tokenizer_for(cfg)
     train = load_encoded(cfg, tokenizer, client, "train")
     val = load_encoded(cfg, tokenizer, client, "val")
@@ -47,9 +56,10 @@ def train_client(
         dp = (cfg.record_dp, private_seed(private_dir, round_, "dp-sgd"))
         privacy = {"record_epsilon": ledger.epsilon(cfg.record_dp)}
     global_state = load_state(global_path)
-    server_state = load_state(server_state_path) if server_state_path else {}
+    view = load_state(server_view_path) if server_view_path else {}
+    strategy, own = build_strategy(cfg), own_state(private_dir, round_)
     model = build_peft_model(cfg, global_state)
-    objective = build_strategy(cfg).local_objective(global_state, server_state)
+    objective = strategy.local_objective(global_state, view, own)
     result = local_train(
         model,
         train,
@@ -62,8 +72,13 @@ def train_client(
         dp=dp,
     )
     crash_point("training", round_)  # after the optimizer steps, before the update exists
-    update = subtract(get_adapter_state(model), global_state)
-    bytes_up = write_update(update, update_path, round_=round_, client=client)
+    local_state = get_adapter_state(model)
+    extras, next_own = strategy.client_step(global_state, local_state, view, own, steps, cfg.train.lr)
+    bytes_up = write_update(
+        subtract(local_state, global_state), update_path, round_=round_, client=client, extras=extras
+    )
+    if next_own:
+        save_state(next_own, Path(private_dir) / "strategy" / f"round_{round_:04d}.safetensors")
     tick = time.perf_counter()
     val_metrics = loss_and_perplexity(model, val, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
     val_seconds = time.perf_counter() - tick

@@ -52,11 +52,22 @@ class ModelSection(Section):
 
 
 class PeftSection(Section):
-    method: str = Field("lora", description="PEFT method, from the PEFT registry.")
+    method: str = Field(
+        "lora", description="PEFT method: lora, ia3, prompt_tuning, p_tuning or prefix_tuning (the PEFT registry)."
+    )
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Modules LoRA or IA3 adapt."
+    )
+    use_dora: bool = Field(False, description="LoRA: weight-decomposed low-rank adaptation (DoRA).")
+    use_rslora: bool = Field(False, description="LoRA: rank-stabilized scaling alpha / sqrt(r).")
+    feedforward_modules: list[str] = Field(
+        default_factory=list, description="IA3: which of target_modules are feed-forward (scaled on their input)."
+    )
+    num_virtual_tokens: int = Field(8, gt=0, description="Prompt, P-tuning and prefix tuning: virtual tokens.")
+    encoder_hidden_size: int = Field(128, gt=0, description="P-tuning: hidden size of the prompt encoder MLP.")
 
     @field_validator("method")
     @classmethod
@@ -64,6 +75,13 @@ class PeftSection(Section):
         from fedtune.peft_methods import PEFT_METHODS
 
         return PEFT_METHODS.check(value)
+
+    @model_validator(mode="after")
+    def _feedforward_among_targets(self) -> PeftSection:
+        stray = sorted(set(self.feedforward_modules) - set(self.target_modules))
+        if stray:
+            raise ValueError(f"feedforward_modules {stray} must also be in target_modules")
+        return self
 
 
 class ColumnMapping(Section):

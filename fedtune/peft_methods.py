@@ -1,7 +1,6 @@
 """PEFT method registry: a method name maps to a builder of its peft config.
 
-Adding a method (IA3, prompt tuning, ...) is one registered function; nothing else switches
-on the name.
+Adding a method is one registered function; nothing else switches on the name.
 """
 
 from __future__ import annotations
@@ -9,7 +8,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from peft import LoraConfig, PeftConfig, PeftModel, TaskType, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
@@ -24,13 +33,48 @@ PEFT_METHODS: Registry[Callable[[PeftSection], PeftConfig]] = Registry("PEFT met
 
 @PEFT_METHODS.register("lora")
 def lora_config(section: PeftSection) -> PeftConfig:
+    """LoRA (and QLoRA with `model.quantization`); DoRA and rsLoRA are switches."""
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=section.r,
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
         target_modules=list(section.target_modules),
+        use_dora=section.use_dora,
+        use_rslora=section.use_rslora,
     )
+
+
+@PEFT_METHODS.register("ia3")
+def ia3_config(section: PeftSection) -> PeftConfig:
+    """IA3: learned scaling vectors on the target modules' activations (their inputs for feed-forward ones)."""
+    return IA3Config(
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=list(section.target_modules),
+        feedforward_modules=list(section.feedforward_modules),
+    )
+
+
+@PEFT_METHODS.register("prompt_tuning")
+def prompt_tuning_config(section: PeftSection) -> PeftConfig:
+    """Soft prompt: trainable embeddings of `num_virtual_tokens` tokens prepended to the input."""
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=section.num_virtual_tokens)
+
+
+@PEFT_METHODS.register("p_tuning")
+def p_tuning_config(section: PeftSection) -> PeftConfig:
+    """P-tuning: the soft prompt produced by a small MLP prompt encoder, which is what is trained."""
+    return PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=section.num_virtual_tokens,
+        encoder_hidden_size=section.encoder_hidden_size,
+    )
+
+
+@PEFT_METHODS.register("prefix_tuning")
+def prefix_tuning_config(section: PeftSection) -> PeftConfig:
+    """Prefix tuning (P-tuning v2): trainable keys and values prepended in every layer."""
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=section.num_virtual_tokens)
 
 
 def attach_adapter(model: PreTrainedModel, section: PeftSection) -> PeftModel:
@@ -61,6 +105,16 @@ def save_peft_adapter(state: dict, section: PeftSection, base_model: str, direct
     return Path(directory)
 
 
+TRAINABLE_STATE = "fedtune_trainable_state.safetensors"  # beside peft's files of a prompt-learning adapter
+
+
 def load_peft_adapter(directory: str | Path) -> AdapterState:
-    """The adapter state of a folder written by `save_peft_adapter` (or peft's `save_pretrained`)."""
-    return load_file(str(Path(directory) / SAFETENSORS_WEIGHTS_NAME))
+    """The adapter state of a folder written by `save_peft_adapter` or `runtime.export_adapter` (or
+    peft's `save_pretrained` for methods whose saved weights are their trainable ones)."""
+    folder = Path(directory)
+    trainable = folder / TRAINABLE_STATE
+    return load_file(str(trainable if trainable.exists() else folder / SAFETENSORS_WEIGHTS_NAME))
+
+
+def is_prompt_learning(section: PeftSection) -> bool:
+    return bool(PEFT_METHODS.get(section.method)(section).is_prompt_learning)

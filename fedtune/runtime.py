@@ -6,15 +6,23 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters import AdapterState, get_adapter_state, load_state, set_adapter_state
+from fedtune.atomic import staged_directory
 from fedtune.config import FedConfig
 from fedtune.data.loading import Record
 from fedtune.data.partition import read_split
 from fedtune.data.prompts import encode_all
 from fedtune.models import BUILD_LOCK, load_base_model, load_tokenizer
-from fedtune.peft_methods import attach_adapter, load_peft_adapter
+from fedtune.peft_methods import (
+    TRAINABLE_STATE,
+    attach_adapter,
+    is_prompt_learning,
+    load_peft_adapter,
+    save_peft_adapter,
+)
 
 Encoded = list[dict[str, list[int]]]
 
@@ -26,6 +34,19 @@ def build_peft_model(cfg: FedConfig, adapter: AdapterState | str | Path | None =
     if adapter is not None:
         set_adapter_state(model, adapter if isinstance(adapter, dict) else load_state(adapter))
     return model
+
+
+def export_adapter(cfg: FedConfig, state: AdapterState, directory: str | Path) -> Path:
+    """An adapter folder in peft's save format (`PeftModel.from_pretrained` loads it). Prompt-learning
+    methods save what their encoder produces, so peft writes that from a model holding the state,
+    and the trainable state goes beside it, for `load_peft_adapter` to continue training from."""
+    if not is_prompt_learning(cfg.peft):
+        return save_peft_adapter(state, cfg.peft, cfg.model.name_or_path, directory)
+    model = build_peft_model(cfg, state)
+    with staged_directory(directory) as staging:
+        model.save_pretrained(str(staging))
+        save_file(state, str(staging / TRAINABLE_STATE))
+    return Path(directory)
 
 
 def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) -> tuple[AdapterState, int]:

@@ -58,6 +58,11 @@ def skellam_encoder(cfg: Any, strategy: DPFedAvg, dim: int) -> SkellamEncoder:
 def check_secure_aggregation(cfg: Any) -> None:
     """Refuse combinations that cannot be correct or cannot work, naming the fields."""
     strategy = build_strategy(cfg)
+    if strategy.extras:
+        raise ValueError(
+            f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} sends {', '.join(strategy.extras)} "
+            "beside each update, which secure aggregation does not mask yet"
+        )
     if not isinstance(strategy, FedAvg | DPFedAvg):
         raise ValueError(
             f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} needs each client's update, "

@@ -28,11 +28,13 @@ def aggregate_reports(
     dropped: list[str] | None = None,
 ) -> tuple[AdapterState, ServerState, list[str]]:
     """New global and server state, and the reasons of every client left out of this round."""
+    strategy = build_strategy(cfg)
     validator = UpdateValidator(
         global_state,
         round_,
-        max_bytes=2 * len(to_bytes(global_state)),
+        max_bytes=2 * len(to_bytes(global_state)) * (1 + len(strategy.extras)),
         max_examples=cfg.federation.max_client_examples,
+        extras=strategy.extras,
     )
     left_out = list(dropped or [])
 
@@ -42,20 +44,22 @@ def aggregate_reports(
         valid = 0
         for report in reports:
             try:
-                delta = validator.check(report["client"], report["update_path"], report["num_examples"])
+                delta, extras = validator.split(
+                    validator.check(report["client"], report["update_path"], report["num_examples"])
+                )
             except UpdateRejected as error:
                 log.warning("round %d: rejected %s", round_, error)
                 left_out.append(str(error))
                 continue
             valid += 1
-            yield ClientUpdate(report["client"], delta, report["num_examples"])
+            yield ClientUpdate(report["client"], delta, report["num_examples"], extras)
         if valid < cfg.federation.min_fit_clients:
             raise RoundAborted(
                 f"round {round_}: {valid} valid updates, federation.min_fit_clients is "
                 f"{cfg.federation.min_fit_clients}; left out: {'; '.join(left_out) or 'none'}"
             )
 
-    new_global, new_server = build_strategy(cfg).aggregate_stream(global_state, valid_updates(), server_state)
+    new_global, new_server = strategy.aggregate_stream(global_state, valid_updates(), server_state)
     return new_global, new_server, left_out
 
 

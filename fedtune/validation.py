@@ -34,10 +34,14 @@ class RoundAborted(RuntimeError):
     """Too few valid updates; nothing was aggregated and the run can resume from the last round."""
 
 
-def write_update(state: AdapterState, path: str | Path, *, round_: int, client: int) -> int:
-    """Write an update with its round, client and a fresh nonce; returns the wire size in bytes."""
+def write_update(
+    state: AdapterState, path: str | Path, *, round_: int, client: int, extras: dict[str, AdapterState] | None = None
+) -> int:
+    """Write an update with its round, client and a fresh nonce, and any `extras` (a strategy's
+    adapter-shaped payloads, as `name/key` tensors in the same file); returns the wire size in bytes."""
     meta = {ROUND: str(round_), CLIENT: str(client), NONCE: secrets.token_hex(16)}
-    data = to_bytes(state, metadata=meta)
+    extra = {f"{name}/{key}": tensor for name, payload in (extras or {}).items() for key, tensor in payload.items()}
+    data = to_bytes({**state, **extra}, metadata=meta)
     atomic_write_bytes(data, path)
     return len(data)
 
@@ -58,7 +62,13 @@ class UpdateValidator:
     round: int
     max_bytes: int
     max_examples: int
+    extras: tuple[str, ...] = ()  # the strategy's payloads expected beside the delta
     seen_nonces: set[str] = field(default_factory=set)
+
+    def split(self, state: AdapterState) -> tuple[AdapterState, dict[str, AdapterState]]:
+        """A checked file's delta and its extras by name."""
+        delta = {key: state[key] for key in self.global_state}
+        return delta, {name: {key: state[f"{name}/{key}"] for key in self.global_state} for name in self.extras}
 
     def check(self, client: int, path: str | Path, num_examples: int) -> AdapterState:
         path = Path(path)
@@ -87,12 +97,15 @@ class UpdateValidator:
         self.seen_nonces.add(nonce)
 
     def _check_tensors(self, client: int, state: AdapterState) -> None:
-        missing, extra = sorted(set(self.global_state) - set(state)), sorted(set(state) - set(self.global_state))
+        expected = {**self.global_state}
+        for name in self.extras:
+            expected |= {f"{name}/{key}": tensor for key, tensor in self.global_state.items()}
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing:
             raise UpdateRejected(client, "missing tensor", missing[0])
         if extra:
             raise UpdateRejected(client, "unexpected tensor", extra[0])
-        for key, reference in self.global_state.items():
+        for key, reference in expected.items():
             tensor = state[key]
             if tensor.shape != reference.shape:
                 raise UpdateRejected(client, f"shape {tuple(tensor.shape)} != {tuple(reference.shape)}", key)

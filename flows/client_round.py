@@ -79,6 +79,10 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         exchange.wait(f"{SERVER}/{namespace}/global.safetensors", deadline, config.deployment.poll_s),
         work / "global.safetensors",
     )
+    view = exchange.get(f"{SERVER}/{namespace}/server_view.safetensors")  # published before the global
+    if view is None:
+        raise RuntimeError(f"round {round_}: the coordinator published no server view")
+    view_path = atomic_write_bytes(view, work / "server_view.safetensors")
     report = train_client(
         cfg,
         client=client,
@@ -86,6 +90,7 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         global_path=global_path,
         update_path=work / "update.safetensors",
         private_dir=private,
+        server_view_path=view_path,
     )
     public = {key: report[key] for key in REPORT_FIELDS if key in report}
     public["data_version"] = dvc_md5(client_dir(home / "partitions", client))  # lineage, for the coordinator

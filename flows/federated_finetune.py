@@ -23,7 +23,7 @@ from fedtune.record_dp import PrivacyBudgetExhausted
 from flows.common import failing_run, prepare
 from flows.remote_clients import round_namespace, train_remotely
 from flows.runners import task_runner
-from tasks.aggregation import aggregate, round_allowed
+from tasks.aggregation import aggregate, round_allowed, share_view
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
 from tasks.model import initial_adapter
@@ -64,7 +64,7 @@ def _update_path(config: FedConfig, run: Path, round_: int, client: int) -> str:
 
 
 def _train_here(
-    config: FedConfig, run: Path, round_: int, clients: list[int], previous: Path
+    config: FedConfig, run: Path, round_: int, clients: list[int], previous: Path, view: str
 ) -> tuple[list[dict[str, Any]], list[str], int]:
     """Simulation: the sampled clients train in this process's task runner, in waves."""
     reports, dropped, declined = [], [], 0
@@ -72,7 +72,7 @@ def _train_here(
     for wave in (clients[i : i + width] for i in range(0, len(clients), width)):
         futures = {
             c: local_train.submit(
-                config, c, round_, str(previous), _update_path(config, run, round_, c), str(_private_dir(run, c))
+                config, c, round_, str(previous), _update_path(config, run, round_, c), str(_private_dir(run, c)), view
             )
             for c in wave
         }
@@ -101,16 +101,17 @@ def _round(
     n, k = config.data.partition.num_clients, config.federation.clients_per_round
     clients = sample_clients(n, k, config.federation.seed, round_)
     get_run_logger().info("round %d/%d: clients %s", round_, config.federation.rounds, clients)
+    server_state = str(previous.with_name("server_state.safetensors"))
+    view = share_view(config, server_state, str(out))  # what clients may see of it
     namespace = None
     if config.deployment.enabled:
         namespace = round_namespace(run_id, round_)
-        reports, dropped = train_remotely(config, namespace, round_, clients, previous, out)
+        reports, dropped = train_remotely(config, namespace, round_, clients, previous, Path(view), out)
         declined = 0
     else:
-        reports, dropped, declined = _train_here(config, run, round_, clients, previous)
+        reports, dropped, declined = _train_here(config, run, round_, clients, previous, view)
     if declined and len(reports) < config.federation.min_fit_clients:
         return None
-    server_state = str(previous.with_name("server_state.safetensors"))
     paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped, namespace)
     eval_tick = time.perf_counter()
     metrics = evaluate(config, paths["global_path"], f"round-{round_}", client_val=not config.deployment.enabled)

@@ -57,13 +57,20 @@ def _collect(exchange: Exchange, client: int, namespace: str, folder: Path, mask
 
 
 def train_remotely(
-    config: FedConfig, namespace: str, round_: int, clients: list[int], global_path: Path, round_dir: Path
+    config: FedConfig,
+    namespace: str,
+    round_: int,
+    clients: list[int],
+    global_path: Path,
+    view_path: Path,
+    round_dir: Path,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Reports of the clients that delivered in time, and why the others dropped out."""
     logger = get_run_logger()
     exchange = Exchange(config.deployment.exchange)
     masked = config.secagg.enabled
-    exchange.put(f"{SERVER}/{namespace}/global.safetensors", global_path.read_bytes())
+    exchange.put(f"{SERVER}/{namespace}/server_view.safetensors", view_path.read_bytes())  # before the global:
+    exchange.put(f"{SERVER}/{namespace}/global.safetensors", global_path.read_bytes())  # clients wait on that
     runs = _trigger(config, round_, clients, namespace)
     deadline = time.monotonic() + config.federation.client_timeout_s
     reports: list[dict[str, Any]] = []

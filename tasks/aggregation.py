@@ -16,6 +16,7 @@ from fedtune.secagg.remote import RemoteRound
 from fedtune.secure_round import secure_aggregate
 from fedtune.server import aggregate_reports, state_metrics
 from fedtune.server import round_allowed as allowed
+from fedtune.strategies import build_strategy
 
 
 @task(cache_policy=NO_CACHE, task_run_name="aggregate-r{round_}")
@@ -68,3 +69,12 @@ def aggregate(
 def round_allowed(config: FedConfig, round_: int, server_state_path: str) -> bool:
     """Whether round `round_` may run (a privacy budget can forbid it)."""
     return allowed(config, load_state(server_state_path))
+
+
+@task(cache_policy=NO_CACHE)
+def share_view(config: FedConfig, server_state_path: str, out_dir: str) -> str:
+    """Write what the strategy lets clients see of its server state (often nothing; SCAFFOLD's
+    control variate) next to the round's files; clients never read the server state itself."""
+    path = Path(out_dir) / "server_view.safetensors"
+    save_state(build_strategy(config).client_view(load_state(server_state_path)), path)
+    return str(path)

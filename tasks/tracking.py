@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from fedtune.adapters import load_state
 from fedtune.config import FedConfig
 from fedtune.federation import checkpoint_dir
-from fedtune.peft_methods import save_peft_adapter
+from fedtune.runtime import export_adapter
 from mlflow_tracking import RunTracker
 
 
@@ -45,9 +45,7 @@ def tracker(config: FedConfig, run_id: str) -> RunTracker:
 def log_adapter(config: FedConfig, run_id: str, adapter_path: str, artifact_path: str) -> str:
     """Log an adapter in peft's save format (loadable with `PeftModel.from_pretrained`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_peft_adapter(
-            load_state(adapter_path), config.peft, config.model.name_or_path, Path(tmp) / "adapter"
-        )
+        folder = export_adapter(config, load_state(adapter_path), Path(tmp) / "adapter")
         return tracker(config, run_id).log_artifacts(folder, artifact_path)
 
 

@@ -14,7 +14,13 @@ from fedtune.config import FedConfig
 
 @task(cache_policy=NO_CACHE, task_run_name="train-r{round_}-c{client}")
 def local_train(
-    config: FedConfig, client: int, round_: int, global_path: str, update_path: str, private_dir: str
+    config: FedConfig,
+    client: int,
+    round_: int,
+    global_path: str,
+    update_path: str,
+    private_dir: str,
+    server_view_path: str | None = None,
 ) -> dict[str, Any]:
     """Train from the global adapter on this client's data; only the update file leaves."""
     report = train_client(
@@ -24,6 +30,7 @@ def local_train(
         global_path=global_path,
         update_path=update_path,
         private_dir=private_dir,
+        server_view_path=server_view_path,
     )
     get_run_logger().info(
         "round %d client %d: loss %.3f -> %.3f, val %.3f, %d B up, %.1f s",

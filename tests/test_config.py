@@ -31,7 +31,7 @@ def test_all_invalid_fields_reported_together_with_paths() -> None:
     text = str(info.value)
     for path in ("federation.rounds", "federation.strategy", "peft.method", "train.lr", "data.partition.scheme"):
         assert path in text
-    assert "unknown strategy 'fedadgrad'; known: dp_fedavg, fedavg, krum" in text
+    assert "unknown strategy 'fedadgrad'; known: dp_fedavg, fedadagrad, fedadam, fedavg, fedavgm" in text
     assert len(info.value.problems) == 5
 
 

@@ -9,6 +9,7 @@ from fedtune.strategies.dp_fedavg import DPFedAvg
 from fedtune.strategies.fedavg import FedAvg, weighted_average
 from fedtune.strategies.fedprox import FedProx
 from fedtune.strategies.robust import CoordinateMedian, Krum, MultiKrum, NormBoundedFedAvg, TrimmedMean
+from fedtune.strategies.scaffold import Scaffold
 from fedtune.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
@@ -21,6 +22,7 @@ _BUILT_IN: list[tuple[str, type[Strategy]]] = [
     ("norm_bound", NormBoundedFedAvg),
     ("dp_fedavg", DPFedAvg),
     ("fedprox", FedProx),
+    ("scaffold", Scaffold),
     ("fedavgm", FedAvgM),
     ("fedadagrad", FedAdagrad),
     ("fedyogi", FedYogi),
@@ -34,14 +36,15 @@ def build_strategy(config: Any) -> Strategy:
     """The configured strategy with `federation.strategy_options`; bad options name the field.
 
     Options a strategy declares but the user left out are filled from the federation's shape:
-    `expected_clients` (clients_per_round), `sample_rate` (clients_per_round / num_clients) and
-    `distributed` (secagg.enabled: noise added by the clients).
+    `expected_clients` (clients_per_round), `sample_rate` (clients_per_round / num_clients),
+    `num_clients` and `distributed` (secagg.enabled: noise added by the clients).
     """
     federation = config.federation
     cls = STRATEGIES.get(federation.strategy)
     derived = {
         "expected_clients": federation.clients_per_round,
         "sample_rate": federation.clients_per_round / config.data.partition.num_clients,
+        "num_clients": config.data.partition.num_clients,
         "distributed": config.secagg.enabled,
     }
     accepted = inspect.signature(cls).parameters

@@ -36,7 +36,13 @@ class LocalObjective:
 
 
 class Strategy(ABC):
-    """Options are keyword-only constructor arguments, given as `federation.strategy_options`."""
+    """Options are keyword-only constructor arguments, given as `federation.strategy_options`.
+
+    A client sees `client_view(server_state)` (never the whole server state, which may hold
+    secrets such as DP's noise seed), keeps a private state of its own between rounds (SCAFFOLD's
+    control variate), and may send adapter-shaped `extras` beside its update."""
+
+    extras: tuple[str, ...] = ()
 
     def check_cohort(self, clients_per_round: int) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Refuse a cohort size the strategy cannot aggregate correctly (raise ValueError)."""
@@ -44,8 +50,26 @@ class Strategy(ABC):
     def init_state(self, global_state: AdapterState) -> ServerState:
         return {}
 
-    def local_objective(self, global_state: AdapterState, server_state: ServerState) -> LocalObjective:
+    def client_view(self, server_state: ServerState) -> AdapterState:
+        """The part of the server state that clients receive with the global adapter."""
+        return {}
+
+    def local_objective(
+        self, global_state: AdapterState, server_view: AdapterState, client_state: AdapterState | None = None
+    ) -> LocalObjective:
         return LocalObjective()
+
+    def client_step(
+        self,
+        global_state: AdapterState,
+        local_state: AdapterState,
+        server_view: AdapterState,
+        client_state: AdapterState | None,
+        steps: int,
+        lr: float,
+    ) -> tuple[dict[str, AdapterState], AdapterState]:
+        """After local training, on the client: the `extras` to send and the client's next private state."""
+        return {}, {}
 
     def state_metrics(self, server_state: ServerState) -> dict[str, float]:
         """Numbers about the server state worth logging each round (e.g. privacy spent)."""

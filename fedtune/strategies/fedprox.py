@@ -11,16 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
-from fedtune.adapters import AdapterState
-from fedtune.strategies.base import LocalObjective, ServerState
+from fedtune.adapters import AdapterState, state_keys
+from fedtune.strategies.base import LocalObjective
 from fedtune.strategies.fedavg import FedAvg
-
-ADAPTER_NAME = ".default."  # peft's name for the one adapter fedtune attaches
-
-
-def state_key(parameter_name: str) -> str:
-    """The `AdapterState` key of a peft parameter (peft drops the adapter name when it saves)."""
-    return parameter_name.replace(ADAPTER_NAME, ".")
 
 
 class ProximalTerm(LocalObjective):
@@ -28,10 +21,7 @@ class ProximalTerm(LocalObjective):
         self.anchor, self.mu = anchor, mu
 
     def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        keys = {state_key(name): name for name in named_params}
-        if set(keys) != set(self.anchor):
-            missing = sorted(set(self.anchor) ^ set(keys))[:3]
-            raise ValueError(f"fedprox: the model's trainable weights and the global adapter differ: {missing}")
+        keys = state_keys(named_params, self.anchor, "fedprox")
         total = sum(
             (named_params[name] - self.anchor[key].to(named_params[name].device)).square().sum()
             for key, name in keys.items()
@@ -45,5 +35,7 @@ class FedProx(FedAvg):
             raise ValueError(f"mu must be positive (mu = 0 is fedavg), got {mu}")
         self.mu = mu
 
-    def local_objective(self, global_state: AdapterState, server_state: ServerState) -> LocalObjective:
+    def local_objective(
+        self, global_state: AdapterState, server_view: AdapterState, client_state: AdapterState | None = None
+    ) -> LocalObjective:
         return ProximalTerm(global_state, self.mu)
