@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters import AdapterState, get_adapter_state, load_state, save_state, subtract
+import torch
+
+from fedtune.adapters import AdapterState, add, get_adapter_state, load_state, save_state, subtract
 from fedtune.client_secret import private_seed
+from fedtune.compression import compress
 from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.faults import crash_point
@@ -23,12 +26,30 @@ from fedtune.training import local_train, total_steps
 from fedtune.validation import write_update
 
 
-def own_state(private_dir: str | Path, round_: int) -> AdapterState | None:
-    """The client's strategy state after its latest round before `round_` (one file per round, so
-    a round that is run again starts from the same state), or None before its first."""
-    files = sorted(Path(private_dir).glob("strategy/round_*.safetensors"))
+def own_state(private_dir: str | Path, round_: int, kind: str = "strategy") -> AdapterState | None:
+    """The client's state of `kind` (its strategy's, or compression's residual) after its latest
+    round before `round_` (one file per round, so a round that is run again starts from the same
+    state), or None before its first."""
+    files = sorted(Path(private_dir).glob(f"{kind}/round_*.safetensors"))
     earlier = [f for f in files if int(f.stem.removeprefix("round_")) < round_]
     return load_state(earlier[-1]) if earlier else None
+
+
+def _on_the_wire(
+    cfg: FedConfig, update: AdapterState, private_dir: str | Path, round_: int, client: int
+) -> AdapterState:
+    """The update as compressed for sending; top-k's left-out part waits in the client's folder
+    and joins its next update (error feedback)."""
+    section = cfg.compression
+    if section.method == "none":
+        return update
+    residual = own_state(private_dir, round_, "residual")
+    target = add(update, residual) if residual else update
+    generator = torch.Generator().manual_seed(client_seed(cfg.train.seed, round_, client))
+    sent, left = compress(target, section.method, fraction=section.topk_fraction, generator=generator)
+    if left:
+        save_state(left, Path(private_dir) / "residual" / f"round_{round_:04d}.safetensors")
+    return sent
 
 
 def train_client(
@@ -74,9 +95,8 @@ def train_client(
     crash_point("training", round_)  # after the optimizer steps, before the update exists
     local_state = get_adapter_state(model)
     extras, next_own = strategy.client_step(global_state, local_state, view, own, steps, cfg.train.lr)
-    bytes_up = write_update(
-        subtract(local_state, global_state), update_path, round_=round_, client=client, extras=extras
-    )
+    update = _on_the_wire(cfg, subtract(local_state, global_state), private_dir, round_, client)
+    bytes_up = write_update(update, update_path, round_=round_, client=client, extras=extras)
     if next_own:
         save_state(next_own, Path(private_dir) / "strategy" / f"round_{round_:04d}.safetensors")
     tick = time.perf_counter()

@@ -283,6 +283,16 @@ class TrackingSection(Section):
     )
 
 
+class CompressionSection(Section):
+    """How client updates are compressed on the wire (docs/algorithms.md)."""
+
+    method: Literal["none", "int8", "int4", "topk"] = Field(
+        "none",
+        description="int8/int4: per-tensor scale, stochastic rounding; topk: largest coordinates, with error feedback.",
+    )
+    topk_fraction: float = Field(0.01, gt=0.0, le=1.0, description="topk: share of each tensor's coordinates sent.")
+
+
 class DeploymentSection(Section):
     """Deployment mode: every sampled client trains in its own organization's Prefect worker."""
 
@@ -316,6 +326,7 @@ class FedConfig(Section):
     secagg: SecAggSection = Field(default_factory=SecAggSection)
     record_dp: RecordDPSection = Field(default_factory=RecordDPSection)
     deployment: DeploymentSection = Field(default_factory=DeploymentSection)
+    compression: CompressionSection = Field(default_factory=CompressionSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> FedConfig:
@@ -332,6 +343,11 @@ class FedConfig(Section):
         build_strategy(self).check_cohort(self.federation.clients_per_round)
         if self.record_dp.enabled and self.train.grad_accum != 1:
             raise ValueError("record_dp.enabled: each step is one Poisson-sampled batch, so train.grad_accum must be 1")
+        if self.secagg.enabled and self.compression.method != "none":
+            raise ValueError(
+                "compression.method: secure aggregation encodes each update itself (fixed point inside the "
+                "masked vector); set compression.method to none"
+            )
         if self.secagg.enabled:
             from fedtune.secure_round import check_secure_aggregation
 

@@ -19,6 +19,7 @@ import torch
 
 from fedtune.adapters import AdapterState, load_state, to_bytes
 from fedtune.atomic import atomic_write_bytes
+from fedtune.compression import CompressionError, decompress
 
 ROUND, CLIENT, NONCE = "fedtune.round", "fedtune.client", "fedtune.nonce"
 
@@ -83,6 +84,12 @@ class UpdateValidator:
         except Exception as error:  # any parse failure of untrusted bytes is a rejection
             raise UpdateRejected(client, f"unreadable payload ({type(error).__name__}: {error})") from None
         self._check_envelope(client, meta)
+        extras = tuple(f"{name}/" for name in self.extras)
+        try:  # a compressed delta back to float tensors (a plain one passes as it is)
+            delta = decompress({k: v for k, v in state.items() if not k.startswith(extras)}, self.global_state)
+        except CompressionError as error:
+            raise UpdateRejected(client, f"undecodable payload ({error})") from None
+        state = {**delta, **{k: v for k, v in state.items() if k.startswith(extras)}}
         self._check_tensors(client, state)
         return state
 

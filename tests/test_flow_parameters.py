@@ -13,6 +13,7 @@ def test_config_parameter_becomes_a_typed_form_with_every_section() -> None:
     definitions = schema["definitions"]
     root = definitions["FedConfig"]["properties"]
     sections = {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp", "deployment"}
+    sections.add("compression")
     assert set(root) == sections
     rounds = definitions["FederationSection"]["properties"]["rounds"]
     assert rounds["type"] == "integer" and rounds["exclusiveMinimum"] == 0 and rounds["default"] == 3
