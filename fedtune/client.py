@@ -12,13 +12,22 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters import AdapterState, add, get_adapter_state, load_state, save_state, subtract
+from fedtune.adapters import (
+    AdapterState,
+    add,
+    get_adapter_state,
+    load_state,
+    save_state,
+    set_adapter_state,
+    subtract,
+)
 from fedtune.client_secret import private_seed
 from fedtune.compression import compress
 from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.faults import crash_point
 from fedtune.federation import client_seed
+from fedtune.personalization import personal, shared
 from fedtune.record_dp import DPSGD, Ledger
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
 from fedtune.strategies import build_strategy
@@ -35,6 +44,28 @@ def own_state(private_dir: str | Path, round_: int, kind: str = "strategy") -> A
     return load_state(earlier[-1]) if earlier else None
 
 
+def _own_file(private_dir: str | Path, kind: str, round_: int) -> Path:
+    return Path(private_dir) / kind / f"round_{round_:04d}.safetensors"
+
+
+def _personalized_start(
+    cfg: FedConfig, model: Any, global_state: AdapterState, private_dir: str | Path, round_: int, val: Any, pad_id: int
+) -> tuple[AdapterState, dict[str, float]]:
+    """The global adapter with this client's own personal tensors put back (from its latest round),
+    and, on its validation split before training, that personalized model against the global one."""
+    tick = time.perf_counter()
+    mine = own_state(private_dir, round_, "personal") or {}
+    start = {**global_state, **mine}
+    batch = cfg.eval.batch_size
+    scores = {"val_loss_global": loss_and_perplexity(model, val, batch_size=batch, pad_id=pad_id)["loss"]}
+    if mine:
+        set_adapter_state(model, start)
+        scores["val_loss_personal"] = loss_and_perplexity(model, val, batch_size=batch, pad_id=pad_id)["loss"]
+    else:  # before its first round a client has nothing of its own yet
+        scores["val_loss_personal"] = scores["val_loss_global"]
+    return start, {**scores, "val_seconds": time.perf_counter() - tick}
+
+
 def _on_the_wire(
     cfg: FedConfig, update: AdapterState, private_dir: str | Path, round_: int, client: int
 ) -> AdapterState:
@@ -48,7 +79,7 @@ def _on_the_wire(
     generator = torch.Generator().manual_seed(client_seed(cfg.train.seed, round_, client))
     sent, left = compress(target, section.method, fraction=section.topk_fraction, generator=generator)
     if left:
-        save_state(left, Path(private_dir) / "residual" / f"round_{round_:04d}.safetensors")
+        save_state(left, _own_file(private_dir, "residual", round_))
     return sent
 
 
@@ -80,7 +111,13 @@ def train_client(
     view = load_state(server_view_path) if server_view_path else {}
     strategy, own = build_strategy(cfg), own_state(private_dir, round_)
     model = build_peft_model(cfg, global_state)
-    objective = strategy.local_objective(global_state, view, own)
+    compared: dict[str, float]
+    start, compared = global_state, {}
+    if cfg.federation.personal_modules:
+        start, compared = _personalized_start(
+            cfg, model, global_state, private_dir, round_, val, tokenizer.pad_token_id
+        )
+    objective = strategy.local_objective(start, view, own)
     result = local_train(
         model,
         train,
@@ -94,14 +131,18 @@ def train_client(
     )
     crash_point("training", round_)  # after the optimizer steps, before the update exists
     local_state = get_adapter_state(model)
-    extras, next_own = strategy.client_step(global_state, local_state, view, own, steps, cfg.train.lr)
-    update = _on_the_wire(cfg, subtract(local_state, global_state), private_dir, round_, client)
+    extras, next_own = strategy.client_step(start, local_state, view, own, steps, cfg.train.lr)
+    delta = subtract(local_state, start)
+    if cfg.federation.personal_modules:  # the personal tensors stay here; only the shared ones travel
+        save_state(personal(local_state, cfg.federation.personal_modules), _own_file(private_dir, "personal", round_))
+        delta = shared(delta, cfg.federation.personal_modules)
+    update = _on_the_wire(cfg, delta, private_dir, round_, client)
     bytes_up = write_update(update, update_path, round_=round_, client=client, extras=extras)
     if next_own:
-        save_state(next_own, Path(private_dir) / "strategy" / f"round_{round_:04d}.safetensors")
+        save_state(next_own, _own_file(private_dir, "strategy", round_))
     tick = time.perf_counter()
     val_metrics = loss_and_perplexity(model, val, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
-    val_seconds = time.perf_counter() - tick
+    val_seconds = time.perf_counter() - tick + compared.pop("val_seconds", 0.0)
     return {
         "client": client,
         "round": round_,
@@ -117,5 +158,6 @@ def train_client(
         "tokens": result.tokens,
         "seconds": result.seconds,
         "val_seconds": val_seconds,
+        **compared,
         **privacy,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -165,6 +166,11 @@ class FederationSection(Section):
     min_fit_clients: int = Field(
         1, gt=0, description="Valid client updates a round needs; fewer abort the round (resumable)."
     )
+    personal_modules: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions: adapter tensors whose names match stay with each client, never sent "
+        "(FedPer-style personalization), e.g. [lora_B].",
+    )
     max_client_examples: int = Field(
         1_000_000, gt=0, description="An update claiming more training examples than this is rejected."
     )
@@ -199,6 +205,16 @@ class FederationSection(Section):
                 f"min_fit_clients ({self.min_fit_clients}) exceeds clients_per_round ({self.clients_per_round})"
             )
         return self
+
+    @field_validator("personal_modules")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a regular expression ({error})") from None
+        return value
 
     @model_validator(mode="after")
     def _address_of_a_cluster(self) -> FederationSection:
@@ -343,6 +359,14 @@ class FedConfig(Section):
         build_strategy(self).check_cohort(self.federation.clients_per_round)
         if self.record_dp.enabled and self.train.grad_accum != 1:
             raise ValueError("record_dp.enabled: each step is one Poisson-sampled batch, so train.grad_accum must be 1")
+        if self.federation.personal_modules and self.secagg.enabled:
+            raise ValueError("federation.personal_modules: not combined with secure aggregation yet (it masks all)")
+        extras = build_strategy(self).extras
+        if self.federation.personal_modules and extras:
+            raise ValueError(
+                f"federation.personal_modules: {self.federation.strategy} sends {', '.join(extras)} for every adapter "
+                "tensor; it is not combined with personalization yet"
+            )
         if self.secagg.enabled and self.compression.method != "none":
             raise ValueError(
                 "compression.method: secure aggregation encodes each update itself (fixed point inside the "

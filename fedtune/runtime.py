@@ -23,6 +23,7 @@ from fedtune.peft_methods import (
     load_peft_adapter,
     save_peft_adapter,
 )
+from fedtune.personalization import check_personal_modules
 
 Encoded = list[dict[str, list[int]]]
 
@@ -56,7 +57,9 @@ def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) 
     torch.manual_seed(cfg.train.seed)
     model = build_peft_model(cfg, None if start_from is None else load_peft_adapter(start_from))
     trainable, total = model.get_nb_trainable_parameters()
-    return get_adapter_state(model), total - trainable
+    state = get_adapter_state(model)
+    check_personal_modules(cfg.federation.personal_modules, state)  # before any client trains
+    return state, total - trainable
 
 
 def encode_records(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, records: list[Record]) -> Encoded:

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedtune.adapters import AdapterState, to_bytes
 from fedtune.config import FedConfig
+from fedtune.personalization import shared
 from fedtune.strategies import ClientUpdate, ServerState, build_strategy
 from fedtune.validation import RoundAborted, UpdateRejected, UpdateValidator
 
@@ -29,6 +30,7 @@ def aggregate_reports(
 ) -> tuple[AdapterState, ServerState, list[str]]:
     """New global and server state, and the reasons of every client left out of this round."""
     strategy = build_strategy(cfg)
+    full, global_state = global_state, shared(global_state, cfg.federation.personal_modules)  # the federated part
     validator = UpdateValidator(
         global_state,
         round_,
@@ -59,8 +61,8 @@ def aggregate_reports(
                 f"{cfg.federation.min_fit_clients}; left out: {'; '.join(left_out) or 'none'}"
             )
 
-    new_global, new_server = strategy.aggregate_stream(global_state, valid_updates(), server_state)
-    return new_global, new_server, left_out
+    new_shared, new_server = strategy.aggregate_stream(global_state, valid_updates(), server_state)
+    return {**full, **new_shared}, new_server, left_out  # personal tensors keep their initial global values
 
 
 def round_allowed(cfg: FedConfig, server_state: ServerState) -> bool:

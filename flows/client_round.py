@@ -47,6 +47,8 @@ REPORT_FIELDS = (
     "seconds",
     "val_seconds",
     "record_epsilon",
+    "val_loss_global",
+    "val_loss_personal",
 )
 
 

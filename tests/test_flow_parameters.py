@@ -12,8 +12,8 @@ def test_config_parameter_becomes_a_typed_form_with_every_section() -> None:
     assert set(schema["properties"]) == {"config", "resume", "prepare_data", "init_adapter"}
     definitions = schema["definitions"]
     root = definitions["FedConfig"]["properties"]
-    sections = {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp", "deployment"}
-    sections.add("compression")
+    sections = {"model", "peft", "data", "federation", "train", "eval", "tracking", "secagg", "record_dp"}
+    sections |= {"deployment", "compression"}
     assert set(root) == sections
     rounds = definitions["FederationSection"]["properties"]["rounds"]
     assert rounds["type"] == "integer" and rounds["exclusiveMinimum"] == 0 and rounds["default"] == 3

@@ -1,0 +1,45 @@
+"""Personalization, FedPer-style (Arivazhagan et al. 2019): adapter tensors whose names match
+`federation.personal_modules` stay with each client. They are never sent and never aggregated;
+each client keeps its own copy in its private folder (one file per round) and puts it back into
+every global adapter it receives. The server aggregates the shared tensors only.
+
+Patterns are regular expressions searched in the adapter's tensor names (for example `lora_B`,
+or `layers\\.1\\.` for everything of the second layer).
+"""
+
+from __future__ import annotations
+
+import re
+
+from fedtune.adapters import AdapterState
+from fedtune.errors import InputError
+
+
+def personal_keys(patterns: list[str], state: AdapterState) -> set[str]:
+    compiled = [re.compile(p) for p in patterns]
+    return {key for key in state if any(p.search(key) for p in compiled)}
+
+
+def check_personal_modules(patterns: list[str], state: AdapterState) -> None:
+    """Refuse patterns that keep nothing local, a pattern that matches nothing, or keeping
+    everything local (nothing would be federated), naming the tensors there are."""
+    if not patterns:
+        return
+    idle = [p for p in patterns if not personal_keys([p], state)]
+    if idle:
+        examples = ", ".join(sorted(state)[:3])
+        raise InputError(
+            f"federation.personal_modules: {idle} match no adapter tensor (they are named like {examples})"
+        )
+    if personal_keys(patterns, state) == set(state):
+        raise InputError("federation.personal_modules: every adapter tensor would stay local; nothing is federated")
+
+
+def shared(state: AdapterState, patterns: list[str]) -> AdapterState:
+    local = personal_keys(patterns, state)
+    return {key: value for key, value in state.items() if key not in local}
+
+
+def personal(state: AdapterState, patterns: list[str]) -> AdapterState:
+    local = personal_keys(patterns, state)
+    return {key: value for key, value in state.items() if key in local}
