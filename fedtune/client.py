@@ -27,6 +27,7 @@ from fedtune.config import FedConfig
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.faults import crash_point
 from fedtune.federation import client_seed
+from fedtune.hetero_rank import client_section, rank_of, truncate
 from fedtune.personalization import personal, shared
 from fedtune.record_dp import DPSGD, Ledger
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
@@ -95,6 +96,9 @@ def train_client(
 ) -> dict[str, Any]:
     """`private_dir` is the client's own folder (its secret, its privacy ledger, its strategy
     state); `server_view_path` what the strategy shares of the server's state (`client_view`)."""
+    lower = rank_of(cfg.peft, client) < cfg.peft.r
+    if lower:  # HetLoRA: this client trains the leading components only, at the global scale
+        cfg = cfg.model_copy(update={"peft": client_section(cfg.peft, rank_of(cfg.peft, client))})
     tokenizer = tokenizer_for(cfg)
     train = load_encoded(cfg, tokenizer, client, "train")
     val = load_encoded(cfg, tokenizer, client, "val")
@@ -108,6 +112,8 @@ def train_client(
         dp = (cfg.record_dp, private_seed(private_dir, round_, "dp-sgd"))
         privacy = {"record_epsilon": ledger.epsilon(cfg.record_dp)}
     global_state = load_state(global_path)
+    if lower:
+        global_state = truncate(global_state, cfg.peft.r)
     view = load_state(server_view_path) if server_view_path else {}
     strategy, own = build_strategy(cfg), own_state(private_dir, round_)
     model = build_peft_model(cfg, global_state)

@@ -57,7 +57,7 @@ class PeftSection(Section):
         "lora", description="PEFT method: lora, ia3, prompt_tuning, p_tuning or prefix_tuning (the PEFT registry)."
     )
     r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Modules LoRA or IA3 adapt."
@@ -66,6 +66,10 @@ class PeftSection(Section):
     use_rslora: bool = Field(False, description="LoRA: rank-stabilized scaling alpha / sqrt(r).")
     feedforward_modules: list[str] = Field(
         default_factory=list, description="IA3: which of target_modules are feed-forward (scaled on their input)."
+    )
+    client_ranks: dict[int, int] = Field(
+        default_factory=dict,
+        description="LoRA: clients that train a lower rank than r, {client: rank} (HetLoRA zero padding).",
     )
     num_virtual_tokens: int = Field(8, gt=0, description="Prompt, P-tuning and prefix tuning: virtual tokens.")
     encoder_hidden_size: int = Field(128, gt=0, description="P-tuning: hidden size of the prompt encoder MLP.")
@@ -76,6 +80,15 @@ class PeftSection(Section):
         from fedtune.peft_methods import PEFT_METHODS
 
         return PEFT_METHODS.check(value)
+
+    @model_validator(mode="after")
+    def _ranks_below_r(self) -> PeftSection:
+        if self.client_ranks and self.method != "lora":
+            raise ValueError("client_ranks: heterogeneous ranks are for lora")
+        wrong = {c: r for c, r in self.client_ranks.items() if not 0 < r <= self.r}
+        if wrong:
+            raise ValueError(f"client_ranks {wrong}: each rank must be in 1..r ({self.r})")
+        return self
 
     @model_validator(mode="after")
     def _feedforward_among_targets(self) -> PeftSection:
@@ -359,6 +372,14 @@ class FedConfig(Section):
         build_strategy(self).check_cohort(self.federation.clients_per_round)
         if self.record_dp.enabled and self.train.grad_accum != 1:
             raise ValueError("record_dp.enabled: each step is one Poisson-sampled batch, so train.grad_accum must be 1")
+        strangers = sorted(c for c in self.peft.client_ranks if not 0 <= c < n)
+        if strangers:
+            raise ValueError(f"peft.client_ranks: clients {strangers} are not among the {n} partitions")
+        if self.peft.client_ranks and (self.secagg.enabled or build_strategy(self).extras):
+            raise ValueError(
+                "peft.client_ranks: heterogeneous ranks are not combined with secure aggregation or "
+                f"{self.federation.strategy}'s extras yet (both need every update at the global rank)"
+            )
         if self.federation.personal_modules and self.secagg.enabled:
             raise ValueError("federation.personal_modules: not combined with secure aggregation yet (it masks all)")
         extras = build_strategy(self).extras

@@ -37,7 +37,7 @@ def lora_config(section: PeftSection) -> PeftConfig:
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=section.r,
-        lora_alpha=section.alpha,
+        lora_alpha=section.alpha,  # type: ignore[arg-type]  # peft divides it by r: a float works (HetLoRA)
         lora_dropout=section.dropout,
         target_modules=list(section.target_modules),
         use_dora=section.use_dora,

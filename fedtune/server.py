@@ -13,6 +13,7 @@ from typing import Any
 
 from fedtune.adapters import AdapterState, to_bytes
 from fedtune.config import FedConfig
+from fedtune.hetero_rank import pad
 from fedtune.personalization import shared
 from fedtune.strategies import ClientUpdate, ServerState, build_strategy
 from fedtune.validation import RoundAborted, UpdateRejected, UpdateValidator
@@ -37,6 +38,7 @@ def aggregate_reports(
         max_bytes=2 * len(to_bytes(global_state)) * (1 + len(strategy.extras)),
         max_examples=cfg.federation.max_client_examples,
         extras=strategy.extras,
+        ranks={c: r for c, r in cfg.peft.client_ranks.items() if r < cfg.peft.r},
     )
     left_out = list(dropped or [])
 
@@ -54,7 +56,7 @@ def aggregate_reports(
                 left_out.append(str(error))
                 continue
             valid += 1
-            yield ClientUpdate(report["client"], delta, report["num_examples"], extras)
+            yield ClientUpdate(report["client"], pad(delta, global_state), report["num_examples"], extras)
         if valid < cfg.federation.min_fit_clients:
             raise RoundAborted(
                 f"round {round_}: {valid} valid updates, federation.min_fit_clients is "

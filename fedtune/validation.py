@@ -20,6 +20,7 @@ import torch
 from fedtune.adapters import AdapterState, load_state, to_bytes
 from fedtune.atomic import atomic_write_bytes
 from fedtune.compression import CompressionError, decompress
+from fedtune.hetero_rank import truncate
 
 ROUND, CLIENT, NONCE = "fedtune.round", "fedtune.client", "fedtune.nonce"
 
@@ -64,7 +65,12 @@ class UpdateValidator:
     max_bytes: int
     max_examples: int
     extras: tuple[str, ...] = ()  # the strategy's payloads expected beside the delta
+    ranks: dict[int, int] = field(default_factory=dict)  # clients that send a lower LoRA rank (HetLoRA)
     seen_nonces: set[str] = field(default_factory=set)
+
+    def reference(self, client: int) -> AdapterState:
+        """The tensors a client's update must match: the global's, truncated to its rank."""
+        return truncate(self.global_state, self.ranks[client]) if client in self.ranks else self.global_state
 
     def split(self, state: AdapterState) -> tuple[AdapterState, dict[str, AdapterState]]:
         """A checked file's delta and its extras by name."""
@@ -86,11 +92,11 @@ class UpdateValidator:
         self._check_envelope(client, meta)
         extras = tuple(f"{name}/" for name in self.extras)
         try:  # a compressed delta back to float tensors (a plain one passes as it is)
-            delta = decompress({k: v for k, v in state.items() if not k.startswith(extras)}, self.global_state)
+            delta = decompress({k: v for k, v in state.items() if not k.startswith(extras)}, self.reference(client))
         except CompressionError as error:
             raise UpdateRejected(client, f"undecodable payload ({error})") from None
         state = {**delta, **{k: v for k, v in state.items() if k.startswith(extras)}}
-        self._check_tensors(client, state)
+        self._check_tensors(client, state, self.reference(client))
         return state
 
     def _check_envelope(self, client: int, meta: dict[str, str]) -> None:
@@ -103,20 +109,20 @@ class UpdateValidator:
             raise UpdateRejected(client, "missing or replayed nonce (duplicate update)")
         self.seen_nonces.add(nonce)
 
-    def _check_tensors(self, client: int, state: AdapterState) -> None:
-        expected = {**self.global_state}
+    def _check_tensors(self, client: int, state: AdapterState, reference: AdapterState) -> None:
+        expected = {**reference}
         for name in self.extras:
-            expected |= {f"{name}/{key}": tensor for key, tensor in self.global_state.items()}
+            expected |= {f"{name}/{key}": tensor for key, tensor in reference.items()}
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing:
             raise UpdateRejected(client, "missing tensor", missing[0])
         if extra:
             raise UpdateRejected(client, "unexpected tensor", extra[0])
-        for key, reference in expected.items():
+        for key, like in expected.items():
             tensor = state[key]
-            if tensor.shape != reference.shape:
-                raise UpdateRejected(client, f"shape {tuple(tensor.shape)} != {tuple(reference.shape)}", key)
-            if tensor.dtype != reference.dtype:
-                raise UpdateRejected(client, f"dtype {tensor.dtype} != {reference.dtype}", key)
+            if tensor.shape != like.shape:
+                raise UpdateRejected(client, f"shape {tuple(tensor.shape)} != {tuple(like.shape)}", key)
+            if tensor.dtype != like.dtype:
+                raise UpdateRejected(client, f"dtype {tensor.dtype} != {like.dtype}", key)
             if not torch.isfinite(tensor).all():
                 raise UpdateRejected(client, "NaN or Inf values", key)
