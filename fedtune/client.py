@@ -96,9 +96,10 @@ def train_client(
 ) -> dict[str, Any]:
     """`private_dir` is the client's own folder (its secret, its privacy ledger, its strategy
     state); `server_view_path` what the strategy shares of the server's state (`client_view`)."""
-    lower = rank_of(cfg.peft, client) < cfg.peft.r
+    rank = rank_of(cfg.peft, client)
+    lower = rank < cfg.peft.r
     if lower:  # HetLoRA: this client trains the leading components only, at the global scale
-        cfg = cfg.model_copy(update={"peft": client_section(cfg.peft, rank_of(cfg.peft, client))})
+        cfg = cfg.model_copy(update={"peft": client_section(cfg.peft, rank)})
     tokenizer = tokenizer_for(cfg)
     train = load_encoded(cfg, tokenizer, client, "train")
     val = load_encoded(cfg, tokenizer, client, "val")
@@ -113,7 +114,7 @@ def train_client(
         privacy = {"record_epsilon": ledger.epsilon(cfg.record_dp)}
     global_state = load_state(global_path)
     if lower:
-        global_state = truncate(global_state, cfg.peft.r)
+        global_state = truncate(global_state, rank)
     view = load_state(server_view_path) if server_view_path else {}
     strategy, own = build_strategy(cfg), own_state(private_dir, round_)
     model = build_peft_model(cfg, global_state)

@@ -38,7 +38,7 @@ def aggregate_reports(
         max_bytes=2 * len(to_bytes(global_state)) * (1 + len(strategy.extras)),
         max_examples=cfg.federation.max_client_examples,
         extras=strategy.extras,
-        ranks={c: r for c, r in cfg.peft.client_ranks.items() if r < cfg.peft.r},
+        ranks=cfg.peft.client_ranks,
     )
     left_out = list(dropped or [])
 

@@ -65,7 +65,7 @@ class UpdateValidator:
     max_bytes: int
     max_examples: int
     extras: tuple[str, ...] = ()  # the strategy's payloads expected beside the delta
-    ranks: dict[int, int] = field(default_factory=dict)  # clients that send a lower LoRA rank (HetLoRA)
+    ranks: dict[int, int] = field(default_factory=dict)  # clients that send a LoRA rank of their own (HetLoRA)
     seen_nonces: set[str] = field(default_factory=set)
 
     def reference(self, client: int) -> AdapterState:
@@ -90,13 +90,13 @@ class UpdateValidator:
         except Exception as error:  # any parse failure of untrusted bytes is a rejection
             raise UpdateRejected(client, f"unreadable payload ({type(error).__name__}: {error})") from None
         self._check_envelope(client, meta)
-        extras = tuple(f"{name}/" for name in self.extras)
+        extras, reference = tuple(f"{name}/" for name in self.extras), self.reference(client)
         try:  # a compressed delta back to float tensors (a plain one passes as it is)
-            delta = decompress({k: v for k, v in state.items() if not k.startswith(extras)}, self.reference(client))
+            delta = decompress({k: v for k, v in state.items() if not k.startswith(extras)}, reference)
         except CompressionError as error:
             raise UpdateRejected(client, f"undecodable payload ({error})") from None
         state = {**delta, **{k: v for k, v in state.items() if k.startswith(extras)}}
-        self._check_tensors(client, state, self.reference(client))
+        self._check_tensors(client, state, reference)
         return state
 
     def _check_envelope(self, client: int, meta: dict[str, str]) -> None:
