@@ -41,6 +41,7 @@ def evaluate_adapter(
             system_prompt=cfg.data.system_prompt,
             max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
+            answer_pattern=cfg.eval.answer_pattern,
         )
         metrics["test_accuracy"] = em["accuracy"]
         metrics["test_accuracy_per_label"] = em["per_label"]

@@ -287,6 +287,21 @@ class EvalSection(Section):
     batch_size: int = Field(16, gt=0)
     generation_samples: int = Field(96, ge=0, description="Held-out test rows scored by greedy exact match.")
     max_new_tokens: int = Field(12, gt=0)
+    answer_pattern: str | None = Field(
+        None,
+        description="Regex whose first group (or whole match) is the answer compared, in the reference and in the "
+        "generation (e.g. '####\\s*(\\S+)' for GSM8K's final answer); None compares the whole response.",
+    )
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+        return value
 
 
 class TrackingSection(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -29,6 +30,17 @@ def loss_and_perplexity(model: Any, data: Encoded, *, batch_size: int, pad_id: i
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def extract_answer(text: str, pattern: str | None) -> str | None:
+    """The part of `text` that is compared: the pattern's first group (or whole match), else all of it."""
+    text = text.strip()
+    if pattern is None:
+        return text
+    found = re.search(pattern, text)
+    if found is None:
+        return None
+    return (found.group(1) if found.re.groups else found.group(0)).strip()
+
+
 @torch.no_grad()
 def exact_match(
     model: Any,
@@ -38,8 +50,12 @@ def exact_match(
     system_prompt: str | None,
     max_new_tokens: int,
     batch_size: int,
+    answer_pattern: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy answers compared to the reference after stripping whitespace; overall and per label."""
+    """Greedy answers compared to the reference after stripping whitespace; overall and per label.
+
+    With `answer_pattern`, only the extracted answers are compared (GSM8K's number after `####`);
+    a generation without one is wrong."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -61,7 +77,8 @@ def exact_match(
             )
             answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for record, answer in zip(chunk, answers, strict=True):
-                ok = answer.strip() == reference_answer(record)
+                got = extract_answer(answer, answer_pattern)
+                ok = got is not None and got == extract_answer(reference_answer(record), answer_pattern)
                 hits[str(record.get("label"))].append(ok)
                 if len(samples) < 5:
                     samples.append({"prompt": record["messages"][-2]["content"], "answer": answer.strip(), "ok": ok})

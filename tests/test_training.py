@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from fedtune.adapters import get_adapter_state
+from fedtune.config import ConfigError, load_config
 from fedtune.data.loading import load_records
-from fedtune.evaluation import exact_match, loss_and_perplexity
+from fedtune.evaluation import exact_match, extract_answer, loss_and_perplexity
 from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
 from fedtune.training import local_train, total_steps
 
@@ -49,6 +50,18 @@ def test_exact_match_scores_generated_answers(tiny_config) -> None:  # type: ign
     assert 0.0 <= result["accuracy"] <= 1.0
     assert sum(len(v) for v in [result["per_label"]]) >= 1 and result["samples"]
     assert tokenizer.padding_side == "right"
+
+
+def test_an_answer_pattern_compares_only_the_final_answers() -> None:
+    pattern = r"####\s*([-\d.,]+)"
+    reference = "48/2 = <<48/2=24>>24 in May.\n48+24 = 72 in all.\n#### 72"
+    assert extract_answer(reference, pattern) == "72"
+    assert extract_answer("so 70 + 2 gives\n#### 72\n#### 9", pattern) == extract_answer(reference, pattern)
+    assert extract_answer("The answer is 72", pattern) is None  # no marker: scored wrong, not guessed
+    assert extract_answer(" Sports \n", None) == "Sports"
+    assert extract_answer("label: World", r"World|Sports") == "World"  # no group: the whole match
+    with pytest.raises(ConfigError, match="eval.answer_pattern"):
+        load_config(None, ["eval.answer_pattern=([unclosed"])
 
 
 def test_windowed_response_loss_equals_the_full_logits_loss(tiny_config) -> None:  # type: ignore[no-untyped-def]
