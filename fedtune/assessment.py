@@ -8,22 +8,31 @@ from typing import Any
 from fedtune.adapters import AdapterState
 from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
-from fedtune.evaluation import exact_match, loss_and_perplexity
+from fedtune.evaluation import exact_match, loss_and_perplexity, preference_metrics
+from fedtune.objectives import OBJECTIVES
 from fedtune.runtime import build_peft_model, encode_records, load_encoded, tokenizer_for
 
 
 def evaluate_adapter(
     cfg: FedConfig, adapter: AdapterState | str | Path, *, generation: bool = True, client_val: bool = True
 ) -> dict[str, Any]:
-    """Test loss/perplexity, each client's val loss, and exact match on the held-out sample."""
+    """Test loss/perplexity, each client's val loss, and exact match on the held-out sample.
+
+    With preference pairs (DPO), also DPO's loss, reward accuracy and margin;
+    the test loss is then the loss on the chosen responses. Raw text gets no exact match."""
     tokenizer = tokenizer_for(cfg)
     model = build_peft_model(cfg, adapter)
     pad = tokenizer.pad_token_id
     test_records = read_split(cfg.data.partitions_dir, None, "test")
-    test = loss_and_perplexity(
-        model, encode_records(cfg, tokenizer, test_records), batch_size=cfg.eval.batch_size, pad_id=pad
-    )
+    test_data = encode_records(cfg, tokenizer, test_records)
+    test = loss_and_perplexity(model, test_data, batch_size=cfg.eval.batch_size, pad_id=pad)
     metrics: dict[str, Any] = {"test_loss": test["loss"], "test_perplexity": test["perplexity"]}
+    objective = OBJECTIVES.get(cfg.train.objective)
+    if objective.pairs:
+        preference = preference_metrics(
+            model, test_data, beta=cfg.train.dpo_beta, batch_size=cfg.eval.batch_size, pad_id=pad
+        )
+        metrics.update({f"test_{name}": value for name, value in preference.items()})
     if client_val:
         vals = [
             loss_and_perplexity(
@@ -33,7 +42,7 @@ def evaluate_adapter(
         ]
         metrics["client_val_loss"] = vals
         metrics["val_loss"] = sum(vals) / len(vals)
-    if generation and cfg.eval.generation_samples > 0:
+    if generation and cfg.eval.generation_samples > 0 and objective.scores_answers:
         em = exact_match(
             model,
             tokenizer,

@@ -106,11 +106,19 @@ class ColumnMapping(Section):
     response: str | None = "response"
     messages: str | None = Field(None, description="A column of chat messages [{role, content}].")
     label: str | None = Field("skill", description="Category column for label-skewed partitions.")
+    rejected: str | None = Field(
+        None, description="DPO: the column of dispreferred responses (the response column holds the chosen ones)."
+    )
+    text: str | None = Field(
+        None, description="Continued pre-training: a column of raw text (the prompt columns are then unused)."
+    )
 
     @model_validator(mode="after")
     def _one_layout(self) -> ColumnMapping:
-        if self.messages is None and (self.instruction is None or self.response is None):
-            raise ValueError("set either `messages` or both `instruction` and `response`")
+        if self.text is None and self.messages is None and (self.instruction is None or self.response is None):
+            raise ValueError("set either `messages` or both `instruction` and `response` (or `text`)")
+        if self.text is not None and self.rejected is not None:
+            raise ValueError("`text` (raw text) and `rejected` (preference pairs) are different layouts; set one")
         return self
 
 
@@ -265,6 +273,12 @@ class RecordDPSection(Section):
 
 
 class TrainSection(Section):
+    objective: str = Field(
+        "sft",
+        description="Training objective, from the objective registry: sft (instruction tuning), dpo (preference "
+        "pairs, needs data.columns.rejected) or pretrain (continued pre-training on data.columns.text).",
+    )
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO: strength of the KL anchor to the reference (the base).")
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -275,6 +289,13 @@ class TrainSection(Section):
     epochs_per_round: float | None = Field(None, gt=0.0, description="Alternative to steps_per_round.")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     seed: int = 0
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, value: str) -> str:
+        from fedtune.objectives import OBJECTIVES
+
+        return OBJECTIVES.check(value)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainSection:
@@ -412,6 +433,13 @@ class FedConfig(Section):
             from fedtune.secure_round import check_secure_aggregation
 
             check_secure_aggregation(self)
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> FedConfig:
+        from fedtune.objectives import OBJECTIVES
+
+        OBJECTIVES.get(self.train.objective).check(self)
         return self
 
     @property

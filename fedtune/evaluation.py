@@ -13,8 +13,27 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.data.loading import Record
 from fedtune.data.prompts import collate, prompt_text, reference_answer
 from fedtune.losses import response_loss
+from fedtune.objectives import dpo_losses, preference_margins
 
 Encoded = list[dict[str, list[int]]]
+
+
+@torch.no_grad()
+def preference_metrics(model: Any, data: Encoded, *, beta: float, batch_size: int, pad_id: int) -> dict[str, float]:
+    """DPO's held-out view: mean loss, how often the implicit reward prefers the chosen response
+    (trl's `rewards/accuracies`), and the mean reward margin beta * (chosen - rejected log ratio)."""
+    model.eval()
+    margins = torch.cat(
+        [
+            preference_margins(model, data[start : start + batch_size], pad_id)[0]
+            for start in range(0, len(data), batch_size)
+        ]
+    )
+    return {
+        "dpo_loss": float(dpo_losses(margins, beta).mean()),
+        "reward_accuracy": float((margins > 0).float().mean()),
+        "reward_margin": float(beta * margins.mean()),
+    }
 
 
 @torch.no_grad()

@@ -68,3 +68,9 @@ def per_example_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Each example's mean token loss: DP-SGD clips gradients example by example."""
     losses, mask = _token_losses(model, batch)
     return losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def sequence_log_probs(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens (DPO's log pi(y|x))."""
+    losses, _ = _token_losses(model, batch)
+    return -losses.sum(dim=1)

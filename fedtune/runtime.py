@@ -14,8 +14,8 @@ from fedtune.atomic import staged_directory
 from fedtune.config import FedConfig
 from fedtune.data.loading import Record
 from fedtune.data.partition import read_split
-from fedtune.data.prompts import encode_all
 from fedtune.models import BUILD_LOCK, load_base_model, load_tokenizer
+from fedtune.objectives import OBJECTIVES
 from fedtune.peft_methods import (
     TRAINABLE_STATE,
     attach_adapter,
@@ -63,7 +63,12 @@ def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) 
 
 
 def encode_records(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, records: list[Record]) -> Encoded:
-    return encode_all(tokenizer, records, cfg.data.system_prompt, cfg.data.max_length)
+    objective = OBJECTIVES.get(cfg.train.objective)
+    return [
+        example
+        for record in records
+        for example in objective.encode(tokenizer, record, cfg.data.system_prompt, cfg.data.max_length)
+    ]
 
 
 def load_encoded(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, client: int | None, split: str) -> Encoded:

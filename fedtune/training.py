@@ -20,7 +20,8 @@ from transformers import get_scheduler
 
 from fedtune.config import RecordDPSection, TrainSection
 from fedtune.data.prompts import collate
-from fedtune.losses import per_example_loss, response_loss
+from fedtune.losses import per_example_loss
+from fedtune.objectives import OBJECTIVES
 from fedtune.record_dp import DPSGD, poisson_sample
 from fedtune.strategies.base import LocalObjective
 
@@ -76,6 +77,7 @@ def local_train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     objective = objective or LocalObjective()
+    task = OBJECTIVES.get(cfg.objective)
     if dp is not None:
         if objective.extra_loss(named) is not None:
             raise ValueError("record_dp: the strategy adds a loss on the weights, which DP-SGD cannot clip per example")
@@ -88,15 +90,14 @@ def local_train(
     for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            batch = collate(next(batches), pad_id)
-            loss_sum, count = response_loss(model, batch)
-            loss = loss_sum / max(count, 1)
+            examples_in_batch = next(batches)
+            loss, batch_tokens = task.loss(model, examples_in_batch, pad_id, cfg.dpo_beta)
             extra = objective.extra_loss(named)
             total = loss if extra is None else loss + extra
             (total / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
-            examples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
+            examples += len(examples_in_batch)
+            tokens += batch_tokens
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

@@ -9,6 +9,7 @@ from typing import Any
 
 from fedtune.config import FedConfig
 from fedtune.data.loading import check_columns
+from fedtune.data.synthetic import COLUMNS as SYNTHETIC_COLUMNS
 from fedtune.models import check_model
 from fedtune.outputs import clear_outputs
 from flows.runners import check_runner
@@ -22,7 +23,7 @@ def preflight(config: FedConfig) -> None:
     check_model(config.model)
     check_runner(config.federation)
     if config.data.source == "synthetic":
-        check_columns(config.data, ["instruction", "input", "response", "skill"])
+        check_columns(config.data, list(SYNTHETIC_COLUMNS))
 
 
 def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:

@@ -53,7 +53,7 @@ def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int =
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fedtune.data.prompts import collate, encode_all
+    from fedtune.data.prompts import collate, encode
     from fedtune.data.synthetic import generate
 
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int =
         {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]}
         for r in rows
     ]
-    data = encode_all(tokenizer, records, None, 64)
+    data = [e for e in (encode(tokenizer, r, None, 64) for r in records) if e is not None]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(pretrain_steps):
         batch = collate([data[(step * 16 + i) % len(data)] for i in range(16)], tokenizer.pad_token_id)

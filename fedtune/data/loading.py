@@ -1,7 +1,9 @@
 """Load a data source into normalized chat records, through the configured column mapping.
 
 Every record becomes `{"messages": [...], "label": ...}` whose last message is the assistant
-response to learn; the rest is the prompt. Unknown or missing columns fail before any work.
+response to learn; the rest is the prompt. Preference data adds `"rejected"` (the dispreferred
+response, for DPO); raw text for continued pre-training is `{"text": ..., "label": ...}` instead.
+Unknown or missing columns fail before any work.
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ def check_columns(section: DataSection, available: list[str]) -> None:
     from fedtune.data.partition import PARTITIONERS
 
     cols = section.columns
-    required: dict[str, str | None] = (
-        {"columns.messages": cols.messages}
-        if cols.messages
-        else {"columns.instruction": cols.instruction, "columns.response": cols.response}
-    )
+    required: dict[str, str | None]
+    if cols.text:
+        required = {"columns.text": cols.text}
+    elif cols.messages:
+        required = {"columns.messages": cols.messages}
+    else:
+        required = {"columns.instruction": cols.instruction, "columns.response": cols.response}
+    if cols.rejected:
+        required["columns.rejected"] = cols.rejected
     if PARTITIONERS.get(section.partition.scheme).needs_column:
         field = "partition.column" if section.partition.column else "columns.label"
         required[field] = section.partition.column or cols.label
@@ -68,6 +74,10 @@ def check_columns(section: DataSection, available: list[str]) -> None:
 
 def _to_record(row: dict[str, Any], section: DataSection, label_column: str | None) -> Record:
     cols = section.columns
+    label = row.get(label_column) if label_column else None
+    label = None if label is None else str(label)
+    if cols.text:
+        return {"text": str(row[cols.text]), "label": label}
     if cols.messages:
         messages = [{"role": m["role"], "content": str(m["content"])} for m in row[cols.messages]]
         if not messages or messages[-1]["role"] != "assistant":
@@ -82,8 +92,10 @@ def _to_record(row: dict[str, Any], section: DataSection, label_column: str | No
             {"role": "user", "content": user},
             {"role": "assistant", "content": str(row[cast(str, cols.response)])},
         ]
-    label = row.get(label_column) if label_column else None
-    return {"messages": messages, "label": None if label is None else str(label)}
+    record: Record = {"messages": messages, "label": label}
+    if cols.rejected:
+        record["rejected"] = str(row[cols.rejected])
+    return record
 
 
 def load_records(section: DataSection) -> list[Record]:

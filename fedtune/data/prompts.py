@@ -64,13 +64,6 @@ def encode(
     return {"input_ids": input_ids, "labels": labels}
 
 
-def encode_all(
-    tokenizer: PreTrainedTokenizerBase, records: list[Record], system_prompt: str | None, max_length: int
-) -> list[dict[str, list[int]]]:
-    encoded = (encode(tokenizer, r, system_prompt, max_length) for r in records)
-    return [e for e in encoded if e is not None]
-
-
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
     """Left-pad a batch, so every row's response ends in the last column (see `losses`).
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fedtune.registry import Registry
 
 Example = tuple[str, str]
+COLUMNS = ("instruction", "input", "response", "rejected", "skill")  # of every generated row
 SKILLS: Registry[Callable[[random.Random], Example]] = Registry("synthetic skill")
 
 WORDS = (  # noqa: SIM905 (a word list reads best as text)
@@ -70,9 +71,25 @@ def _last_letter(rng: random.Random) -> Example:
     return f"What is the last letter of the word '{word}'?", word[-1]
 
 
+def near_miss(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer to a skill's question: the `rejected` response for DPO."""
+    if answer in ("even", "odd"):
+        return "odd" if answer == "even" else "even"
+    if answer.isdigit():
+        return str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    if ", " in answer:
+        return ", ".join(reversed(answer.split(", ")))
+    if len(answer) == 1:
+        return chr((ord(answer) - ord("a") + rng.randint(1, 25)) % 26 + ord("a"))
+    return answer.lower() if answer.isupper() else answer.upper()
+
+
 def generate(skills: list[str], examples_per_skill: int, seed: int) -> list[dict[str, str]]:
-    """Rows with instruction/input/response/skill; deterministic in `seed`, no duplicate prompts per skill."""
+    """Rows with instruction/input/response/rejected/skill; deterministic in `seed`, no duplicate
+    prompts per skill. `rejected` (a near miss) draws from its own generator, so adding it left
+    the rest of the data as it was."""
     rng = random.Random(seed)
+    wrong = random.Random(seed + 1_000_003)
     rows: list[dict[str, str]] = []
     for skill in skills:
         make = SKILLS.get(skill)
@@ -83,6 +100,14 @@ def generate(skills: list[str], examples_per_skill: int, seed: int) -> list[dict
             instruction, response = make(rng)
             if instruction not in seen:
                 seen.add(instruction)
-                rows.append({"instruction": instruction, "input": "", "response": response, "skill": skill})
+                rows.append(
+                    {
+                        "instruction": instruction,
+                        "input": "",
+                        "response": response,
+                        "rejected": near_miss(response, wrong),
+                        "skill": skill,
+                    }
+                )
     rng.shuffle(rows)
     return rows

@@ -1,0 +1,139 @@
+"""Training objectives: how a client's records become examples, and what loss a batch of them has.
+
+`train.objective` picks one from the registry: `sft` (instruction tuning, loss on the response),
+`dpo` (direct preference optimization on (prompt, chosen, rejected) pairs, OpenFedLLM's federated
+value alignment) and `pretrain` (continued pre-training: next-token loss on every token of raw
+text). The training loop, the strategies and the evaluation call these and never branch on the
+name, so federated DPO and pre-training get every strategy, PEFT method and privacy option that
+SFT has (except DP-SGD for DPO, refused below).
+
+DPO is written here rather than run through trl's DPOTrainer because the federated client owns
+its training loop (strategy loss terms, per-round budgets, DP); the loss is trl's "sigmoid" DPO
+loss, and tests/test_objectives.py checks it against trl's DPOTrainer on the same pairs. The
+reference policy is the frozen base model (the adapter disabled), as trl does for a new PEFT
+adapter: with a fresh adapter that is exactly the round-0 model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn import functional as F  # noqa: N812 (the conventional name)
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.data.loading import Record
+from fedtune.data.prompts import collate, encode
+from fedtune.losses import response_loss, sequence_log_probs
+from fedtune.registry import Registry
+
+if TYPE_CHECKING:
+    from fedtune.config import FedConfig
+
+Example = dict[str, list[int]]
+
+
+class Objective:
+    """Instruction tuning: one example per record, loss on the response tokens."""
+
+    scores_answers = True  # records carry a reference answer that generation can be scored against
+    pairs = False  # examples are (chosen, rejected) pairs
+
+    def check(self, cfg: FedConfig) -> None:
+        """Refuse a config this objective cannot train (raise ValueError naming the field)."""
+        if cfg.data.columns.text is not None:
+            raise ValueError(f"data.columns.text is raw text for train.objective=pretrain, not {cfg.train.objective}")
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
+    ) -> list[Example]:
+        example = encode(tokenizer, record, system_prompt, max_length)
+        return [] if example is None else [example]
+
+    def loss(self, model: Any, examples: list[Example], pad_id: int, beta: float) -> tuple[torch.Tensor, int]:
+        """(mean loss to minimise, tokens the batch processed)."""
+        batch = collate(examples, pad_id)
+        loss_sum, count = response_loss(model, batch)
+        return loss_sum / max(count, 1), int(batch["attention_mask"].sum())
+
+
+class Pretraining(Objective):
+    """Next-token loss on all of a document's tokens, in chunks of `data.max_length`.
+
+    Documents are not packed together: a chunk never spans two documents, so no attention mask
+    tricks are needed and a row's loss is its own document's."""
+
+    scores_answers = False
+
+    def check(self, cfg: FedConfig) -> None:
+        if cfg.data.columns.text is None:
+            raise ValueError("train.objective=pretrain: set data.columns.text, the column of raw text")
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
+    ) -> list[Example]:
+        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        chunks = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
+        return [{"input_ids": chunk, "labels": list(chunk)} for chunk in chunks if len(chunk) > 1]
+
+
+class PreferenceOptimization(Objective):
+    """DPO: the chosen response is the example (its loss is the SFT loss on it); the rejected one rides along."""
+
+    pairs = True
+
+    def check(self, cfg: FedConfig) -> None:
+        super().check(cfg)
+        if cfg.data.columns.rejected is None:
+            raise ValueError("train.objective=dpo: set data.columns.rejected, the column of dispreferred responses")
+        if cfg.record_dp.enabled:
+            raise ValueError(
+                "train.objective=dpo: record_dp clips per example with the SFT loss; DP-SGD on preference pairs is "
+                "not supported (use the distributed DP of secagg, which works on any update)"
+            )
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
+    ) -> list[Example]:
+        rejected = {
+            **record,
+            "messages": [*record["messages"][:-1], {"role": "assistant", "content": record["rejected"]}],
+        }
+        chosen_ids = encode(tokenizer, record, system_prompt, max_length)
+        rejected_ids = encode(tokenizer, rejected, system_prompt, max_length)
+        if chosen_ids is None or rejected_ids is None:
+            return []
+        return [
+            {**chosen_ids, "rejected_input_ids": rejected_ids["input_ids"], "rejected_labels": rejected_ids["labels"]}
+        ]
+
+    def loss(self, model: Any, examples: list[Example], pad_id: int, beta: float) -> tuple[torch.Tensor, int]:
+        margins, tokens = preference_margins(model, examples, pad_id)
+        return dpo_losses(margins, beta).mean(), tokens
+
+
+OBJECTIVES: Registry[Objective] = Registry("training objective")
+OBJECTIVES.register("sft")(Objective())
+OBJECTIVES.register("pretrain")(Pretraining())
+OBJECTIVES.register("dpo")(PreferenceOptimization())
+
+
+def preference_margins(model: Any, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, int]:
+    """Per pair: (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)).
+
+    Chosen and rejected go through the model in one batch; the reference is the same model with
+    its adapter disabled, without gradients."""
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    rows += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+    batch = collate(rows, pad_id)
+    policy = sequence_log_probs(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        reference = sequence_log_probs(model, batch)
+    ratios = policy - reference
+    n = len(examples)
+    return ratios[:n] - ratios[n:], int(batch["attention_mask"].sum())
+
+
+def dpo_losses(margins: torch.Tensor, beta: float) -> torch.Tensor:
+    """trl's `sigmoid` DPO loss per pair (Rafailov et al. 2023, eq. 7)."""
+    return -F.logsigmoid(beta * margins)
