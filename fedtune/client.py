@@ -34,6 +34,7 @@ from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
 from fedtune.strategies import build_strategy
 from fedtune.training import local_train, total_steps
 from fedtune.validation import write_update
+from fedtune.watermark import Combined, WatermarkTerm, bit_error_rate, owner_key
 
 
 def own_state(private_dir: str | Path, round_: int, kind: str = "strategy") -> AdapterState | None:
@@ -125,6 +126,10 @@ def train_client(
             cfg, model, global_state, private_dir, round_, val, tokenizer.pad_token_id
         )
     objective = strategy.local_objective(start, view, own)
+    key = None
+    if client in cfg.watermark.clients:  # an owner signs what it trains
+        key = owner_key(private_dir, start, cfg.watermark)
+        objective = Combined(objective, WatermarkTerm(key, cfg.watermark, start))
     result = local_train(
         model,
         train,
@@ -150,6 +155,8 @@ def train_client(
     tick = time.perf_counter()
     val_metrics = loss_and_perplexity(model, val, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
     val_seconds = time.perf_counter() - tick + compared.pop("val_seconds", 0.0)
+    if key is not None:
+        compared["watermark_ber_local"] = bit_error_rate(local_state, key)
     return {
         "client": client,
         "round": round_,

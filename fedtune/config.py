@@ -358,6 +358,36 @@ class CompressionSection(Section):
     topk_fraction: float = Field(0.01, gt=0.0, le=1.0, description="topk: share of each tensor's coordinates sent.")
 
 
+class WatermarkSection(Section):
+    """FedIPR-style ownership watermarks: owners embed a secret sign pattern while they train."""
+
+    clients: list[int] = Field(default_factory=list, description="Owners: clients that embed their own watermark.")
+    bits: int = Field(64, gt=0, description="Bits of each owner's signature.")
+    coordinates: int = Field(16, gt=0, description="Adapter weights per bit (the bit is their secret signed mean).")
+    modules: str = Field("lora_B", description="Regex: the adapter tensors that carry watermarks.")
+    strength: float = Field(1.0, gt=0.0, description="Weight of the owner's sign loss in its training loss.")
+    margin: float = Field(
+        0.05,
+        gt=0.0,
+        description="Hinge margin: each bit's signed mean is pushed past it (deeper survives more tuning).",
+    )
+    threshold: float = Field(
+        0.2,
+        ge=0.0,
+        lt=0.5,
+        description="Detected when the bit-error rate is at most this (64 bits: 2e-7 false positives).",
+    )
+
+    @field_validator("modules")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{value!r} is not a regular expression ({error})") from None
+        return value
+
+
 class DeploymentSection(Section):
     """Deployment mode: every sampled client trains in its own organization's Prefect worker."""
 
@@ -392,6 +422,7 @@ class FedConfig(Section):
     record_dp: RecordDPSection = Field(default_factory=RecordDPSection)
     deployment: DeploymentSection = Field(default_factory=DeploymentSection)
     compression: CompressionSection = Field(default_factory=CompressionSection)
+    watermark: WatermarkSection = Field(default_factory=WatermarkSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> FedConfig:
@@ -433,6 +464,18 @@ class FedConfig(Section):
             from fedtune.secure_round import check_secure_aggregation
 
             check_secure_aggregation(self)
+        return self
+
+    @model_validator(mode="after")
+    def _watermark_fits(self) -> FedConfig:
+        owners, n = self.watermark.clients, self.data.partition.num_clients
+        strangers = sorted(c for c in owners if not 0 <= c < n)
+        if strangers:
+            raise ValueError(f"watermark.clients: {strangers} are not among the {n} partitions")
+        if owners and self.record_dp.enabled:
+            raise ValueError("watermark.clients: DP-SGD clips per-example gradients and cannot add the sign loss")
+        if owners and self.peft.client_ranks:
+            raise ValueError("watermark.clients: not combined with peft.client_ranks (a key is for the global shapes)")
         return self
 
     @model_validator(mode="after")

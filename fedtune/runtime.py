@@ -24,6 +24,7 @@ from fedtune.peft_methods import (
     save_peft_adapter,
 )
 from fedtune.personalization import check_personal_modules
+from fedtune.watermark import carriers
 
 Encoded = list[dict[str, list[int]]]
 
@@ -59,6 +60,8 @@ def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) 
     trainable, total = model.get_nb_trainable_parameters()
     state = get_adapter_state(model)
     check_personal_modules(cfg.federation.personal_modules, state)  # before any client trains
+    if cfg.watermark.clients:
+        carriers({k: v.shape for k, v in state.items()}, cfg.watermark)
     return state, total - trainable
 
 

@@ -165,6 +165,32 @@ def evaluate_cmd(
     console.print(text)
 
 
+@app.command("watermark-verify")
+def watermark_verify_cmd(
+    adapter: Annotated[Path, typer.Argument(help="Adapter wire file (.safetensors) to examine.")],
+    secret: Annotated[Path, typer.Option(help="The owner's watermark.secret (in its private folder).")],
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Read an owner's watermark bits from an adapter: bit-error rate, detected or not, and the
+    false-positive rate of that verdict (watermark.bits, watermark.threshold from the config)."""
+    from fedtune.adapters import load_state
+    from fedtune.watermark import verify
+
+    missing = [
+        f"{name}: {path} does not exist"
+        for name, path in (("adapter", adapter), ("secret", secret))
+        if not path.exists()
+    ]
+    if missing:
+        console.print(f"[red]{'; '.join(missing)}[/red]")
+        raise typer.Exit(2)
+    cfg = _config(config, set_)
+    with _reported():
+        report = verify(load_state(adapter), secret.read_bytes(), cfg.watermark)
+    console.print(json.dumps(report, indent=2))
+
+
 @app.command("demo")
 def demo_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Federated run plus both baselines on the default model and data, then the results table."""

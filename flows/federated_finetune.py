@@ -14,12 +14,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from fedtune.adapters import load_state
 from fedtune.atomic import atomic_write_bytes
 from fedtune.config import FedConfig
 from fedtune.faults import crash_point
 from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.record_dp import PrivacyBudgetExhausted
+from fedtune.watermark import SECRET_FILE, owner_secret, verify
 from flows.common import failing_run, prepare
 from flows.remote_clients import round_namespace, train_remotely
 from flows.runners import task_runner
@@ -61,6 +63,19 @@ def _update_path(config: FedConfig, run: Path, round_: int, client: int) -> str:
     if config.secagg.enabled:
         return str(_private_dir(run, client) / f"round_{round_:04d}_update.safetensors")
     return str(_round_dir(run, round_) / f"update_client_{client}.safetensors")
+
+
+def _watermarks(config: FedConfig, run: Path, global_path: str) -> dict[str, float]:
+    """Each owner's bit-error rate in the new global (simulation: the owners' folders are here;
+    in a deployment each owner verifies with its own key, `fedtune watermark-verify`)."""
+    owners = [c for c in config.watermark.clients if (_private_dir(run, c) / SECRET_FILE).exists()]
+    if not owners:
+        return {}
+    state = load_state(global_path)
+    return {
+        f"watermark/client_{c}/ber": float(verify(state, owner_secret(_private_dir(run, c)), config.watermark)["ber"])
+        for c in owners
+    }
 
 
 def _train_here(
@@ -113,6 +128,7 @@ def _round(
     if declined and len(reports) < config.federation.min_fit_clients:
         return None
     paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped, namespace)
+    marks = {} if config.deployment.enabled else _watermarks(config, run, paths["global_path"])
     eval_tick = time.perf_counter()
     metrics = evaluate(config, paths["global_path"], f"round-{round_}", client_val=not config.deployment.enabled)
     eval_seconds = time.perf_counter() - eval_tick
@@ -124,6 +140,7 @@ def _round(
         "clients_left_out": len(paths["left_out"]),
         "left_out": paths["left_out"],
         **paths["state_metrics"],
+        **marks,
         "train_loss": sum(r["train_loss"] for r in reports) / max(len(reports), 1),
         "bytes_up": paths.get("protocol_bytes_up", sum(r["bytes_up"] for r in reports)),
         "bytes_up_per_client": paths.get("protocol_bytes_up", sum(r["bytes_up"] for r in reports))

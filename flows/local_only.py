@@ -48,8 +48,8 @@ def local_only(
         rows = [_alone(config, run, run_id, client) for client in range(config.data.partition.num_clients)]
     mean: dict[str, Any] = {
         key: sum(r[key] for r in rows) / len(rows)
-        for key in ("test_loss", "test_accuracy", "val_loss")
-        if key in rows[0]
+        for key in rows[0]
+        if (key.startswith("test_") or key == "val_loss") and "/" not in key and all(key in r for r in rows)
     }
     log_round(config, run_id, config.federation.rounds, mean, rows, [])
     summary: dict[str, Any] = {

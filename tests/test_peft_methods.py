@@ -9,12 +9,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from fedtune.adapters import load_state, num_parameters, to_bytes
 from fedtune.config import ConfigError, build_config
 from fedtune.data.partition import read_split
 from fedtune.evaluation import loss_and_perplexity
+from fedtune.models import load_base_model
 from fedtune.peft_methods import load_peft_adapter
 from fedtune.runtime import encode_records, tokenizer_for
 from tests.conftest import tiny_overrides
@@ -23,6 +23,8 @@ METHODS = [
     ("lora", {}),
     ("lora", {"use_dora": True}),
     ("lora", {"use_rslora": True}),
+    ("lora", {"quantization": "4bit"}),  # QLoRA: a model option, NF4 base through bitsandbytes
+    ("lora", {"quantization": "8bit"}),
     ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
     ("prompt_tuning", {"num_virtual_tokens": 4}),
     ("p_tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 32}),
@@ -30,15 +32,19 @@ METHODS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("method", "options"), METHODS, ids=[f"{m}{'-' + next(iter(o)) if o else ''}" for m, o in METHODS]
-)
+def _name(method: str, options: dict) -> str:  # type: ignore[type-arg]
+    return method + "".join(f"-{v if k == 'quantization' else k}" for k, v in list(options.items())[:1])
+
+
+@pytest.mark.parametrize(("method", "options"), METHODS, ids=[_name(m, o) for m, o in METHODS])
 def test_a_federated_round_with_each_method_gives_an_adapter_peft_loads(
     tmp_path, tiny_model_dir, method, options
 ) -> None:  # type: ignore[no-untyped-def]
     from flows.federated_finetune import federated_finetune
 
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    options = dict(options)
+    overrides["model"]["quantization"] = options.pop("quantization", "none")
     overrides["peft"] |= {"method": method, **options}
     overrides["federation"] |= {"rounds": 1, "clients_per_round": 2}
     overrides["train"] |= {"steps_per_round": 3}
@@ -59,7 +65,7 @@ def test_a_federated_round_with_each_method_gives_an_adapter_peft_loads(
     folder = tracking.download_artifacts(summary["mlflow_run_id"], "adapters/round_0001", str(tmp_path / "dl"))
     resumed = load_peft_adapter(folder)  # what a continual run starts from: the exact trainable state
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.model.name_or_path), folder)
+    model = PeftModel.from_pretrained(load_base_model(config.model), folder)  # QLoRA: the same quantized base
     tokenizer = tokenizer_for(config)
     test = encode_records(config, tokenizer, read_split(config.data.partitions_dir, None, "test"))
     loss = loss_and_perplexity(model, test, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
