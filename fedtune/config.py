@@ -62,6 +62,9 @@ class PeftSection(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="Modules LoRA or IA3 adapt."
     )
+    layers: list[int] | None = Field(
+        None, description="LoRA: adapt only these decoder layers (peft layers_to_transform); None = all."
+    )
     use_dora: bool = Field(False, description="LoRA: weight-decomposed low-rank adaptation (DoRA).")
     use_rslora: bool = Field(False, description="LoRA: rank-stabilized scaling alpha / sqrt(r).")
     feedforward_modules: list[str] = Field(
@@ -88,6 +91,12 @@ class PeftSection(Section):
         wrong = {c: r for c, r in self.client_ranks.items() if not 0 < r <= self.r}
         if wrong:
             raise ValueError(f"client_ranks {wrong}: each rank must be in 1..r ({self.r})")
+        return self
+
+    @model_validator(mode="after")
+    def _layers_for_weight_methods(self) -> PeftSection:
+        if self.layers is not None and (self.method != "lora" or not self.layers):
+            raise ValueError("layers: a non-empty list of decoder layer indices, for lora")
         return self
 
     @model_validator(mode="after")

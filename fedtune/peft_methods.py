@@ -42,6 +42,7 @@ def lora_config(section: PeftSection) -> PeftConfig:
         target_modules=list(section.target_modules),
         use_dora=section.use_dora,
         use_rslora=section.use_rslora,
+        layers_to_transform=section.layers,
     )
 
 

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from fedtune.adapters import num_parameters, save_state
 from fedtune.config import FedConfig
 from fedtune.models import ensure_model
+from fedtune.offsite import build_emulator
 from fedtune.runtime import initial_adapter_state
 from fedtune.strategies import build_strategy
 
@@ -40,3 +41,11 @@ def initial_adapter(config: FedConfig, out_dir: str, start_from: str | None = No
         "base_parameters": base_parameters,
         "full_update_bytes": base_parameters * FP32_BYTES,
     }
+
+
+@task(cache_policy=NO_CACHE)
+def emulator(config: FedConfig, out_dir: str, adaptor_layers: int, keep_every: int) -> dict[str, Any]:
+    """The model owner's compressed emulator of its model, for offsite-tuning clients."""
+    from dataclasses import asdict
+
+    return asdict(build_emulator(config.model.name_or_path, out_dir, adaptor_layers, keep_every))
