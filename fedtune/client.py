@@ -32,6 +32,7 @@ from fedtune.personalization import personal, shared
 from fedtune.record_dp import DPSGD, Ledger
 from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
 from fedtune.strategies import build_strategy
+from fedtune.teachers import with_teacher_targets
 from fedtune.training import local_train, total_steps
 from fedtune.validation import write_update
 from fedtune.watermark import Combined, WatermarkTerm, bit_error_rate, owner_key
@@ -104,6 +105,8 @@ def train_client(
     tokenizer = tokenizer_for(cfg)
     train = load_encoded(cfg, tokenizer, client, "train")
     val = load_encoded(cfg, tokenizer, client, "val")
+    if client in cfg.distill.teachers:  # the mentee route: this client's own model teaches the mentee
+        train = with_teacher_targets(cfg, client, train, tokenizer.pad_token_id)
     steps = total_steps(cfg.train, len(train))
     privacy: dict[str, float] = {}
     dp = None

@@ -288,6 +288,10 @@ class TrainSection(Section):
         "pairs, needs data.columns.rejected) or pretrain (continued pre-training on data.columns.text).",
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO: strength of the KL anchor to the reference (the base).")
+    distill_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="Distillation: weight of the teacher's loss against the cross-entropy."
+    )
+    distill_temperature: float = Field(2.0, gt=0.0, description="Distillation: softmax temperature T.")
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -397,6 +401,27 @@ class WatermarkSection(Section):
         return value
 
 
+class DistillSection(Section):
+    """Knowledge distillation between heterogeneous models (docs/heterogeneous.md)."""
+
+    teachers: dict[int, str] = Field(
+        default_factory=dict,
+        description="Mentee route: {client: its own model}. Each such client distills its model into the shared "
+        "mentee (model.name_or_path) on its data while it trains the mentee's adapter; same tokenizer.",
+    )
+    top_k: int = Field(8, gt=0, description="Logits per token a teacher (or a client, in FedMKT) passes on.")
+    client_models: dict[int, str] = Field(
+        default_factory=dict,
+        description="Knowledge-transfer flow (FedMKT): {client: its own model}; others use model.name_or_path. "
+        "Models and tokenizers may all differ.",
+    )
+    public_source: str | None = Field(
+        None, description="Knowledge-transfer flow: public data (same columns as data.source) the logits are about."
+    )
+    public_examples: int = Field(64, gt=0, description="Knowledge-transfer flow: public rows used (the first ones).")
+    public_steps: int = Field(10, gt=0, description="Knowledge-transfer flow: distillation steps per round.")
+
+
 class DeploymentSection(Section):
     """Deployment mode: every sampled client trains in its own organization's Prefect worker."""
 
@@ -432,6 +457,7 @@ class FedConfig(Section):
     deployment: DeploymentSection = Field(default_factory=DeploymentSection)
     compression: CompressionSection = Field(default_factory=CompressionSection)
     watermark: WatermarkSection = Field(default_factory=WatermarkSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
 
     @model_validator(mode="after")
     def _cross_section(self) -> FedConfig:
@@ -485,6 +511,19 @@ class FedConfig(Section):
             raise ValueError("watermark.clients: DP-SGD clips per-example gradients and cannot add the sign loss")
         if owners and self.peft.client_ranks:
             raise ValueError("watermark.clients: not combined with peft.client_ranks (a key is for the global shapes)")
+        return self
+
+    @model_validator(mode="after")
+    def _teachers_fit(self) -> FedConfig:
+        n = self.data.partition.num_clients
+        for field in ("teachers", "client_models"):
+            strangers = sorted(c for c in getattr(self.distill, field) if not 0 <= c < n)
+            if strangers:
+                raise ValueError(f"distill.{field}: clients {strangers} are not among the {n} partitions")
+        if self.distill.teachers and self.train.objective != "sft":
+            raise ValueError("distill.teachers: the mentee route distills instruction tuning (train.objective=sft)")
+        if self.distill.teachers and self.record_dp.enabled:
+            raise ValueError("distill.teachers: DP-SGD clips the SFT loss per example, not the distillation loss")
         return self
 
     @model_validator(mode="after")

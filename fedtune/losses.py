@@ -43,19 +43,27 @@ def window_logits(model: Any, batch: dict[str, Any], window: int) -> torch.Tenso
     return head(hidden[:, -window:].contiguous())
 
 
-def _token_losses(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token losses of the response window (0 where unlabelled) and the label mask."""
+def response_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of the response window: logits[:, i] predict targets[:, i]."""
     labels = batch["labels"]
     width = labels.shape[1]
     labelled = labels != IGNORE_INDEX
     first = int(torch.where(labelled.any(dim=1), labelled.float().argmax(dim=1), width).min())
     window = min(width, width - first + 1)
     logits = window_logits(model, batch, window)
-    targets = labels[:, width - window + 1 :]
+    return logits[:, :-1], labels[:, width - window + 1 :]
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses (0 where unlabelled) and the label mask."""
     losses = nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return losses.view(targets.shape), targets != IGNORE_INDEX
+
+
+def _token_losses(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_losses(*response_logits(model, batch))
 
 
 def response_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:

@@ -24,11 +24,12 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.loading import Record
 from fedtune.data.prompts import collate, encode
-from fedtune.losses import response_loss, sequence_log_probs
+from fedtune.distillation import KD_IDS, kd_loss, target_tensors
+from fedtune.losses import response_logits, sequence_log_probs, token_losses
 from fedtune.registry import Registry
 
 if TYPE_CHECKING:
-    from fedtune.config import FedConfig
+    from fedtune.config import FedConfig, TrainSection
 
 Example = dict[str, list[int]]
 
@@ -50,11 +51,18 @@ class Objective:
         example = encode(tokenizer, record, system_prompt, max_length)
         return [] if example is None else [example]
 
-    def loss(self, model: Any, examples: list[Example], pad_id: int, beta: float) -> tuple[torch.Tensor, int]:
-        """(mean loss to minimise, tokens the batch processed)."""
+    def loss(self, model: Any, examples: list[Example], pad_id: int, train: TrainSection) -> tuple[torch.Tensor, int]:
+        """(mean loss to minimise, tokens the batch processed). Examples that carry a teacher's
+        targets (distillation) mix the cross-entropy with the distillation loss."""
         batch = collate(examples, pad_id)
-        loss_sum, count = response_loss(model, batch)
-        return loss_sum / max(count, 1), int(batch["attention_mask"].sum())
+        logits, targets = response_logits(model, batch)
+        losses, mask = token_losses(logits, targets)
+        loss = losses.sum() / max(int(mask.sum()), 1)
+        if KD_IDS in examples[0]:
+            ids, probs = target_tensors(examples)
+            distilled = kd_loss(logits[mask], ids, probs, train.distill_temperature)
+            loss = (1 - train.distill_alpha) * loss + train.distill_alpha * distilled
+        return loss, int(batch["attention_mask"].sum())
 
 
 class Pretraining(Objective):
@@ -107,9 +115,9 @@ class PreferenceOptimization(Objective):
             {**chosen_ids, "rejected_input_ids": rejected_ids["input_ids"], "rejected_labels": rejected_ids["labels"]}
         ]
 
-    def loss(self, model: Any, examples: list[Example], pad_id: int, beta: float) -> tuple[torch.Tensor, int]:
+    def loss(self, model: Any, examples: list[Example], pad_id: int, train: TrainSection) -> tuple[torch.Tensor, int]:
         margins, tokens = preference_margins(model, examples, pad_id)
-        return dpo_losses(margins, beta).mean(), tokens
+        return dpo_losses(margins, train.dpo_beta).mean(), tokens
 
 
 OBJECTIVES: Registry[Objective] = Registry("training objective")

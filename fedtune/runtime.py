@@ -24,6 +24,7 @@ from fedtune.peft_methods import (
     save_peft_adapter,
 )
 from fedtune.personalization import check_personal_modules
+from fedtune.teachers import check_teachers
 from fedtune.watermark import carriers
 
 Encoded = list[dict[str, list[int]]]
@@ -62,6 +63,7 @@ def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) 
     check_personal_modules(cfg.federation.personal_modules, state)  # before any client trains
     if cfg.watermark.clients:
         carriers({k: v.shape for k, v in state.items()}, cfg.watermark)
+    check_teachers(cfg)
     return state, total - trainable
 
 

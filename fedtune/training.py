@@ -91,7 +91,7 @@ def local_train(
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             examples_in_batch = next(batches)
-            loss, batch_tokens = task.loss(model, examples_in_batch, pad_id, cfg.dpo_beta)
+            loss, batch_tokens = task.loss(model, examples_in_batch, pad_id, cfg)
             extra = objective.extra_loss(named)
             total = loss if extra is None else loss + extra
             (total / cfg.grad_accum).backward()

@@ -16,7 +16,7 @@ CHATML = (
 )
 
 
-def build_tokenizer(directory: Path, with_template: bool = True) -> Path:
+def build_tokenizer(directory: Path, with_template: bool = True, vocab_size: int = 600) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +29,7 @@ def build_tokenizer(directory: Path, with_template: bool = True) -> Path:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )

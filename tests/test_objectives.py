@@ -51,7 +51,8 @@ def test_dpo_loss_equals_trls_dpo_trainer_on_the_same_pairs(tmp_path, tiny_model
     model = _perturbed_model(config)
     beta = 0.3
 
-    ours = OBJECTIVES.get("dpo").loss(model, pairs, tokenizer.pad_token_id, beta)[0]
+    train = config.train.model_copy(update={"dpo_beta": beta})
+    ours = OBJECTIVES.get("dpo").loss(model, pairs, tokenizer.pad_token_id, train)[0]
 
     def split(ids, labels):  # type: ignore[no-untyped-def]
         start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)

@@ -1,0 +1,56 @@
+"""The mentee route of a heterogeneous federation (FATE-LLM's FedHeteroLLM).
+
+Members own different models. All of them train one shared small architecture, the *mentee*
+(`model.name_or_path`), with PEFT, and the server aggregates the mentee adapters with any
+strategy; a client listed in `distill.teachers` also distills its own model into the mentee on
+its local data: its model's top-k tempered distribution at every response token is attached to
+the training examples, and the client's loss mixes the cross-entropy with the distillation loss
+(`train.distill_alpha`, `train.distill_temperature`). Teachers and mentee share a tokenizer here;
+models with different tokenizers exchange aligned logits instead (flows/knowledge_transfer.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.config import FedConfig
+from fedtune.distillation import Target, attach, tempered, top_k
+from fedtune.errors import InputError
+from fedtune.models import check_model, load_base_model, load_tokenizer
+
+
+def _teacher_section(cfg: FedConfig, path: str) -> Any:
+    return cfg.model.model_copy(update={"name_or_path": path, "source": None})
+
+
+def check_teachers(cfg: FedConfig) -> None:
+    """Every teacher exists and tokenizes like the mentee; one error names each that does not."""
+    if not cfg.distill.teachers:
+        return
+    mentee = load_tokenizer(cfg.model).get_vocab()
+    problems = []
+    for client, path in sorted(cfg.distill.teachers.items()):
+        try:
+            check_model(_teacher_section(cfg, path))
+            vocabulary = load_tokenizer(_teacher_section(cfg, path)).get_vocab()
+        except InputError as error:
+            problems.append(f"distill.teachers[{client}]: {error}")
+            continue
+        if vocabulary != mentee:
+            problems.append(
+                f"distill.teachers[{client}]: {path} has a different tokenizer than the mentee; the mentee route needs "
+                "the same one (models with different tokenizers: the knowledge-transfer flow aligns their logits)"
+            )
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+def with_teacher_targets(
+    cfg: FedConfig, client: int, examples: list[dict[str, Any]], pad_id: int
+) -> list[dict[str, Any]]:
+    """`examples` carrying the client's own model's top-k at each response token."""
+    teacher = load_base_model(_teacher_section(cfg, cfg.distill.teachers[client]))
+    picks = top_k(teacher, examples, k=cfg.distill.top_k, pad_id=pad_id, batch_size=cfg.eval.batch_size)
+    temperature = cfg.train.distill_temperature
+    targets: list[list[Target]] = [[(ids, tempered(values, temperature)) for ids, values in rows] for rows in picks]
+    return attach(examples, targets)
