@@ -415,11 +415,16 @@ class DistillSection(Section):
         description="Knowledge-transfer flow (FedMKT): {client: its own model}; others use model.name_or_path. "
         "Models and tokenizers may all differ.",
     )
-    public_source: str | None = Field(
-        None, description="Knowledge-transfer flow: public data (same columns as data.source) the logits are about."
+    server_model: str | None = Field(
+        None,
+        description="FedCoLLM: the server's larger model; after each aggregation it and the aggregated client "
+        "adapter distill into each other on the public data, and clients get the improved adapter.",
     )
-    public_examples: int = Field(64, gt=0, description="Knowledge-transfer flow: public rows used (the first ones).")
-    public_steps: int = Field(10, gt=0, description="Knowledge-transfer flow: distillation steps per round.")
+    public_source: str | None = Field(
+        None, description="Knowledge transfer and FedCoLLM: public data (columns as data.source) to distill on."
+    )
+    public_examples: int = Field(64, gt=0, description="Public rows used (the first ones).")
+    public_steps: int = Field(10, gt=0, description="Distillation steps on the public data per round and model.")
 
 
 class DeploymentSection(Section):
@@ -522,6 +527,8 @@ class FedConfig(Section):
                 raise ValueError(f"distill.{field}: clients {strangers} are not among the {n} partitions")
         if self.distill.teachers and self.train.objective != "sft":
             raise ValueError("distill.teachers: the mentee route distills instruction tuning (train.objective=sft)")
+        if self.distill.server_model and self.distill.public_source is None:
+            raise ValueError("distill.server_model: FedCoLLM distills on public data; set distill.public_source")
         if self.distill.teachers and self.record_dp.enabled:
             raise ValueError("distill.teachers: DP-SGD clips the SFT loss per example, not the distillation loss")
         return self

@@ -28,6 +28,7 @@ from flows.runners import task_runner
 from tasks.aggregation import aggregate, round_allowed, share_view
 from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
+from tasks.knowledge_transfer import co_tune_round
 from tasks.model import initial_adapter
 from tasks.tracking import finish_tracking, log_adapter, log_history, log_round, start_tracking
 from tasks.training import local_train
@@ -128,6 +129,7 @@ def _round(
     if declined and len(reports) < config.federation.min_fit_clients:
         return None
     paths = aggregate(config, round_, str(previous), server_state, reports, str(out), dropped, namespace)
+    cotuned = co_tune_round(config, str(run), round_, paths["global_path"]) if config.distill.server_model else {}
     marks = {} if config.deployment.enabled else _watermarks(config, run, paths["global_path"])
     eval_tick = time.perf_counter()
     metrics = evaluate(config, paths["global_path"], f"round-{round_}", client_val=not config.deployment.enabled)
@@ -141,6 +143,7 @@ def _round(
         "left_out": paths["left_out"],
         **paths["state_metrics"],
         **marks,
+        **cotuned,
         "train_loss": sum(r["train_loss"] for r in reports) / max(len(reports), 1),
         "bytes_up": paths.get("protocol_bytes_up", sum(r["bytes_up"] for r in reports)),
         "bytes_up_per_client": paths.get("protocol_bytes_up", sum(r["bytes_up"] for r in reports))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedtune import knowledge_transfer as kt
+from fedtune.adapters import load_state, save_state
+from fedtune.assessment import evaluate_adapter
 from fedtune.config import FedConfig
+from fedtune.cotuning import co_tune, server_config
 from fedtune.distillation import Target, TextExample
 
 
@@ -36,3 +40,15 @@ def distill(
     config: FedConfig, client: int, round_: int, private_dir: str, texts: list[TextExample], targets: list[list[Target]]
 ) -> dict[str, Any]:
     return kt.distill_public(kt.client_config(config, client), client, round_, private_dir, texts, targets)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="co-tune-r{round_}")
+def co_tune_round(config: FedConfig, run_dir: str, round_: int, global_path: str) -> dict[str, float]:
+    """FedCoLLM's server step: the aggregated adapter is replaced by its co-tuned version; the
+    server model's adapter, saved in the run's server folder, is evaluated too."""
+    server_dir = Path(run_dir) / "server"
+    state, metrics = co_tune(config, load_state(global_path), server_dir, round_)
+    save_state(state, global_path)
+    large = server_dir / "server_adapter" / f"round_{round_:04d}.safetensors"
+    scores = evaluate_adapter(server_config(config), str(large), generation=False, client_val=False)
+    return {**metrics, "server/test_loss": scores["test_loss"]}

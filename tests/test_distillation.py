@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedtune.config import build_config
+from fedtune.config import ConfigError, build_config
 from fedtune.data.synthetic import generate
 from fedtune.distillation import (
     KD_IDS,
@@ -186,3 +186,46 @@ def test_knowledge_transfer_refuses_what_it_cannot_do_before_training(
     with pytest.raises(InputError, match="tokenizers of clients 2 and 0 cannot be aligned"):
         knowledge_transfer(config=build_config(data), output_dir=str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_fedcollm_co_tunes_the_aggregate_with_a_server_model_of_another_tokenizer(
+    tmp_path, tiny_model_dir, other_tokenizer_model
+) -> None:  # type: ignore[no-untyped-def]
+    import csv
+
+    from fedtune.adapters import load_state
+    from flows.federated_finetune import federated_finetune
+
+    def run(name: str, **distill):  # type: ignore[no-untyped-def]
+        data = tiny_overrides(tmp_path / name, tiny_model_dir)
+        data["federation"] |= {"rounds": 2}
+        data["distill"] = distill
+        config = build_config(data)
+        federated_finetune(config=config)
+        return Path(config.federation.output_dir)
+
+    public = str(_public(tmp_path / "public.jsonl"))
+    plain = run("plain")
+    co = run("co", server_model=str(other_tokenizer_model), public_source=public, public_examples=16, public_steps=3)
+    for c in (0, 1, 2):  # the clients' round-1 updates are the same; the server step changes the global
+        mine, theirs = co / "rounds" / "round_0001", plain / "rounds" / "round_0001"
+        if (mine / f"update_client_{c}.safetensors").exists():
+            a, b = (
+                load_state(mine / f"update_client_{c}.safetensors"),
+                load_state(theirs / f"update_client_{c}.safetensors"),
+            )
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (
+        load_state(co / "rounds" / "round_0001" / "global.safetensors"),
+        load_state(plain / "rounds" / "round_0001" / "global.safetensors"),
+    )
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with (co / "rounds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[1:]
+    assert all(float(r["cotune/global_aligned_share"]) > 0.25 and float(r["server/test_loss"]) < 10 for r in rows)
+    assert len(list((co / "server" / "server_adapter").glob("*.safetensors"))) == 2
+
+    bad = tiny_overrides(tmp_path / "bad", tiny_model_dir)
+    bad["distill"] = {"server_model": str(other_tokenizer_model)}
+    with pytest.raises(ConfigError, match="distill.server_model: FedCoLLM distills on public data"):
+        build_config(bad)
