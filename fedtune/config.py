@@ -406,8 +406,9 @@ class DistillSection(Section):
 
     teachers: dict[int, str] = Field(
         default_factory=dict,
-        description="Mentee route: {client: its own model}. Each such client distills its model into the shared "
-        "mentee (model.name_or_path) on its data while it trains the mentee's adapter; same tokenizer.",
+        description="Mentee route: {client: its own model, a model folder or a peft adapter folder}. Each such client "
+        "distills it into the shared mentee (model.name_or_path) on its data while it trains the mentee's adapter; "
+        "same tokenizer.",
     )
     top_k: int = Field(8, gt=0, description="Logits per token a teacher (or a client, in FedMKT) passes on.")
     client_models: dict[int, str] = Field(

@@ -5,13 +5,18 @@ Members own different models. All of them train one shared small architecture, t
 strategy; a client listed in `distill.teachers` also distills its own model into the mentee on
 its local data: its model's top-k tempered distribution at every response token is attached to
 the training examples, and the client's loss mixes the cross-entropy with the distillation loss
-(`train.distill_alpha`, `train.distill_temperature`). Teachers and mentee share a tokenizer here;
+(`train.distill_alpha`, `train.distill_temperature`). A teacher is a model folder, or a peft adapter
+folder (the member's own model as it tuned it). Teachers and mentee share a tokenizer here;
 models with different tokenizers exchange aligned logits instead (flows/knowledge_transfer.py).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from peft import PeftModel
 
 from fedtune.config import FedConfig
 from fedtune.distillation import Target, attach, tempered, top_k
@@ -20,7 +25,16 @@ from fedtune.models import check_model, load_base_model, load_tokenizer
 
 
 def _teacher_section(cfg: FedConfig, path: str) -> Any:
+    """The teacher's base model; a teacher given as a peft adapter folder is its base plus it."""
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.exists():
+        path = json.loads(adapter.read_text())["base_model_name_or_path"]
     return cfg.model.model_copy(update={"name_or_path": path, "source": None})
+
+
+def _teacher(cfg: FedConfig, path: str) -> Any:
+    base = load_base_model(_teacher_section(cfg, path))
+    return PeftModel.from_pretrained(base, path) if (Path(path) / "adapter_config.json").exists() else base
 
 
 def check_teachers(cfg: FedConfig) -> None:
@@ -49,7 +63,7 @@ def with_teacher_targets(
     cfg: FedConfig, client: int, examples: list[dict[str, Any]], pad_id: int
 ) -> list[dict[str, Any]]:
     """`examples` carrying the client's own model's top-k at each response token."""
-    teacher = load_base_model(_teacher_section(cfg, cfg.distill.teachers[client]))
+    teacher = _teacher(cfg, cfg.distill.teachers[client])
     picks = top_k(teacher, examples, k=cfg.distill.top_k, pad_id=pad_id, batch_size=cfg.eval.batch_size)
     temperature = cfg.train.distill_temperature
     targets: list[list[Target]] = [[(ids, tempered(values, temperature)) for ids, values in rows] for rows in picks]

@@ -25,7 +25,7 @@ from fedtune.distillation import (
     top_k,
 )
 from fedtune.errors import InputError
-from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
+from fedtune.runtime import build_peft_model, export_adapter, initial_adapter_state, load_encoded, tokenizer_for
 from fedtune.teachers import with_teacher_targets
 from tests.conftest import build_model, build_tokenizer, tiny_overrides
 
@@ -107,7 +107,10 @@ def test_the_mentee_route_attaches_the_teachers_top_k_and_trains_with_it(tmp_pat
     from flows.federated_finetune import federated_finetune
 
     data = tiny_overrides(tmp_path, tiny_model_dir)
-    data["distill"] = {"teachers": {0: str(wider_model), 1: str(wider_model)}, "top_k": 4}
+    wider = build_config(data | {"model": {**data["model"], "name_or_path": str(wider_model)}})
+    state = {k: torch.full_like(v, 0.2) for k, v in initial_adapter_state(wider)[0].items()}
+    tuned_teacher = export_adapter(wider, state, tmp_path / "teacher-adapter")  # a member's own tuned model
+    data["distill"] = {"teachers": {0: str(wider_model), 1: str(tuned_teacher)}, "top_k": 4}
     data["federation"] |= {"rounds": 2, "clients_per_round": 3}
     config = build_config(data)
     federated_finetune(config=config)  # the mentee adapters aggregate as usual
@@ -118,6 +121,8 @@ def test_the_mentee_route_attaches_the_teachers_top_k_and_trains_with_it(tmp_pat
         labelled = [i for i, label in enumerate(example["labels"]) if label != -100 and i > 0]
         assert len(example[KD_IDS]) == len(labelled) and all(len(row) == 4 for row in example[KD_IDS])
         assert all(abs(sum(p) - 1) < 1e-5 for p in example["kd_probs"])
+    by_adapter = with_teacher_targets(config, 1, train, tokenizer.pad_token_id)  # base + the member's adapter
+    assert [e["kd_probs"] for e in by_adapter] != [e["kd_probs"] for e in taught]
 
     bad = tiny_overrides(tmp_path / "bad", tiny_model_dir)
     bad["distill"] = {"teachers": {2: str(tmp_path / "missing")}}
