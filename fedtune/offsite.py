@@ -58,7 +58,7 @@ def plan(full_layers: int, adaptor_layers: int, keep_every: int) -> list[int]:
 
 def build_emulator(full_dir: str | Path, out_dir: str | Path, adaptor_layers: int, keep_every: int) -> EmulatorPlan:
     """Write the emulator (a loadable model directory with the tokenizer) and its plan, atomically."""
-    model = AutoModelForCausalLM.from_pretrained(full_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.float32)
     layers = model.get_decoder().layers
     kept = plan(len(layers), adaptor_layers, keep_every)
     full_parameters = sum(p.numel() for p in model.parameters())

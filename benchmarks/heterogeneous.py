@@ -1,0 +1,218 @@
+"""Heterogeneous federations on AG News: distillation routes, FedCoLLM, offsite-tuning, watermarks.
+
+    python benchmarks/heterogeneous.py [--rounds 3] [--steps 4] [--examples 400]
+
+Models: SmolLM2-135M-Instruct ("135M", 30 layers) and a smaller member built from it offline by
+keeping 14 of its layers ("14L", ~80M parameters, same tokenizer; no hub access here). Data: the
+AG News topic task of benchmarks/matrix.py, 3 clients with Dirichlet(1.0) label skew; 64 other
+AG News rows are the public set. Every row gets the same rounds and steps per client.
+
+Rows: homogeneous FedAvg (135M, and 14L) and local-only (135M); the mentee route (clients' own
+135M, tuned alone, teach a shared 14L mentee); FedMKT-style logit exchange between a 135M and two
+14L members, against the same members without the exchange; FedCoLLM (14L clients, a 135M on
+the server); offsite-tuning (clients get a layer-drop emulator of the 135M); and a watermarked
+FedAvg with the detection figures. Prints markdown tables; writes benchmarks/results/heterogeneous.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import prepared_config, save_results
+from matrix import AG_CLASSES, AG_INSTRUCTION, SHARED, write_ag_news
+
+from fedtune.adapters import get_adapter_state, load_state
+from fedtune.offsite import build_emulator
+
+
+def write_public(path: Path, rows: int, skip: set[str]) -> None:
+    """AG News rows not in the training sample, as the public set."""
+    with (SHARED / "ag_news" / "ag_news_7600.csv").open() as handle:
+        data = list(csv.reader(handle))
+    random.Random(1).shuffle(data)
+    picked = []
+    for label, title, description in data:
+        text = f"{title}. {description}".replace("\\", " ")
+        if AG_INSTRUCTION + text not in skip:
+            picked.append({"instruction": AG_INSTRUCTION + text, "response": AG_CLASSES[int(label) - 1]})
+        if len(picked) == rows:
+            break
+    path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="heterogeneous federations and watermarks on AG News")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--public", type=int, default=64)
+    args = parser.parse_args()
+    from flows.federated_finetune import federated_finetune
+    from flows.knowledge_transfer import knowledge_transfer
+    from flows.local_only import local_only
+    from flows.offsite_tuning import offsite_tuning
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        source, public = root / "ag_news.jsonl", root / "public.jsonl"
+        write_ag_news(source, args.examples, 0)
+        write_public(public, args.public, {json.loads(line)["instruction"] for line in source.read_text().splitlines()})
+        big = "models/SmolLM2-135M-Instruct"
+        small = root / "smollm2-14L"
+        small_plan = build_emulator(big, small, adaptor_layers=4, keep_every=4)
+        base = [
+            f"data.source={source}",
+            "data.columns={instruction: instruction, input: null, response: response, label: label}",
+            "data.system_prompt=Answer with the topic only.",
+            "data.max_length=128",
+            "data.partition.scheme=dirichlet",
+            "data.partition.alpha=1.0",
+            "data.partition.num_clients=3",
+            "data.partition.min_partition_size=10",
+            "data.partition.val_fraction=0.05",
+            "data.partition.test_fraction=0.2",
+            f"federation.rounds={args.rounds}",
+            "federation.clients_per_round=3",
+            f"train.steps_per_round={args.steps}",
+            "eval.max_new_tokens=5",
+            f"eval.generation_samples={args.examples}",
+            f"distill.public_source={public}",
+            f"distill.public_examples={args.public}",
+            f"distill.public_steps={args.steps}",
+        ]
+        on_small = [f"model.name_or_path={small}", "model.source=null"]
+
+        def record(name: str, models: str, summary: dict[str, Any], up: float | None = None, **extra: Any) -> None:
+            rows.append(
+                {
+                    "method": name,
+                    "models": models,
+                    "accuracy": summary.get("test_accuracy"),
+                    "test_loss": summary["test_loss"],
+                    "bytes_up_per_client_round": summary.get("bytes_up_per_client_round", 0) if up is None else up,
+                    **extra,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+
+        def config(name: str, *extra: str):  # type: ignore[no-untyped-def]
+            return prepared_config(root / name, [*base, *extra, f"federation.output_dir={root / name / 'run'}"])
+
+        cfg = config("fedavg-135m")
+        record("FedAvg (homogeneous)", "135M x3", federated_finetune(config=cfg, prepare_data=False))
+        alone_dir = root / "local-135m" / "run"
+        cfg = config("local-135m")
+        record("local-only", "135M x3", local_only(config=cfg, prepare_data=False, output_dir=str(alone_dir)))
+        record(
+            "FedAvg (homogeneous)",
+            "14L x3",
+            federated_finetune(config=config("fedavg-14l", *on_small), prepare_data=False),
+        )
+
+        from fedtune.runtime import export_adapter
+
+        teachers = {
+            c: str(export_adapter(cfg, load_state(alone_dir / f"client_{c}.safetensors"), root / f"teacher_{c}"))
+            for c in range(3)
+        }
+        mentee = config("mentee", *on_small, f"distill.teachers={json.dumps(teachers)}")
+        record("mentee route (KD)", "14L mentee, 135M teachers", federated_finetune(config=mentee, prepare_data=False))
+
+        members = [f"distill.client_models={json.dumps({1: str(small), 2: str(small)})}"]
+        cfg = config("fedmkt", *members)
+        shared = knowledge_transfer(config=cfg, prepare_data=False, output_dir=str(root / "fedmkt" / "run"))
+        record(
+            "FedMKT logit exchange",
+            "135M + 14L x2",
+            shared,
+            per_client=shared["test_loss_per_client"],
+            bytes_down=shared["bytes_down_per_client_round"],
+        )
+        alone = knowledge_transfer(
+            config=cfg, share_knowledge=False, prepare_data=False, output_dir=str(root / "fedmkt-alone" / "run")
+        )
+        record("same members, no exchange", "135M + 14L x2", alone, per_client=alone["test_loss_per_client"])
+
+        cfg = config("fedcollm", *on_small, f"distill.server_model={big}")
+        record("FedCoLLM", "14L x3, 135M server", federated_finetune(config=cfg, prepare_data=False))
+
+        cfg = config("offsite")
+        summary = offsite_tuning(
+            config=cfg, adaptor_layers=2, keep_every=2, prepare_data=False, output_dir=str(root / "offsite" / "run")
+        )
+        record(
+            "offsite-tuning: emulator",
+            f"{summary['emulator_layers']}-layer emulator x3",
+            {"test_accuracy": summary["emulator_test_accuracy"], "test_loss": summary["emulator_test_loss"]},
+            up=summary["bytes_up_per_client_round"],
+        )
+        record(
+            "offsite-tuning: full model, plugged in",
+            "135M (never shipped)",
+            {"test_accuracy": summary["full_test_accuracy"], "test_loss": summary["full_test_loss"]},
+            up=0,
+            untuned=summary["full_untuned_test_loss"],
+            client_visible_share=summary["client_visible_share"],
+        )
+
+        watermark = {margin: watermark_row(config, federated_finetune, margin) for margin in (0.05, 0.2)}
+    save_results(
+        "heterogeneous", {"args": vars(args), "rows": rows, "watermark": watermark, "small_model": small_plan.__dict__}
+    )
+    print(f"AG News, 3 clients Dirichlet(1.0), {args.rounds} rounds x {args.steps} steps, {args.examples} rows")
+    print("| method | models | accuracy | test loss | upload/client/round |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        accuracy = "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        upload = f"{r['bytes_up_per_client_round']:,.0f} B"
+        print(f"| {r['method']} | {r['models']} | {accuracy} | {r['test_loss']:.4f} | {upload} |")
+    print()
+    print(
+        "| watermark (64 bits, 16 weights each, threshold 0.2) | " + " | ".join(f"margin {m}" for m in watermark) + " |"
+    )
+    print("| --- |" + " --- |" * len(watermark))
+    for key in next(iter(watermark.values())):
+        print(f"| {key} | " + " | ".join(str(w[key]) for w in watermark.values()) + " |")
+
+
+def watermark_row(config, federated_finetune, margin: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Client 0 signs; its bits in the global, after 20 more steps of someone else's tuning, and
+    1000 random keys' verdicts on the same adapter (the empirical false-positive rate)."""
+    from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
+    from fedtune.training import local_train
+    from fedtune.watermark import owner_secret, verify
+
+    cfg = config(f"watermark-{margin}", "watermark.clients=[0]", f"watermark.margin={margin}")
+    summary = federated_finetune(config=cfg, prepare_data=False)
+    run = Path(cfg.federation.output_dir)
+    final = load_state(run / "final_adapter.safetensors")
+    secret = owner_secret(run / "clients" / "client_0")
+    after = verify(final, secret, cfg.watermark)
+    tokenizer = tokenizer_for(cfg)
+    model = build_peft_model(cfg, final)
+    local_train(
+        model, load_encoded(cfg, tokenizer, 2, "train"), cfg.train, pad_id=tokenizer.pad_token_id, seed=5, steps=20
+    )
+    tuned = verify(get_adapter_state(model), secret, cfg.watermark)
+    strangers = [verify(final, os.urandom(32), cfg.watermark) for _ in range(1000)]
+    return {
+        "test loss with the watermark": round(summary["test_loss"], 4),
+        "test accuracy with the watermark": summary["test_accuracy"],
+        "owner's BER in the global": after["ber"],
+        "owner's BER after 20 more steps by client 2": tuned["ber"],
+        "random keys detecting it (of 1000)": sum(s["detected"] for s in strangers),
+        "mean BER of random keys": round(sum(s["ber"] for s in strangers) / len(strangers), 4),
+        "false-positive rate (binomial tail, 64 bits, 0.2)": f"{after['false_positive_rate']:.2e}",
+    }
+
+
+if __name__ == "__main__":
+    main()
