@@ -142,6 +142,35 @@ def centralized_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None
     print_results([_run_flow(centralized, cfg, prepare_data=prepare_data)], cfg)
 
 
+@app.command("offsite-tuning")
+def offsite_tuning_cmd(
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    adaptor_layers: Annotated[int, typer.Option(help="Decoder layers at each end clients tune.")] = 2,
+    keep_every: Annotated[int, typer.Option(help="Keep every n-th middle layer in the emulator.")] = 2,
+) -> None:
+    """Clients tune the adaptors of an emulator; the owner plugs them into the full model."""
+    from flows.offsite_tuning import offsite_tuning
+
+    cfg = _config(config, set_)
+    summary = _run_flow(offsite_tuning, cfg, adaptor_layers=adaptor_layers, keep_every=keep_every)
+    console.print(json.dumps(summary, indent=2))
+
+
+@app.command("knowledge-transfer")
+def knowledge_transfer_cmd(
+    config: ConfigOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    share_knowledge: Annotated[bool, typer.Option(help="Exchange logits (off: the local-only baseline).")] = True,
+) -> None:
+    """Clients with different models exchange top-k logits on public data (distill.* settings)."""
+    from flows.knowledge_transfer import knowledge_transfer
+
+    cfg = _config(config, set_)
+    summary = _run_flow(knowledge_transfer, cfg, share_knowledge=share_knowledge)
+    console.print(json.dumps(summary, indent=2))
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     adapter: Annotated[Path, typer.Argument(help="Adapter wire file (.safetensors) to evaluate.")],
