@@ -7,9 +7,10 @@ on the emulator, the owner renames the adaptor weights back to their layers in t
 ("plug in") and serves the full model with them. What clients saw is the emulator's parameters;
 the full middle never leaves the owner.
 
-Layer drop is the emulator of the offsite-tuning paper without its distillation step (which
-needs the owner to train the emulator on public data); the gap it leaves is what
-`flows/offsite_tuning.py` measures and reports.
+Layer drop alone leaves a small model's emulator far from the full model (SmolLM2-135M loses
+most of its ability when any middle layers go), so the owner can also distill the full model into
+the emulator's middle layers on public text (`distill_emulator`), as the offsite-tuning paper
+does; `flows/offsite_tuning.py` measures the remaining emulator-vs-full gap either way.
 """
 
 from __future__ import annotations
@@ -81,6 +82,47 @@ def build_emulator(full_dir: str | Path, out_dir: str | Path, adaptor_layers: in
         AutoTokenizer.from_pretrained(full_dir).save_pretrained(staging)
         (staging / PLAN_FILE).write_text(json.dumps(asdict(result), indent=2))
     return result
+
+
+def distill_emulator(
+    full_dir: str | Path, emulator_dir: str | Path, texts: list[str], *, steps: int, lr: float = 1e-4, seed: int = 0
+) -> dict[str, float]:
+    """The owner trains the emulator's middle layers (not the adaptors) to give the full model's
+    next-token distribution on its own public texts (KL at every token), as offsite-tuning's
+    emulator distillation does; layer drop alone leaves a small model's emulator far off."""
+    plan_ = read_plan(emulator_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(emulator_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(emulator_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    student.requires_grad_(False)
+    middle = [layer for j, layer in enumerate(student.get_decoder().layers) if j not in plan_.adaptors]
+    params = [p for layer in middle for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    student.train()
+    for _ in range(steps):
+        picked = [texts[int(i)] for i in torch.randint(len(texts), (4,), generator=generator)]
+        batch = tokenizer(picked, return_tensors="pt", padding=True, truncation=True, max_length=128)
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(**batch).logits[mask], dim=-1)
+        mine = torch.log_softmax(student(**batch).logits[mask], dim=-1)
+        loss = torch.nn.functional.kl_div(mine, target, log_target=True, reduction="batchmean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    student.eval()
+    with staged_directory(emulator_dir) as staging:
+        student.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / PLAN_FILE).write_text(json.dumps(asdict(plan_), indent=2))
+    return {"kl_first": losses[0], "kl_last": sum(losses[-5:]) / len(losses[-5:])} if losses else {}
 
 
 def read_plan(emulator_dir: str | Path) -> EmulatorPlan:

@@ -15,13 +15,14 @@ from prefect import flow, get_run_logger
 
 from fedtune.adapters import load_state, save_state
 from fedtune.config import FedConfig
+from fedtune.knowledge_transfer import public_texts
 from fedtune.offsite import EmulatorPlan, plug_in
 from fedtune.outputs import write_outputs
 from fedtune.runtime import initial_adapter_state
 from flows.common import failing_run, open_run
 from flows.federated_finetune import federated_finetune
 from tasks.evaluation import evaluate
-from tasks.model import emulator
+from tasks.model import distill_emulator_task, emulator
 from tasks.tracking import finish_tracking, log_adapter
 
 
@@ -36,14 +37,19 @@ def offsite_tuning(
     config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
     adaptor_layers: int = 2,
     keep_every: int = 2,
+    distill_steps: int = 0,
     output_dir: str = "outputs/offsite",
     prepare_data: bool = True,
 ) -> dict[str, Any]:
+    """`distill_steps` > 0: the owner first distills its model into the emulator's middle layers on
+    the public data (`distill.public_source`)."""
     logger = get_run_logger()
     started = time.perf_counter()
+    texts = [t.text for t in public_texts(config)] if distill_steps else []
     run, run_id = open_run(config, "offsite_tuning", output_dir, prepare_data=prepare_data)
     with failing_run(config, run_id):
         plan = EmulatorPlan(**emulator(config, str(run / "emulator"), adaptor_layers, keep_every))
+        distilled = distill_emulator_task(config, str(run / "emulator"), texts, distill_steps) if texts else {}
         on_emulator = _update(
             config,
             model={"name_or_path": str(run / "emulator"), "source": None},
@@ -68,6 +74,8 @@ def offsite_tuning(
         "full_untuned_test_loss": before["test_loss"],
         "full_untuned_test_accuracy": before.get("test_accuracy"),
         "emulator_gap_test_loss": full["test_loss"] - federated["test_loss"],
+        "emulator_distill_steps": distill_steps,
+        **{f"emulator_distill_{k}": v for k, v in distilled.items()},
         "full_layers": plan.full_layers,
         "emulator_layers": len(plan.kept),
         "adaptor_layers_full": plan.full_adaptors,

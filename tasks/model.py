@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from fedtune.adapters import num_parameters, save_state
 from fedtune.config import FedConfig
 from fedtune.models import ensure_model
-from fedtune.offsite import build_emulator
+from fedtune.offsite import build_emulator, distill_emulator
 from fedtune.runtime import initial_adapter_state
 from fedtune.strategies import build_strategy
 
@@ -49,3 +49,9 @@ def emulator(config: FedConfig, out_dir: str, adaptor_layers: int, keep_every: i
     from dataclasses import asdict
 
     return asdict(build_emulator(config.model.name_or_path, out_dir, adaptor_layers, keep_every))
+
+
+@task(cache_policy=NO_CACHE)
+def distill_emulator_task(config: FedConfig, emulator_dir: str, texts: list[str], steps: int) -> dict[str, float]:
+    """The owner distills its model into the emulator's middle layers on its public texts."""
+    return distill_emulator(config.model.name_or_path, emulator_dir, texts, steps=steps, seed=config.train.seed)
