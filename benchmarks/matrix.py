@@ -247,11 +247,11 @@ def judge(rows: list[dict[str, Any]], target_share: float) -> None:
     for name in {r["dataset"] for r in rows}:
         mine = [r for r in rows if r["dataset"] == name]
         central = next(r for r in mine if r["method"] == "centralized")
-        target = target_share * central["accuracy"]
+        target = target_share * (central["accuracy"] or 0.0)
         for row in mine:
             row["target_accuracy"] = target
             reached = [i for i, acc in enumerate(row["accuracy_by_round"]) if acc >= target]
-            row["rounds_to_target"] = reached[0] if reached else None
+            row["rounds_to_target"] = reached[0] if reached and target > 0 else None  # no target without accuracy
             local = next((r for r in mine if r["method"] == "local-only" and r["partition"] == row["partition"]), None)
             federated = row["method"] not in ("local-only", "centralized")
             row["beats_local_accuracy"] = federated and local is not None and row["accuracy"] > local["accuracy"]
@@ -305,8 +305,9 @@ def main() -> None:
     judge(rows, args.target)
     minutes = (time.perf_counter() - started) / 60
     header = (
-        f"{args.examples} AG News and {args.gsm8k_examples} GSM8K rows sampled ({args.test_fraction:.0%} held out "
-        "as test), "
+        f"{args.examples if 'ag_news' in args.datasets else 0} AG News and "
+        f"{args.gsm8k_examples if 'gsm8k' in args.datasets else 0} GSM8K rows sampled "
+        f"({args.test_fraction:.0%} held out as test), "
         f"{args.rounds} rounds x {args.steps} steps per client, SmolLM2-135M-Instruct, {minutes:.0f} min in all; "
         f"rounds to target: first round (0 = before training) reaching {args.target:.0%} of centralized accuracy"
     )
