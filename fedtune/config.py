@@ -32,6 +32,15 @@ class ConfigError(InputError):
         super().__init__("invalid config:\n  " + "\n  ".join(problems))
 
 
+def _regex(value: str) -> str:
+    """`value` if it compiles as a regular expression; the error names it otherwise."""
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"{value!r} is not a regular expression ({error})") from None
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -240,10 +249,7 @@ class FederationSection(Section):
     @classmethod
     def _patterns(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"{pattern!r} is not a regular expression ({error})") from None
+            _regex(pattern)
         return value
 
     @model_validator(mode="after")
@@ -330,12 +336,7 @@ class EvalSection(Section):
     @field_validator("answer_pattern")
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise ValueError(f"not a regular expression: {error}") from None
-        return value
+        return None if value is None else _regex(value)
 
 
 class TrackingSection(Section):
@@ -394,11 +395,7 @@ class WatermarkSection(Section):
     @field_validator("modules")
     @classmethod
     def _pattern(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as error:
-            raise ValueError(f"{value!r} is not a regular expression ({error})") from None
-        return value
+        return _regex(value)
 
 
 class DistillSection(Section):
