@@ -72,8 +72,9 @@ def federation(tiny_model_dir: Path) -> Iterator[Federation]:
             env.setenv(key, value)
         config = build_config(tiny_overrides(root / "source", tiny_model_dir))
         source = running_federation.distribute_from(config)
-        # client 1's flow runs kill themselves once they have sent their key shares (secure aggregation)
-        drills = {1: "secagg-shared:1"}
+        # client 1's flow runs kill themselves once they have sent their key shares (secure aggregation,
+        # round 1) and after their round-2 optimizer steps, before the update exists
+        drills = {1: "secagg-shared:1,training:2"}
         try:
             with running_federation.running(config, root, tiny_model_dir, source, drills=drills) as up:
                 yield Federation(up)
@@ -276,8 +277,9 @@ def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_k
 
 
 def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(federation: Federation) -> None:
-    """Round 1 with all three clients; in round 2 client 1's organization dies mid-training (worker and
-    flow run SIGKILLed): the round completes with the other two (min_fit_clients 2) at the deadline."""
+    """Round 1 with all three clients; in round 2 client 1's organization dies mid-training (its flow
+    run SIGKILLs itself after its optimizer steps, before its update exists, and the test SIGKILLs its
+    worker): the round completes with the other two (min_fit_clients 2) at the deadline."""
     from prefect.deployments import run_deployment
 
     coordinator = federation.running.workers[parties.COORDINATOR_POOL]
