@@ -1,7 +1,7 @@
 """The algorithm and PEFT matrix on real data, with local-only and centralized rows.
 
     python benchmarks/matrix.py                       # AG News, the default design: < 1 h on 2 CPU cores
-    python benchmarks/matrix.py --datasets gsm8k      # Fed-GSM8K-3, the default design: < 1 h too
+    python benchmarks/matrix.py --datasets gsm8k      # Fed-GSM8K-3: FedAvg, FedProx, FedAdam + baselines
     python benchmarks/matrix.py --datasets ag_news gsm8k --full --examples 4000 --rounds 10 --steps 30  # GPU
 
 Data (from ../shared/data, converted to the project's JSONL layout and loaded by the normal data
@@ -63,7 +63,7 @@ PEFT = {
     ],
     "prompt_tuning": ["peft.method=prompt_tuning", "peft.num_virtual_tokens=16", "train.lr=0.03"],
     "p_tuning": ["peft.method=p_tuning", "peft.num_virtual_tokens=16"],
-    "prefix_tuning": ["peft.method=prefix_tuning", "peft.num_virtual_tokens=16"],
+    "prefix_tuning": ["peft.method=prefix_tuning", "peft.num_virtual_tokens=16", "train.lr=0.01"],
 }
 
 
@@ -289,9 +289,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="every strategy x partition x PEFT method")
     parser.add_argument("--examples", type=int, default=400, help="AG News rows sampled (class-balanced)")
     parser.add_argument("--gsm8k-examples", type=int, default=240, help="GSM8K train rows sampled")
-    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--test-fraction", type=float, default=0.16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4, help="train.steps_per_round")
+    parser.add_argument("--steps", type=int, default=3, help="train.steps_per_round")
     parser.add_argument("--gsm8k-generation-samples", type=int, default=16)
     parser.add_argument("--target", type=float, default=0.9, help="share of centralized accuracy to reach")
     parser.add_argument("--seed", type=int, default=0)

@@ -55,6 +55,8 @@ def test_a_federated_round_with_each_method_gives_an_adapter_peft_loads(
     out = Path(config.federation.output_dir)
     final = load_state(out / "final_adapter.safetensors")
     assert final and all(("lora" in k) == (method == "lora") for k in final)
+    before = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
+    assert any(not torch.equal(before[k], final[k]) for k in final)  # the round trained this method's weights
     updates = sorted((out / "rounds" / "round_0001").glob("update_client_*.safetensors"))
     assert len(updates) == 2
     for update in updates:  # the upload is exactly the update file: its tensors' bytes plus the envelope
