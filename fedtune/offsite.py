@@ -85,19 +85,29 @@ def build_emulator(full_dir: str | Path, out_dir: str | Path, adaptor_layers: in
 
 
 def distill_emulator(
-    full_dir: str | Path, emulator_dir: str | Path, texts: list[str], *, steps: int, lr: float = 1e-4, seed: int = 0
+    full_dir: str | Path,
+    emulator_dir: str | Path,
+    texts: list[str],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    seed: int = 0,
+    every_layer: bool = False,
 ) -> dict[str, float]:
     """The owner trains the emulator's middle layers (not the adaptors) to give the full model's
     next-token distribution on its own public texts (KL at every token), as offsite-tuning's
-    emulator distillation does; layer drop alone leaves a small model's emulator far off."""
+    emulator distillation does; layer drop alone leaves a small model's emulator far off.
+
+    `every_layer` trains the adaptors too: the result is then a smaller member of the model's
+    family in its own right (a client's own small model), not an emulator for plugging back."""
     plan_ = read_plan(emulator_dir)
     teacher = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(emulator_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(emulator_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     student.requires_grad_(False)
-    middle = [layer for j, layer in enumerate(student.get_decoder().layers) if j not in plan_.adaptors]
-    params = [p for layer in middle for p in layer.parameters()]
+    trained = [layer for j, layer in enumerate(student.get_decoder().layers) if every_layer or j not in plan_.adaptors]
+    params = [p for layer in trained for p in layer.parameters()]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr)
@@ -116,7 +126,7 @@ def distill_emulator(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     student.eval()
     with staged_directory(emulator_dir) as staging:
         student.save_pretrained(staging)

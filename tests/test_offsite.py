@@ -87,19 +87,21 @@ def test_offsite_tuning_flow_improves_the_full_model_it_never_shipped(tmp_path, 
         offsite_tuning(config=config, adaptor_layers=3, keep_every=1, output_dir=str(tmp_path / "bad"))
 
 
-def test_distilling_the_emulator_moves_only_its_middle_toward_the_full_model(tmp_path, six_layer_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("every_layer", [False, True], ids=["emulator", "smaller-member"])
+def test_distilling_the_emulator_moves_its_middle_toward_the_full_model(tmp_path, six_layer_model, every_layer) -> None:  # type: ignore[no-untyped-def]
     from fedtune.data.synthetic import generate
     from fedtune.offsite import distill_emulator
 
     result = build_emulator(six_layer_model, tmp_path / "emulator", adaptor_layers=1, keep_every=2)
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "emulator").model.layers
     texts = [f"{r['instruction']} {r['response']}" for r in generate(["add", "sort", "parity"], 20, seed=4)]
-    report = distill_emulator(six_layer_model, tmp_path / "emulator", texts, steps=40, lr=1e-3)
+    report = distill_emulator(six_layer_model, tmp_path / "emulator", texts, steps=40, lr=1e-3, every_layer=every_layer)
     assert report["kl_last"] < 0.7 * report["kl_first"]
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "emulator").model.layers
     for j in range(len(result.kept)):
         same = all(torch.equal(a, b) for a, b in zip(before[j].parameters(), after[j].parameters(), strict=True))
-        assert same == (j in result.adaptors)  # the adaptors stay the full model's; the middle learns
+        # an emulator's adaptors stay the full model's and its middle learns; a smaller member learns everywhere
+        assert same == (j in result.adaptors and not every_layer)
 
 
 def test_emulator_distillation_needs_the_owners_public_data(tmp_path, six_layer_model) -> None:  # type: ignore[no-untyped-def]
