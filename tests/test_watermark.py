@@ -16,6 +16,7 @@ from fedtune.errors import InputError
 from fedtune.runtime import build_peft_model, initial_adapter_state, load_encoded, tokenizer_for
 from fedtune.training import local_train
 from fedtune.watermark import (
+    SECRET_FILE,
     WatermarkTerm,
     bit_error_rate,
     false_positive_rate,
@@ -67,11 +68,16 @@ def test_watermarks_survive_aggregation_and_further_fine_tuning(tmp_path, tiny_m
     from flows.federated_finetune import federated_finetune
 
     config = _config(tmp_path, tiny_model_dir)
-    federated_finetune(config=config)
     out = Path(config.federation.output_dir)
+    clients = out / "clients"
+    # fixed owner secrets: with fresh random ones the weakest owner's BER after the further tuning
+    # ranged 0-0.125 over 6 keys and once passed the 0.2 threshold, so the verdict depended on the key
+    for owner in (0, 1):
+        (clients / f"client_{owner}").mkdir(parents=True)
+        (clients / f"client_{owner}" / SECRET_FILE).write_bytes(bytes([owner + 1]) * 32)
+    federated_finetune(config=config)
     with (out / "rounds.csv").open() as handle:
         last = list(csv.DictReader(handle))[-1]
-    clients = out / "clients"
     final = load_state(out / "final_adapter.safetensors")
     for owner in (0, 1):  # each owner finds its own bits in the global, averaged with 2 other updates
         assert float(last[f"watermark/client_{owner}/ber"]) <= config.watermark.threshold
@@ -92,7 +98,7 @@ def test_watermarks_survive_aggregation_and_further_fine_tuning(tmp_path, tiny_m
     for owner in (0, 1):
         assert verify(tuned, owner_secret(clients / f"client_{owner}"), config.watermark)["detected"]
 
-    secret = clients / "client_0" / "watermark.secret"
+    secret = clients / "client_0" / SECRET_FILE
     result = CliRunner().invoke(
         app,
         [
