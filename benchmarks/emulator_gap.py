@@ -10,6 +10,7 @@ Prints a markdown table; writes benchmarks/results/emulator_gap.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 
 import torch
@@ -17,7 +18,7 @@ from common import save_results
 from matrix import SHARED
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune.offsite import plan
+from fedtune.offsite import keep_layers, plan
 
 MODEL = "models/SmolLM2-135M-Instruct"
 
@@ -31,19 +32,17 @@ def main() -> None:
     with (SHARED / "ag_news" / "ag_news_7600.csv").open() as handle:
         rows = list(csv.reader(handle))[: args.articles]
     batches = [tokenizer(f"{t}. {d}", return_tensors="pt")["input_ids"][:, :96] for _, t, d in rows]
-    layers = list(model.model.layers)
-    subsets = {"the full model": list(range(len(layers)))}
+    full = len(model.get_decoder().layers)
+    subsets = {"the full model": list(range(full))}
     for adaptors, every in [(8, 2), (6, 2), (4, 2), (2, 2), (4, 4)]:
-        subsets[f"adaptor_layers={adaptors}, keep_every={every}"] = plan(len(layers), adaptors, every)
+        subsets[f"adaptor_layers={adaptors}, keep_every={every}"] = plan(full, adaptors, every)
     subsets["layers 22-27 dropped (contiguous)"] = list(range(22)) + [28, 29]
     results = []
     for name, keep in subsets.items():
-        model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
-        for j, layer in enumerate(model.model.layers):
-            layer.self_attn.layer_idx = j
-        model.config.num_hidden_layers = len(keep)
+        emulator = copy.deepcopy(model)
+        keep_layers(emulator, keep)
         with torch.no_grad():
-            loss = sum(float(model(ids, labels=ids).loss) for ids in batches) / len(batches)
+            loss = sum(float(emulator(ids, labels=ids).loss) for ids in batches) / len(batches)
         results.append({"emulator": name, "layers": len(keep), "loss": loss})
     save_results("emulator_gap", results)
     print("| emulator | layers kept | next-token loss |")

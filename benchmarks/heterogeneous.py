@@ -128,8 +128,9 @@ def main() -> None:
             record("FedAvg (homogeneous)", "135M x3", federated_finetune(config=cfg, prepare_data=False))
         if {"baselines", "mentee"} & set(args.only):  # the mentee's teachers are the local-only adapters
             alone_dir = root / "local-135m" / "run"
-            cfg = config("local-135m")
-            record("local-only", "135M x3", local_only(config=cfg, prepare_data=False, output_dir=str(alone_dir)))
+            alone_cfg = config("local-135m")
+            alone = local_only(config=alone_cfg, prepare_data=False, output_dir=str(alone_dir))
+            record("local-only", "135M x3", alone)
         if "baselines" in args.only:
             cfg = config("fedavg-14l", *on_small)
             record("FedAvg (homogeneous)", "14L x3", federated_finetune(config=cfg, prepare_data=False))
@@ -137,9 +138,10 @@ def main() -> None:
         if "mentee" in args.only:
             from fedtune.runtime import export_adapter
 
-            cfg = config("local-135m")
             teachers = {
-                c: str(export_adapter(cfg, load_state(alone_dir / f"client_{c}.safetensors"), root / f"teacher_{c}"))
+                c: str(
+                    export_adapter(alone_cfg, load_state(alone_dir / f"client_{c}.safetensors"), root / f"teacher_{c}")
+                )
                 for c in range(3)
             }
             cfg = config("mentee", *on_small, f"distill.teachers={json.dumps(teachers)}")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedtune.adapters import AdapterState
 from fedtune.atomic import staged_directory
@@ -57,18 +57,24 @@ def plan(full_layers: int, adaptor_layers: int, keep_every: int) -> list[int]:
     return bottom + middle[::keep_every] + top
 
 
-def build_emulator(full_dir: str | Path, out_dir: str | Path, adaptor_layers: int, keep_every: int) -> EmulatorPlan:
-    """Write the emulator (a loadable model directory with the tokenizer) and its plan, atomically."""
-    model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.float32)
+def keep_layers(model: PreTrainedModel, kept: list[int]) -> None:
+    """Drop every decoder layer of `model` (in place) but those at the indices `kept`."""
     layers = model.get_decoder().layers
-    kept = plan(len(layers), adaptor_layers, keep_every)
-    full_parameters = sum(p.numel() for p in model.parameters())
     model.get_decoder().layers = torch.nn.ModuleList([layers[i] for i in kept])
     model.config.num_hidden_layers = len(kept)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in kept]
     for j, layer in enumerate(model.get_decoder().layers):
         layer.self_attn.layer_idx = j  # the KV cache is indexed by position in the stack
+
+
+def build_emulator(full_dir: str | Path, out_dir: str | Path, adaptor_layers: int, keep_every: int) -> EmulatorPlan:
+    """Write the emulator (a loadable model directory with the tokenizer) and its plan, atomically."""
+    model = AutoModelForCausalLM.from_pretrained(full_dir, dtype=torch.float32)
+    layers = model.get_decoder().layers
+    kept = plan(len(layers), adaptor_layers, keep_every)
+    full_parameters = sum(p.numel() for p in model.parameters())
+    keep_layers(model, kept)
     adaptors = list(range(adaptor_layers)) + list(range(len(kept) - adaptor_layers, len(kept)))
     result = EmulatorPlan(
         full_layers=len(layers),
