@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -153,14 +152,41 @@ def _form_input(page: Any, label: str) -> Any:
     )
 
 
+def _flow_run_ids(deployment_id: Any) -> set[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as api:
+        runs = api.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return {run.id for run in runs}
+
+
+def _flow_run_created_by(page: Any, deployment_id: Any, known: set[Any], console_errors: list[str]) -> Any:
+    """The one flow run the form's submission created, asked of the API (the ground truth, not the
+    page's redirect); when none appears, the failure carries what the page showed and logged."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + 90
+    while not (created := _flow_run_ids(deployment_id) - known) and time.monotonic() < deadline:
+        time.sleep(1)
+    if not created:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / "prefect-ui-submit-failed.png", full_page=True)
+        pytest.fail(
+            f"no flow run 90 s after Submit; page {page.url} shows:\n{page.inner_text('body')[:1500]}\n"
+            f"console errors: {console_errors}"
+        )
+    (flow_run_id,) = created
+    with get_client(sync_client=True) as api:
+        return api.read_flow_run(flow_run_id)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is installed by .ci/run")
 def test_a_person_starts_a_federated_run_from_the_prefect_ui(federation: Federation) -> None:
     """Headless Chromium logs in to the real UI, fills the typed run form with non-default values,
     submits, and watches the run complete."""
     from playwright.sync_api import expect, sync_playwright
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from prefect.client.schemas.sorting import FlowRunSort
 
     ui = federation.prefect.url.removesuffix("/api")
     with get_client(sync_client=True) as api:
@@ -182,19 +208,23 @@ def test_a_person_starts_a_federated_run_from_the_prefect_ui(federation: Federat
         page.get_by_placeholder("admin:pass").fill(SECRETS[PREFECT_AUTH])  # the server demands the auth string
         page.get_by_role("button", name="Login").click()
         expect(page.get_by_placeholder("admin:pass")).to_have_count(0)
+        console_errors: list[str] = []
+        page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
         page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
-        for label, value in (("Rounds", "1"), ("Clients Per Round", "2"), ("Steps Per Round", "3")):
-            _form_input(page, label).first.fill(value)
+        deployed = deployment.parameters["config"]
+        for label, default, value in (
+            ("Rounds", deployed["federation"]["rounds"], "1"),
+            ("Clients Per Round", deployed["federation"]["clients_per_round"], "2"),
+            ("Steps Per Round", deployed["train"]["steps_per_round"], "3"),
+        ):
+            field = _form_input(page, label).first
+            expect(field).to_have_value(str(default), timeout=30_000)  # the form holds the deployed values
+            field.fill(value)
+            expect(field).to_have_value(value)
+        known = _flow_run_ids(deployment.id)
         page.get_by_role("button", name="Submit").click()
-        page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"), timeout=30_000)  # run created
-        with get_client(sync_client=True) as api:
-            (flow_run,) = api.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                sort=FlowRunSort.START_TIME_DESC,
-                limit=1,
-            )
-        flow_run_id = str(flow_run.id)
-        page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        flow_run = _flow_run_created_by(page, deployment.id, known, console_errors)
+        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
         state = _final_state(flow_run.id, deadline=time.monotonic() + 400)
         page.reload()
         expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
