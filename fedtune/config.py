@@ -474,7 +474,7 @@ class FedConfig(Section):
             raise ValueError("data.partition.column or data.columns.label is needed for this scheme")
         from fedtune.strategies import build_strategy
 
-        build_strategy(self).check_cohort(self.federation.clients_per_round)
+        build_strategy(self).check_config(self)
         if self.record_dp.enabled and self.train.grad_accum != 1:
             raise ValueError("record_dp.enabled: each step is one Poisson-sampled batch, so train.grad_accum must be 1")
         strangers = sorted(c for c in self.peft.client_ranks if not 0 <= c < n)

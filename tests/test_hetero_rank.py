@@ -1,5 +1,6 @@
-"""Heterogeneous LoRA ranks (HetLoRA zero padding): a low-rank client computes exactly the global
-adapter's leading components, sends its own rank, and the server pads before averaging."""
+"""Heterogeneous LoRA ranks: a low-rank client computes exactly the global adapter's leading
+components and sends its own rank; the server zero-pads before averaging (HetLoRA) or averages the
+clients' products and re-factors them by SVD (FlexLoRA)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from fedtune.config import ConfigError, build_config
 from fedtune.data.partition import read_split
 from fedtune.hetero_rank import client_section, pad, truncate
 from fedtune.runtime import build_peft_model, initial_adapter_state
+from fedtune.strategies import ClientUpdate, FedAvg
+from fedtune.strategies.flexlora import FlexLoRA
 from tests.conftest import tiny_overrides
 
 
@@ -82,3 +85,88 @@ def test_a_federation_of_three_ranks_averages_the_zero_padded_updates(tmp_path, 
     for key, start in before.items():
         mean = sum(n * pad({key: u[key]}, {key: start})[key] for n, u in zip(examples, updates, strict=True)) / total
         assert torch.allclose(after[key], start + mean, atol=1e-6)
+
+
+def _factors(shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=generator, dtype=torch.float64) * scale for k, shape in shapes.items()}
+
+
+def _product(state: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    return state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]
+
+
+def test_flexlora_averages_the_clients_products_and_orders_components_by_singular_value() -> None:
+    """Ranks 1, 1 and 2 under a rank-4 global: the mean of the three products has rank <= 4, so
+    FlexLoRA's new global reproduces it exactly, where FedAvg on zero-padded factors does not; the
+    first k components are the best rank-k approximation; other tensors are averaged."""
+    ranks, examples = {0: 1, 1: 1, 2: 2}, {0: 30, 1: 10, 2: 20}
+    shapes = {"m.lora_A.weight": (4, 6), "m.lora_B.weight": (5, 4), "m.lora_magnitude_vector": (5,)}
+    global_state = _factors(shapes, seed=0)
+    updates, trained = [], []
+    for client, rank in ranks.items():
+        delta = truncate(_factors(shapes, seed=client + 1, scale=0.5), rank)
+        trained.append({k: truncate(global_state, rank)[k] + d for k, d in delta.items()})
+        updates.append(ClientUpdate(client, pad(delta, global_state), examples[client]))
+    total = sum(examples.values())
+    mean = sum(examples[c] * _product(trained[c], "m") for c in ranks) / total
+
+    new, _ = FlexLoRA(client_ranks=ranks).aggregate(global_state, updates, {})
+    assert torch.allclose(_product(new, "m"), mean, atol=1e-10)
+    fedavg, _ = FedAvg().aggregate(global_state, updates, {})
+    assert (_product(fedavg, "m") - mean).norm() > 0.1 * mean.norm()
+    a = new["m.lora_A.weight"]
+    assert torch.allclose(a @ a.T, torch.eye(4, dtype=a.dtype), atol=1e-10)  # orthonormal rows, B carries scale
+    singular = torch.linalg.svdvals(mean)
+    for k in (1, 2, 3):
+        error = (mean - _product(truncate(new, k), "m")).norm()
+        assert torch.isclose(error, singular[k:].norm())  # Eckart-Young: the best rank-k approximation
+    magnitude = (
+        sum(examples[c] * u.delta["m.lora_magnitude_vector"] for c, u in zip(ranks, updates, strict=True)) / total
+    )
+    assert torch.allclose(new["m.lora_magnitude_vector"], global_state["m.lora_magnitude_vector"] + magnitude)
+
+
+def test_flexlora_refuses_what_it_cannot_aggregate() -> None:
+    flex = {"federation": {"strategy": "flexlora"}}
+    with pytest.raises(ConfigError, match="flexlora aggregates LoRA factor products; peft.method is 'ia3'"):
+        build_config(flex | {"peft": {"method": "ia3"}})
+    with pytest.raises(ConfigError, match="personal_modules would split pairs"):
+        build_config({"federation": {"strategy": "flexlora", "personal_modules": ["lora_B"]}})
+    with pytest.raises(ConfigError, match="'flexlora' needs each client's update"):
+        build_config(flex | {"secagg": {"enabled": True}})
+
+
+def test_a_flexlora_federation_of_three_ranks_refactors_the_mean_product(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    from flows.federated_finetune import federated_finetune
+
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["peft"] |= {"r": 4, "client_ranks": {0: 1, 2: 2}}
+    overrides["federation"] |= {"rounds": 1, "clients_per_round": 3, "strategy": "flexlora"}
+    overrides["eval"] |= {"generation_samples": 0}
+    config = build_config(overrides)
+    federated_finetune(config=config)
+    out = Path(config.federation.output_dir)
+    before = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
+    after = load_state(out / "final_adapter.safetensors")
+    updates = [load_state(out / "rounds" / "round_0001" / f"update_client_{c}.safetensors") for c in range(3)]
+    examples = [len(read_split(config.data.partitions_dir, c, "train")) for c in range(3)]
+    modules = sorted(k.removesuffix(".lora_A.weight") for k in before if k.endswith(".lora_A.weight"))
+    assert modules
+    gaps = []
+    for module in modules:
+        products = []
+        for client, update in enumerate(updates):
+            start = truncate(before, config.peft.client_ranks.get(client, 4))
+            products.append(_product({k: start[k].double() + update[k].double() for k in update}, module))
+        mean = sum(n * p for n, p in zip(examples, products, strict=True)) / sum(examples)
+        best = torch.linalg.svd(mean, full_matrices=False)
+        rank4 = best.U[:, :4] * best.S[:4] @ best.Vh[:4]
+        assert torch.allclose(_product({k: v.double() for k, v in after.items()}, module), rank4, atol=1e-5)
+        padded = [pad(u, before) for u in updates]  # what zero padding would have made of the same updates
+        fedavg = {
+            k: v.double() + sum(n * p[k] for n, p in zip(examples, padded, strict=True)) / sum(examples)
+            for k, v in before.items()
+        }
+        gaps.append((_product(fedavg, module) - rank4).abs().max().item())
+    assert max(gaps) > 1e-4, gaps  # the check above tells the two aggregations apart

@@ -8,6 +8,7 @@ from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, S
 from fedtune.strategies.dp_fedavg import DPFedAvg
 from fedtune.strategies.fedavg import FedAvg, weighted_average
 from fedtune.strategies.fedprox import FedProx
+from fedtune.strategies.flexlora import FlexLoRA
 from fedtune.strategies.robust import CoordinateMedian, Krum, MultiKrum, NormBoundedFedAvg, TrimmedMean
 from fedtune.strategies.scaffold import Scaffold
 from fedtune.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -27,6 +28,7 @@ _BUILT_IN: list[tuple[str, type[Strategy]]] = [
     ("fedadagrad", FedAdagrad),
     ("fedyogi", FedYogi),
     ("fedadam", FedAdam),
+    ("flexlora", FlexLoRA),
 ]
 for _name, _cls in _BUILT_IN:
     STRATEGIES.register(_name)(_cls)
@@ -37,7 +39,8 @@ def build_strategy(config: Any) -> Strategy:
 
     Options a strategy declares but the user left out are filled from the federation's shape:
     `expected_clients` (clients_per_round), `sample_rate` (clients_per_round / num_clients),
-    `num_clients` and `distributed` (secagg.enabled: noise added by the clients).
+    `num_clients`, `distributed` (secagg.enabled: noise added by the clients) and `client_ranks`
+    (peft.client_ranks).
     """
     federation = config.federation
     cls = STRATEGIES.get(federation.strategy)
@@ -46,6 +49,7 @@ def build_strategy(config: Any) -> Strategy:
         "sample_rate": federation.clients_per_round / config.data.partition.num_clients,
         "num_clients": config.data.partition.num_clients,
         "distributed": config.secagg.enabled,
+        "client_ranks": config.peft.client_ranks,
     }
     accepted = inspect.signature(cls).parameters
     options = {k: v for k, v in derived.items() if k in accepted} | dict(federation.strategy_options)

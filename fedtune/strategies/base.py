@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,8 +45,9 @@ class Strategy(ABC):
 
     extras: tuple[str, ...] = ()
 
-    def check_cohort(self, clients_per_round: int) -> None:  # noqa: B027 (optional hook, no-op by default)
-        """Refuse a cohort size the strategy cannot aggregate correctly (raise ValueError)."""
+    def check_config(self, config: Any) -> None:  # noqa: B027 (optional hook, no-op by default)
+        """Refuse a federation (`FedConfig`) the strategy cannot aggregate correctly: raise
+        ValueError naming the field. Called when the config is built, before any work."""
 
     def init_state(self, global_state: AdapterState) -> ServerState:
         return {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -84,7 +85,8 @@ class TrimmedMean(Strategy):
             raise ValueError(f"beta must be in [0, 0.5), got {beta}")
         self.beta = beta
 
-    def check_cohort(self, clients_per_round: int) -> None:
+    def check_config(self, config: Any) -> None:
+        clients_per_round = config.federation.clients_per_round
         if clients_per_round - 2 * math.floor(self.beta * clients_per_round) < 1:
             raise ValueError(f"trimmed mean with beta={self.beta} leaves nothing of {clients_per_round} clients")
 
@@ -100,7 +102,8 @@ class MultiKrum(Strategy):
         if self.m < 1:
             raise ValueError("m must be at least 1")
 
-    def check_cohort(self, clients_per_round: int) -> None:
+    def check_config(self, config: Any) -> None:
+        clients_per_round = config.federation.clients_per_round
         if clients_per_round < 2 * self.f + 3:
             raise ValueError(
                 f"Krum with f={self.f} needs clients_per_round >= 2f + 3 = {2 * self.f + 3}, got {clients_per_round}"
