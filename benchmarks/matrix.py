@@ -2,6 +2,7 @@
 
     python benchmarks/matrix.py                       # AG News, the default design: < 1 h on 2 CPU cores
     python benchmarks/matrix.py --datasets gsm8k      # Fed-GSM8K-3: FedAvg, FedProx, FedAdam + baselines
+    python benchmarks/matrix.py --strategies fedyogi fedadam --partitions dir1.0 --peft --eta 1e-3 1e-2  # eta sweep
     python benchmarks/matrix.py --datasets ag_news gsm8k --full --examples 4000 --rounds 10 --steps 30  # GPU
 
 Data (from ../shared/data, converted to the project's JSONL layout and loaded by the normal data
@@ -144,11 +145,25 @@ def datasets_for(args: argparse.Namespace, root: Path) -> list[Dataset]:
     return chosen
 
 
+def variants(strategy: str, etas: list[float]) -> list[str]:
+    """The strategy's row labels: a server optimizer once per --eta value, anything else once."""
+    if not etas or "eta" not in STRATEGIES[strategy]:
+        return [strategy]
+    return [f"{strategy} eta={eta:g}" for eta in etas]
+
+
+def strategy_of(label: str) -> tuple[str, dict[str, float]]:
+    """(strategy, options) of a row label made by `variants`."""
+    name, _, eta = label.partition(" eta=")
+    return name, STRATEGIES[name] | ({"eta": float(eta)} if eta else {})
+
+
 def cells(dataset: Dataset, args: argparse.Namespace) -> list[tuple[str, str, str]]:
-    """(partition, strategy, peft) of every federated run in the design."""
-    runs = [(p, s, "lora") for p, s in itertools.product(dataset.partitions, dataset.strategies)]
+    """(partition, strategy row label, peft) of every federated run in the design."""
+    labels = [label for strategy in dataset.strategies for label in variants(strategy, args.eta)]
+    runs = [(p, s, "lora") for p, s in itertools.product(dataset.partitions, labels)]
     if args.full:
-        runs += [(p, s, m) for p, s, m in itertools.product(dataset.partitions, dataset.strategies, args.peft)]
+        runs += [(p, s, m) for p, s, m in itertools.product(dataset.partitions, labels, args.peft)]
     elif dataset.name == "ag_news":
         partition = "dir1.0" if "dir1.0" in dataset.partitions else dataset.partitions[0]
         runs += [(partition, "fedavg", m) for m in args.peft]
@@ -181,15 +196,16 @@ def run_dataset(dataset: Dataset, args: argparse.Namespace, root: Path) -> list[
     rows: list[dict[str, Any]] = []
     for partition in dataset.partitions:
         part = [*common, *PARTITIONS[partition]]
-        for _, strategy, peft in [c for c in cells(dataset, args) if c[0] == partition]:
-            out = root / dataset.name / f"{partition}-{strategy}-{peft}"
+        for _, label, peft in [c for c in cells(dataset, args) if c[0] == partition]:
+            strategy, options = strategy_of(label)
+            out = root / dataset.name / f"{partition}-{label.replace(' eta=', '-eta')}-{peft}"
             config = prepared_config(
                 root / dataset.name,
                 [
                     *part,
                     *PEFT[peft],
                     f"federation.strategy={strategy}",
-                    f"federation.strategy_options={json.dumps(STRATEGIES[strategy])}",
+                    f"federation.strategy_options={json.dumps(options)}",
                     f"federation.output_dir={out}",
                 ],
             )
@@ -199,7 +215,7 @@ def run_dataset(dataset: Dataset, args: argparse.Namespace, root: Path) -> list[
                 {
                     "dataset": dataset.name,
                     "partition": partition,
-                    "method": strategy,
+                    "method": label,
                     "peft": peft,
                     "accuracy": summary["test_accuracy"],
                     "accuracy_by_round": accuracy_by_round(out),
@@ -285,7 +301,10 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["ag_news"], choices=["ag_news", "gsm8k"])
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
-    parser.add_argument("--peft", nargs="+", default=[m for m in PEFT if m != "lora"], choices=list(PEFT))
+    parser.add_argument("--peft", nargs="*", default=[m for m in PEFT if m != "lora"], choices=list(PEFT))
+    parser.add_argument(
+        "--eta", type=float, nargs="+", default=[], help="server learning rates: one row per value per server optimizer"
+    )
     parser.add_argument("--full", action="store_true", help="every strategy x partition x PEFT method")
     parser.add_argument("--examples", type=int, default=400, help="AG News rows sampled (class-balanced)")
     parser.add_argument("--gsm8k-examples", type=int, default=240, help="GSM8K train rows sampled")
