@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,6 @@ def main() -> None:
         config = prepared_config(args.out, [*common, *overrides, f"federation.output_dir={out}"])
         tick = time.perf_counter()
         summary = federated_finetune(config=config, prepare_data=False)
-        uploads = [len(p.read_bytes()) for p in (out / "rounds").glob("round_*/update_client_*.safetensors")]
         rows.append(
             {
                 "aggregation": aggregation,
@@ -82,7 +80,7 @@ def main() -> None:
                 "accuracy": summary["test_accuracy"],
                 "accuracy_by_round": accuracy_by_round(out),
                 "test_loss": summary["test_loss"],
-                "bytes_up_per_client_round": statistics.fmean(uploads),
+                "bytes_up_per_client_round": summary["bytes_up_per_client_round"],
                 "seconds": time.perf_counter() - tick,
                 "mlflow_run_id": summary["mlflow_run_id"],
             }

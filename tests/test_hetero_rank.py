@@ -5,6 +5,7 @@ clients' products and re-factors them by SVD (FlexLoRA)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,12 +64,14 @@ def test_ranks_are_checked_with_the_config() -> None:
         build_config({"peft": {"method": "ia3", "client_ranks": {0: 2}}})
 
 
-def test_a_federation_of_three_ranks_averages_the_zero_padded_updates(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def _one_round_of_three_ranks(tmp_path: Path, tiny_model_dir: Path, **federation: Any) -> tuple[Any, ...]:
+    """A round of clients at ranks 1, 4 (= r) and 2: (config, global before, global after, the
+    update files, each client's train examples)."""
     from flows.federated_finetune import federated_finetune
 
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
     overrides["peft"] |= {"r": 4, "client_ranks": {0: 1, 2: 2}}
-    overrides["federation"] |= {"rounds": 1, "clients_per_round": 3}
+    overrides["federation"] |= {"rounds": 1, "clients_per_round": 3, **federation}
     overrides["eval"] |= {"generation_samples": 0}
     config = build_config(overrides)
     federated_finetune(config=config)
@@ -76,11 +79,16 @@ def test_a_federation_of_three_ranks_averages_the_zero_padded_updates(tmp_path, 
     before = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
     after = load_state(out / "final_adapter.safetensors")
     files = [out / "rounds" / "round_0001" / f"update_client_{c}.safetensors" for c in range(3)]
+    examples = [len(read_split(config.data.partitions_dir, c, "train")) for c in range(3)]
+    return config, before, after, files, examples
+
+
+def test_a_federation_of_three_ranks_averages_the_zero_padded_updates(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    _, before, after, files, examples = _one_round_of_three_ranks(tmp_path, tiny_model_dir)
     updates = [load_state(f) for f in files]
     a_key = next(k for k in before if ".lora_A." in k)
     assert [u[a_key].shape[0] for u in updates] == [1, 4, 2]  # each sends its own rank
     assert files[0].stat().st_size < files[2].stat().st_size < files[1].stat().st_size
-    examples = [len(read_split(config.data.partitions_dir, c, "train")) for c in range(3)]
     total = sum(examples)
     for key, start in before.items():
         mean = sum(n * pad({key: u[key]}, {key: start})[key] for n, u in zip(examples, updates, strict=True)) / total
@@ -138,19 +146,8 @@ def test_flexlora_refuses_what_it_cannot_aggregate() -> None:
 
 
 def test_a_flexlora_federation_of_three_ranks_refactors_the_mean_product(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from flows.federated_finetune import federated_finetune
-
-    overrides = tiny_overrides(tmp_path, tiny_model_dir)
-    overrides["peft"] |= {"r": 4, "client_ranks": {0: 1, 2: 2}}
-    overrides["federation"] |= {"rounds": 1, "clients_per_round": 3, "strategy": "flexlora"}
-    overrides["eval"] |= {"generation_samples": 0}
-    config = build_config(overrides)
-    federated_finetune(config=config)
-    out = Path(config.federation.output_dir)
-    before = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
-    after = load_state(out / "final_adapter.safetensors")
-    updates = [load_state(out / "rounds" / "round_0001" / f"update_client_{c}.safetensors") for c in range(3)]
-    examples = [len(read_split(config.data.partitions_dir, c, "train")) for c in range(3)]
+    config, before, after, files, examples = _one_round_of_three_ranks(tmp_path, tiny_model_dir, strategy="flexlora")
+    updates = [load_state(f) for f in files]
     modules = sorted(k.removesuffix(".lora_A.weight") for k in before if k.endswith(".lora_A.weight"))
     assert modules
     gaps = []

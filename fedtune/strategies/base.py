@@ -93,3 +93,19 @@ class Strategy(ABC):
         """`aggregate` over updates read one at a time, consuming all of them. Strategies that need
         every update at once (the robust ones) collect them; FedAvg keeps only a running sum."""
         return self.aggregate(global_state, list(updates), server_state)
+
+
+class StreamingStrategy(Strategy):
+    """A strategy that reads updates one at a time (a running sum), so `aggregate` over a list is
+    the same computation."""
+
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        return self.aggregate_stream(global_state, updates, server_state)
+
+    @abstractmethod
+    def aggregate_stream(
+        self, global_state: AdapterState, updates: Iterable[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        """New global state and server state from updates read once, in order."""

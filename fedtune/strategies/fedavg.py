@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from fedtune.adapters import AdapterState, add
-from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
+from fedtune.strategies.base import ClientUpdate, ServerState, StreamingStrategy
 
 
 class WeightedSum:
@@ -58,12 +58,7 @@ def mean_update(updates: Iterable[ClientUpdate]) -> AdapterState:
     return total.mean()
 
 
-class FedAvg(Strategy):
-    def aggregate(
-        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
-    ) -> tuple[AdapterState, ServerState]:
-        return self.aggregate_stream(global_state, updates, server_state)
-
+class FedAvg(StreamingStrategy):
     def aggregate_stream(
         self, global_state: AdapterState, updates: Iterable[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:

@@ -24,7 +24,7 @@ import torch
 
 from fedtune.adapters import AdapterState
 from fedtune.hetero_rank import pad, truncate
-from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
+from fedtune.strategies.base import ClientUpdate, ServerState, StreamingStrategy
 from fedtune.strategies.fedavg import WeightedSum
 
 
@@ -43,7 +43,7 @@ def factor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()  # LAPACK output is column-major
 
 
-class FlexLoRA(Strategy):
+class FlexLoRA(StreamingStrategy):
     def __init__(self, *, client_ranks: dict[int, int] | None = None) -> None:
         self.client_ranks = dict(client_ranks or {})
 
@@ -54,11 +54,6 @@ class FlexLoRA(Strategy):
             raise ValueError("flexlora refactors every LoRA module; federation.personal_modules would split pairs")
         if config.watermark.clients:
             raise ValueError("flexlora re-factors the adapter by SVD each round, which erases sign watermarks")
-
-    def aggregate(
-        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
-    ) -> tuple[AdapterState, ServerState]:
-        return self.aggregate_stream(global_state, updates, server_state)
 
     def aggregate_stream(
         self, global_state: AdapterState, updates: Iterable[ClientUpdate], server_state: ServerState
