@@ -77,9 +77,9 @@ class Dataset:
     overrides: list[str] = field(default_factory=list)
 
 
-def write_ag_news(path: Path, examples: int, seed: int) -> None:
+def write_ag_news(path: Path, examples: int, seed: int, shared: Path = SHARED) -> None:
     """A class-balanced sample of AG News as instruction/response/label rows."""
-    with (SHARED / "ag_news" / "ag_news_7600.csv").open() as handle:
+    with (shared / "ag_news" / "ag_news_7600.csv").open() as handle:
         rows = list(csv.reader(handle))
     random.Random(seed).shuffle(rows)
     per_class = examples // len(AG_CLASSES)
@@ -93,9 +93,9 @@ def write_ag_news(path: Path, examples: int, seed: int) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in mixed))
 
 
-def write_gsm8k(path: Path, examples: int, seed: int) -> None:
+def write_gsm8k(path: Path, examples: int, seed: int, shared: Path = SHARED) -> None:
     """A random sample of GSM8K's train split (the held-out test comes from it, like every source)."""
-    lines = (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()
+    lines = (shared / "gsm8k" / "train.jsonl").read_text().splitlines()
     random.Random(seed).shuffle(lines)
     path.write_text("\n".join(lines[:examples]) + "\n")
 
@@ -104,7 +104,7 @@ def datasets_for(args: argparse.Namespace, root: Path) -> list[Dataset]:
     chosen = []
     if "ag_news" in args.datasets:
         source = root / "ag_news.jsonl"
-        write_ag_news(source, args.examples, args.seed)
+        write_ag_news(source, args.examples, args.seed, args.shared)
         chosen.append(
             Dataset(
                 "ag_news",
@@ -123,7 +123,7 @@ def datasets_for(args: argparse.Namespace, root: Path) -> list[Dataset]:
         )
     if "gsm8k" in args.datasets:
         source = root / "gsm8k.jsonl"
-        write_gsm8k(source, args.gsm8k_examples, args.seed)
+        write_gsm8k(source, args.gsm8k_examples, args.seed, args.shared)
         chosen.append(
             Dataset(
                 "gsm8k",
@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="share of centralized accuracy to reach")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark_matrix"))
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the folder holding ag_news/ and gsm8k/")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

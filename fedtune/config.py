@@ -59,6 +59,12 @@ class ModelSection(Section):
         "none", description="QLoRA: load the frozen base weights in bitsandbytes 4-bit NF4 or 8-bit."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where clients train and evaluate: 'auto' (the first CUDA GPU when torch sees one, "
+        "else the CPU), 'cpu', 'cuda' or 'cuda:N'.",
+    )
 
 
 class PeftSection(Section):

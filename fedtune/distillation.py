@@ -34,6 +34,7 @@ Target = tuple[list[int], list[float]] | None  # one labelled token's teacher to
 def kd_loss(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * cross-entropy of the student's tempered distribution against sparse teacher targets
     (the KL up to the teacher's entropy, a constant); rows whose probs are all 0 carry no target."""
+    ids, probs = ids.to(logits.device), probs.to(logits.device)
     log_q = F.log_softmax(logits.float() / temperature, dim=-1).gather(1, ids)
     has = probs.sum(dim=1) > 0
     if not bool(has.any()):

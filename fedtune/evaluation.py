@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.loading import Record
 from fedtune.data.prompts import collate, prompt_text, reference_answer
-from fedtune.losses import response_loss
+from fedtune.losses import on_model_device, response_loss
 from fedtune.objectives import dpo_losses, preference_margins
 
 Encoded = list[dict[str, list[int]]]
@@ -84,7 +84,9 @@ def exact_match(
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             prompts = [prompt_text(tokenizer, r, system_prompt) for r in chunk]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = on_model_device(
+                model, tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            )
             out = model.generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],

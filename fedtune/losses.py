@@ -32,6 +32,12 @@ def _body_and_head(model: Any) -> tuple[Any, Any] | None:
     return body, head
 
 
+def on_model_device(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's tensors where the model's weights are (batches are built on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def window_logits(model: Any, batch: dict[str, Any], window: int) -> torch.Tensor:
     """Logits of the last `window` positions of a left-padded batch."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -45,6 +51,7 @@ def window_logits(model: Any, batch: dict[str, Any], window: int) -> torch.Tenso
 
 def response_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, targets) of the response window: logits[:, i] predict targets[:, i]."""
+    batch = on_model_device(model, batch)
     labels = batch["labels"]
     width = labels.shape[1]
     labelled = labels != IGNORE_INDEX

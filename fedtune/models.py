@@ -150,7 +150,25 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization_config(cfg: ModelSection) -> Any:
+class DeviceUnavailableError(InputError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    """`model.device` as a torch device: 'auto' is the first CUDA GPU when torch sees one, else the CPU.
+
+    Raises DeviceUnavailableError when a CUDA device is asked for and torch sees none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise DeviceUnavailableError(
+            f"model.device: {name} is not available (torch sees {torch.cuda.device_count()} GPUs)"
+        )
+    return device
+
+
+def quantization_config(cfg: ModelSection) -> Any:
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -166,10 +184,13 @@ def load_base_model(cfg: ModelSection) -> PreTrainedModel:
     """The frozen base model, optionally quantized by bitsandbytes (QLoRA)."""
     check_model(cfg)
     location, kwargs = _location(cfg.name_or_path)
-    quantization = _quantization_config(cfg)
+    quantization = quantization_config(cfg)
+    device = resolve_device(cfg.device)
+    # placed while loading: bitsandbytes quantizes the weights as it moves them to the GPU
+    placement: dict[str, Any] = {} if device.type == "cpu" else {"device_map": {"": device}}
     with _named_load_errors(cfg), BUILD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs
+            location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs, **placement
         )
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
