@@ -25,10 +25,10 @@ from common import evaluation_seconds, prepared_config, save_results
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
+from fedtune.catalog import PEFT_METHODS
 from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
 from fedtune.models import DTYPES, quantization_config, resolve_device
-from fedtune.peft_methods import PEFT_METHODS
 from fedtune.runtime import encode_records, tokenizer_for
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.adapters import AdapterState
+from fedtune.catalog import OBJECTIVES
 from fedtune.config import FedConfig
 from fedtune.data.partition import read_split
 from fedtune.evaluation import exact_match, loss_and_perplexity, preference_metrics
-from fedtune.objectives import OBJECTIVES
 from fedtune.runtime import build_peft_model, encode_records, load_encoded, tokenizer_for
 
 

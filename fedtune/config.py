@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedtune.catalog import OBJECTIVES, PARTITIONERS, PEFT_METHODS, STRATEGIES
 from fedtune.errors import InputError
 
 DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
@@ -95,8 +96,6 @@ class PeftSection(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from fedtune.peft_methods import PEFT_METHODS
-
         return PEFT_METHODS.check(value)
 
     @model_validator(mode="after")
@@ -180,8 +179,6 @@ class PartitionSection(Section):
     @field_validator("scheme")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        from fedtune.data.partition import PARTITIONERS
-
         return PARTITIONERS.check(value)
 
 
@@ -239,8 +236,6 @@ class FederationSection(Section):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        from fedtune.strategies import STRATEGIES
-
         return STRATEGIES.check(value)
 
     @model_validator(mode="after")
@@ -318,8 +313,6 @@ class TrainSection(Section):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
-        from fedtune.objectives import OBJECTIVES
-
         return OBJECTIVES.check(value)
 
     @model_validator(mode="after")
@@ -469,79 +462,13 @@ class FedConfig(Section):
     distill: DistillSection = Field(default_factory=DistillSection)
 
     @model_validator(mode="after")
-    def _cross_section(self) -> FedConfig:
-        n = self.data.partition.num_clients
-        if self.federation.clients_per_round > n:
-            raise ValueError(
-                f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
-                f"data.partition.num_clients ({n})"
-            )
-        if self.data.partition.scheme in ("dirichlet", "natural") and self.label_column is None:
-            raise ValueError("data.partition.column or data.columns.label is needed for this scheme")
-        from fedtune.strategies import build_strategy
+    def _compatible(self) -> FedConfig:
+        """Every cross-feature rule (`fedtune.compat`), all problems at once."""
+        from fedtune.compat import problems
 
-        build_strategy(self).check_config(self)
-        if self.record_dp.enabled and self.train.grad_accum != 1:
-            raise ValueError("record_dp.enabled: each step is one Poisson-sampled batch, so train.grad_accum must be 1")
-        strangers = sorted(c for c in self.peft.client_ranks if not 0 <= c < n)
-        if strangers:
-            raise ValueError(f"peft.client_ranks: clients {strangers} are not among the {n} partitions")
-        if self.peft.client_ranks and (self.secagg.enabled or build_strategy(self).extras):
-            raise ValueError(
-                "peft.client_ranks: heterogeneous ranks are not combined with secure aggregation or "
-                f"{self.federation.strategy}'s extras yet (both need every update at the global rank)"
-            )
-        if self.federation.personal_modules and self.secagg.enabled:
-            raise ValueError("federation.personal_modules: not combined with secure aggregation yet (it masks all)")
-        extras = build_strategy(self).extras
-        if self.federation.personal_modules and extras:
-            raise ValueError(
-                f"federation.personal_modules: {self.federation.strategy} sends {', '.join(extras)} for every adapter "
-                "tensor; it is not combined with personalization yet"
-            )
-        if self.secagg.enabled and self.compression.method != "none":
-            raise ValueError(
-                "compression.method: secure aggregation encodes each update itself (fixed point inside the "
-                "masked vector); set compression.method to none"
-            )
-        if self.secagg.enabled:
-            from fedtune.secure_round import check_secure_aggregation
-
-            check_secure_aggregation(self)
-        return self
-
-    @model_validator(mode="after")
-    def _watermark_fits(self) -> FedConfig:
-        owners, n = self.watermark.clients, self.data.partition.num_clients
-        strangers = sorted(c for c in owners if not 0 <= c < n)
-        if strangers:
-            raise ValueError(f"watermark.clients: {strangers} are not among the {n} partitions")
-        if owners and self.record_dp.enabled:
-            raise ValueError("watermark.clients: DP-SGD clips per-example gradients and cannot add the sign loss")
-        if owners and self.peft.client_ranks:
-            raise ValueError("watermark.clients: not combined with peft.client_ranks (a key is for the global shapes)")
-        return self
-
-    @model_validator(mode="after")
-    def _teachers_fit(self) -> FedConfig:
-        n = self.data.partition.num_clients
-        for field in ("teachers", "client_models"):
-            strangers = sorted(c for c in getattr(self.distill, field) if not 0 <= c < n)
-            if strangers:
-                raise ValueError(f"distill.{field}: clients {strangers} are not among the {n} partitions")
-        if self.distill.teachers and self.train.objective != "sft":
-            raise ValueError("distill.teachers: the mentee route distills instruction tuning (train.objective=sft)")
-        if self.distill.server_model and self.distill.public_source is None:
-            raise ValueError("distill.server_model: FedCoLLM distills on public data; set distill.public_source")
-        if self.distill.teachers and self.record_dp.enabled:
-            raise ValueError("distill.teachers: DP-SGD clips the SFT loss per example, not the distillation loss")
-        return self
-
-    @model_validator(mode="after")
-    def _objective_fits(self) -> FedConfig:
-        from fedtune.objectives import OBJECTIVES
-
-        OBJECTIVES.get(self.train.objective).check(self)
+        found = problems(self)
+        if found:
+            raise CompatibilityError(found)
         return self
 
     @property
@@ -554,20 +481,70 @@ class FedConfig(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+class CompatibilityError(ValueError):
+    """The cross-feature problems of a config whose fields are each valid (`fedtune.compat`)."""
+
+    def __init__(self, problems: list[Any]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
 def _problems(error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, CompatibilityError):  # one line per rule's problem, with its own path
+            lines += [str(problem) for problem in cause.problems]
+            continue
         path = ".".join(str(part) for part in item["loc"]) or "<root>"
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{path}: {message}")
     return lines
 
 
+def _without(data: Any, loc: tuple[Any, ...]) -> Any:
+    """`data` with the value at `loc` removed (so that the field takes its default)."""
+    if not loc or not isinstance(data, dict) or loc[0] not in data:
+        return data
+    if len(loc) == 1:
+        return {k: v for k, v in data.items() if k != loc[0]}
+    return {**data, loc[0]: _without(data[loc[0]], loc[1:])}
+
+
+def _cross_feature_problems(data: dict[str, Any], bad: list[tuple[Any, ...]]) -> list[str]:
+    """The compat rules' findings on `data` with its `bad` fields at their defaults (a section that
+    still fails is taken whole at its defaults), so cross-feature problems are reported beside
+    the field errors; a problem at a field that is itself invalid is left out."""
+    from fedtune.compat import problems
+
+    for loc in bad:
+        data = _without(data, loc)
+    defaults, sections = FedConfig(), {}
+    for name, field in FedConfig.model_fields.items():
+        try:
+            sections[name] = field.annotation.model_validate(data.get(name, {}))  # type: ignore[union-attr]
+        except ValidationError:
+            sections[name] = getattr(defaults, name)
+    try:
+        found = problems(FedConfig.model_construct(**sections))
+    except Exception:  # noqa: BLE001 (a rule that trips over a defaulted section adds nothing to report)
+        return []
+    invalid = {".".join(str(part) for part in loc) for loc in bad}
+    return [str(p) for p in found if p.path not in invalid]
+
+
 def build_config(data: dict[str, Any]) -> FedConfig:
+    """The validated config, or ConfigError listing every field error and every cross-feature
+    problem at once, each with its dotted path (the cross-feature rules run even when a field
+    elsewhere is invalid)."""
     try:
         return FedConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_problems(error)) from None
+        lines = _problems(error)
+        bad = [tuple(item["loc"]) for item in error.errors() if item["loc"]]
+        if bad:  # field errors stopped the cross-feature rules: run them on the rest
+            lines += [line for line in _cross_feature_problems(data, bad) if line not in lines]
+        raise ConfigError(lines) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

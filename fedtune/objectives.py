@@ -5,7 +5,7 @@
 value alignment) and `pretrain` (continued pre-training: next-token loss on every token of raw
 text). The training loop, the strategies and the evaluation call these and never branch on the
 name, so federated DPO and pre-training get every strategy, PEFT method and privacy option that
-SFT has (except DP-SGD for DPO, refused below).
+SFT has (except DP-SGD for DPO, refused by `fedtune.compat`).
 
 DPO is written here rather than run through trl's DPOTrainer because the federated client owns
 its training loop (strategy loss terms, per-round budgets, DP); the loss is trl's "sigmoid" DPO
@@ -26,10 +26,9 @@ from fedtune.data.loading import Record
 from fedtune.data.prompts import collate, encode
 from fedtune.distillation import KD_IDS, kd_loss, target_tensors
 from fedtune.losses import response_logits, sequence_log_probs, token_losses
-from fedtune.registry import Registry
 
 if TYPE_CHECKING:
-    from fedtune.config import FedConfig, TrainSection
+    from fedtune.config import TrainSection
 
 Example = dict[str, list[int]]
 
@@ -39,11 +38,6 @@ class Objective:
 
     scores_answers = True  # records carry a reference answer that generation can be scored against
     pairs = False  # examples are (chosen, rejected) pairs
-
-    def check(self, cfg: FedConfig) -> None:
-        """Refuse a config this objective cannot train (raise ValueError naming the field)."""
-        if cfg.data.columns.text is not None:
-            raise ValueError(f"data.columns.text is raw text for train.objective=pretrain, not {cfg.train.objective}")
 
     def encode(
         self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
@@ -73,10 +67,6 @@ class Pretraining(Objective):
 
     scores_answers = False
 
-    def check(self, cfg: FedConfig) -> None:
-        if cfg.data.columns.text is None:
-            raise ValueError("train.objective=pretrain: set data.columns.text, the column of raw text")
-
     def encode(
         self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
     ) -> list[Example]:
@@ -89,16 +79,6 @@ class PreferenceOptimization(Objective):
     """DPO: the chosen response is the example (its loss is the SFT loss on it); the rejected one rides along."""
 
     pairs = True
-
-    def check(self, cfg: FedConfig) -> None:
-        super().check(cfg)
-        if cfg.data.columns.rejected is None:
-            raise ValueError("train.objective=dpo: set data.columns.rejected, the column of dispreferred responses")
-        if cfg.record_dp.enabled:
-            raise ValueError(
-                "train.objective=dpo: record_dp clips per example with the SFT loss; DP-SGD on preference pairs is "
-                "not supported (use the distributed DP of secagg, which works on any update)"
-            )
 
     def encode(
         self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
@@ -120,10 +100,9 @@ class PreferenceOptimization(Objective):
         return dpo_losses(margins, train.dpo_beta).mean(), tokens
 
 
-OBJECTIVES: Registry[Objective] = Registry("training objective")
-OBJECTIVES.register("sft")(Objective())
-OBJECTIVES.register("pretrain")(Pretraining())
-OBJECTIVES.register("dpo")(PreferenceOptimization())
+INSTRUCTION_TUNING = Objective()
+PRETRAINING = Pretraining()
+PREFERENCE_OPTIMIZATION = PreferenceOptimization()
 
 
 def preference_margins(model: Any, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, int]:

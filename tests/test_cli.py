@@ -1,6 +1,9 @@
 """Bad input ends a command with one clear message naming the field, before any work."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -75,3 +78,15 @@ def test_empty_client_partition(tmp_path) -> None:  # type: ignore[no-untyped-de
     result = _invoke("partition", *common, "-s", "data.partition.num_clients=8", "-s", "federation.clients_per_round=1")
     assert result.exit_code == 2
     assert "data.partition" in result.output and not (tmp_path / "parts").exists()
+
+
+def test_check_prints_every_problem_and_exits_2() -> None:
+    root = Path(__file__).parents[1]
+    overrides = ["federation.rounds=0", "federation.clients_per_round=9", "train.grad_accum=2", "record_dp.enabled=1"]
+    command = [sys.executable, "-m", "flows.cli", "check", *[a for o in overrides for a in ("-s", o)]]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    for path in ("federation.rounds:", "federation.clients_per_round:", "train.grad_accum:"):
+        assert path in done.stdout
+    ok = subprocess.run([sys.executable, "-m", "flows.cli", "check"], cwd=root, capture_output=True)
+    assert ok.returncode == 0 and b"config ok" in ok.stdout

@@ -1,8 +1,11 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fedtune.catalog import OBJECTIVES, PARTITIONERS, PEFT_METHODS, STRATEGIES
 from fedtune.config import ConfigError, FedConfig, apply_overrides, build_config, load_config
 
 
@@ -36,7 +39,7 @@ def test_all_invalid_fields_reported_together_with_paths() -> None:
 
 
 def test_cross_section_rules() -> None:
-    with pytest.raises(ConfigError, match="clients_per_round .* exceeds data.partition.num_clients"):
+    with pytest.raises(ConfigError, match="federation.clients_per_round: 5 exceeds data.partition.num_clients"):
         build_config({"federation": {"clients_per_round": 5}, "data": {"partition": {"num_clients": 3}}})
     with pytest.raises(ConfigError, match="exactly one of steps_per_round and epochs_per_round"):
         build_config({"train": {"steps_per_round": None}})
@@ -56,3 +59,65 @@ def test_fingerprint_changes_with_config(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"federation": {"rounds": 4}}))
     assert load_config(path).fingerprint() != FedConfig().fingerprint()
     assert load_config(path).fingerprint() == load_config(path).fingerprint()
+
+
+def test_independent_cross_feature_problems_are_reported_together_with_their_paths() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(
+            {
+                "federation": {"clients_per_round": 5},
+                "data": {"partition": {"num_clients": 3}},
+                "record_dp": {"enabled": True},
+                "train": {"grad_accum": 2},
+                "distill": {"server_model": "some/model"},
+                "peft": {"method": "lora", "client_ranks": {7: 4}},
+            }
+        )
+    paths = [line.split(":")[0] for line in info.value.problems]
+    assert paths == [
+        "federation.clients_per_round",
+        "train.grad_accum",
+        "peft.client_ranks",
+        "distill.public_source",
+    ], info.value.problems
+
+
+def test_cross_feature_rules_run_beside_field_errors() -> None:
+    """A field error elsewhere (and in the same section) does not hide the cross-feature problems."""
+    with pytest.raises(ConfigError) as info:
+        build_config(
+            {
+                "federation": {"rounds": 0, "clients_per_round": 5},
+                "data": {"partition": {"num_clients": 3}},
+                "train": {"lr": -1, "grad_accum": 2},
+                "record_dp": {"enabled": True},
+            }
+        )
+    assert [line.split(":")[0] for line in info.value.problems] == [
+        "federation.rounds",
+        "train.lr",
+        "federation.clients_per_round",
+        "train.grad_accum",
+    ], info.value.problems
+
+
+def test_names_are_checked_without_importing_torch() -> None:
+    """Building and checking a config (bad names included) imports no heavy module."""
+    code = (
+        "import sys\n"
+        "from fedtune.config import ConfigError, FedConfig, build_config\n"
+        "FedConfig()\n"
+        "try:\n"
+        "    build_config({'federation': {'strategy': 'fedadgrad'}, 'peft': {'method': 'lorax'}})\n"
+        "except ConfigError as error:\n"
+        "    assert len(error.problems) == 2, error.problems\n"
+        "heavy = [m for m in ('torch', 'peft', 'transformers', 'opacus', 'flwr_datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("family", [STRATEGIES, PEFT_METHODS, PARTITIONERS, OBJECTIVES], ids=lambda r: r.kind)
+def test_every_catalog_name_resolves_to_its_implementation(family) -> None:  # type: ignore[no-untyped-def]
+    for name in family.names():
+        assert family.get(name) is not None

@@ -8,11 +8,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedtune.adapters import get_adapter_state, set_adapter_state
+from fedtune.catalog import OBJECTIVES
 from fedtune.config import ConfigError, build_config
 from fedtune.data.loading import DataError, load_records
 from fedtune.data.prompts import IGNORE_INDEX
 from fedtune.evaluation import preference_metrics
-from fedtune.objectives import OBJECTIVES
 from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
 from tests.conftest import tiny_overrides
 
@@ -175,7 +175,7 @@ def test_federated_continued_pretraining_lowers_the_loss_on_held_out_text(tmp_pa
         ({"train": {"objective": "dpo"}}, "data.columns.rejected"),
         ({"train": {"objective": "pretrain"}}, "data.columns.text"),
         ({**PAIRS, "record_dp": {"enabled": True}}, "DP-SGD on preference pairs"),
-        ({"data": {"columns": {"text": "body"}}}, "data.columns.text is raw text"),
+        ({"data": {"columns": {"text": "body"}}}, "data.columns.text: raw text is for train.objective=pretrain"),
         ({"train": {"objective": "rlhf"}}, "unknown training objective 'rlhf'"),
         ({"data": {"columns": {"text": "body", "rejected": "worse"}}}, "different layouts"),
     ],

@@ -96,5 +96,5 @@ def test_dp_sgd_training_runs_seeded_and_grad_accumulation_is_refused(tiny_confi
         assert result.steps == 4 and result.examples > 0
         assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
     assert torch.equal(finals[0], finals[1]) and not torch.equal(finals[0], finals[2])  # the private seed decides
-    with pytest.raises(ConfigError, match="train.grad_accum must be 1"):
+    with pytest.raises(ConfigError, match="train.grad_accum: record_dp.enabled: .* must be 1"):
         build_config({"record_dp": {"enabled": True}, "train": {"grad_accum": 2}})

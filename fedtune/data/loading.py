@@ -48,7 +48,7 @@ def _load_dataset(section: DataSection) -> datasets.Dataset:
 
 def check_columns(section: DataSection, available: list[str]) -> None:
     """All mapped columns must exist (`input` is optional); one error lists every missing one."""
-    from fedtune.data.partition import PARTITIONERS
+    from fedtune.catalog import PARTITIONERS
 
     cols = section.columns
     required: dict[str, str | None]

@@ -20,9 +20,9 @@ import numpy as np
 from flwr_datasets import partitioner as flwr
 
 from fedtune.atomic import staged_directory
+from fedtune.catalog import PARTITIONERS
 from fedtune.data.loading import Record, read_jsonl, write_jsonl
 from fedtune.errors import InputError
-from fedtune.registry import Registry
 
 
 class PartitionError(InputError):
@@ -33,9 +33,6 @@ class PartitionError(InputError):
 class PartitionScheme:
     build: Callable[[Any, datasets.Dataset], flwr.Partitioner]
     needs_column: bool
-
-
-PARTITIONERS: Registry[PartitionScheme] = Registry("partition scheme")
 
 
 def _iid(section: Any, _: datasets.Dataset) -> flwr.Partitioner:
@@ -74,13 +71,10 @@ def _quantity_skew(section: Any, dataset: datasets.Dataset) -> flwr.Partitioner:
     return flwr.SizePartitioner(partition_sizes=sizes)
 
 
-for _name, _build, _needs in [
-    ("iid", _iid, False),
-    ("dirichlet", _dirichlet, True),
-    ("natural", _natural, True),
-    ("quantity_skew", _quantity_skew, False),
-]:
-    PARTITIONERS.register(_name)(PartitionScheme(_build, _needs))
+IID = PartitionScheme(_iid, needs_column=False)
+DIRICHLET = PartitionScheme(_dirichlet, needs_column=True)
+NATURAL = PartitionScheme(_natural, needs_column=True)
+QUANTITY_SKEW = PartitionScheme(_quantity_skew, needs_column=False)
 
 
 @dataclass

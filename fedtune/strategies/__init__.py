@@ -1,37 +1,12 @@
-"""Aggregation strategies, looked up by name in one registry."""
+"""Aggregation strategies, looked up by name in the catalog (fedtune.catalog), which imports each
+strategy's module the first time it is used."""
 
 import inspect
 from typing import Any
 
-from fedtune.registry import Registry
+from fedtune.catalog import STRATEGIES
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
-from fedtune.strategies.dp_fedavg import DPFedAvg
 from fedtune.strategies.fedavg import FedAvg, weighted_average
-from fedtune.strategies.fedprox import FedProx
-from fedtune.strategies.flexlora import FlexLoRA
-from fedtune.strategies.robust import CoordinateMedian, Krum, MultiKrum, NormBoundedFedAvg, TrimmedMean
-from fedtune.strategies.scaffold import Scaffold
-from fedtune.strategies.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
-_BUILT_IN: list[tuple[str, type[Strategy]]] = [
-    ("fedavg", FedAvg),
-    ("median", CoordinateMedian),
-    ("trimmed_mean", TrimmedMean),
-    ("krum", Krum),
-    ("multi_krum", MultiKrum),
-    ("norm_bound", NormBoundedFedAvg),
-    ("dp_fedavg", DPFedAvg),
-    ("fedprox", FedProx),
-    ("scaffold", Scaffold),
-    ("fedavgm", FedAvgM),
-    ("fedadagrad", FedAdagrad),
-    ("fedyogi", FedYogi),
-    ("fedadam", FedAdam),
-    ("flexlora", FlexLoRA),
-]
-for _name, _cls in _BUILT_IN:
-    STRATEGIES.register(_name)(_cls)
 
 
 def build_strategy(config: Any) -> Strategy:

@@ -1,0 +1,62 @@
+"""Every built-in name of every pluggable family, and where its implementation lives.
+
+The config checks names here without importing torch, peft or any implementation module (the
+registry imports an entry the first time it is used); the Prefect form offers these names as
+choices. To add a strategy, PEFT method, partition scheme or training objective, write it in
+its module and add its name here (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.registry import Registry
+
+STRATEGIES: Registry[Any] = Registry(
+    "strategy",
+    {
+        "fedavg": "fedtune.strategies.fedavg:FedAvg",
+        "fedprox": "fedtune.strategies.fedprox:FedProx",
+        "scaffold": "fedtune.strategies.scaffold:Scaffold",
+        "fedavgm": "fedtune.strategies.server_opt:FedAvgM",
+        "fedadagrad": "fedtune.strategies.server_opt:FedAdagrad",
+        "fedyogi": "fedtune.strategies.server_opt:FedYogi",
+        "fedadam": "fedtune.strategies.server_opt:FedAdam",
+        "flexlora": "fedtune.strategies.flexlora:FlexLoRA",
+        "median": "fedtune.strategies.robust:CoordinateMedian",
+        "trimmed_mean": "fedtune.strategies.robust:TrimmedMean",
+        "krum": "fedtune.strategies.robust:Krum",
+        "multi_krum": "fedtune.strategies.robust:MultiKrum",
+        "norm_bound": "fedtune.strategies.robust:NormBoundedFedAvg",
+        "dp_fedavg": "fedtune.strategies.dp_fedavg:DPFedAvg",
+    },
+)
+PEFT_METHODS: Registry[Any] = Registry(
+    "PEFT method",
+    {
+        "lora": "fedtune.peft_methods:lora_config",
+        "ia3": "fedtune.peft_methods:ia3_config",
+        "prompt_tuning": "fedtune.peft_methods:prompt_tuning_config",
+        "p_tuning": "fedtune.peft_methods:p_tuning_config",
+        "prefix_tuning": "fedtune.peft_methods:prefix_tuning_config",
+    },
+)
+PARTITIONERS: Registry[Any] = Registry(
+    "partition scheme",
+    {
+        "iid": "fedtune.data.partition:IID",
+        "dirichlet": "fedtune.data.partition:DIRICHLET",
+        "natural": "fedtune.data.partition:NATURAL",
+        "quantity_skew": "fedtune.data.partition:QUANTITY_SKEW",
+    },
+)
+# schemes that split by a label column (data.partition.column or data.columns.label)
+LABELLED_SCHEMES = ("dirichlet", "natural")
+OBJECTIVES: Registry[Any] = Registry(
+    "training objective",
+    {
+        "sft": "fedtune.objectives:INSTRUCTION_TUNING",
+        "pretrain": "fedtune.objectives:PRETRAINING",
+        "dpo": "fedtune.objectives:PREFERENCE_OPTIMIZATION",
+    },
+)

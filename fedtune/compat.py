@@ -1,0 +1,204 @@
+"""Every rule that relates two features of a config, collected and reported together.
+
+Each rule is owned by the feature it limits (`@rule("secagg")`): a function of the whole
+config that yields the problems it finds, each with the dotted field path to fix. All rules run
+on every config, so a config with four independent problems prints four lines. Rules read
+fields only; the few that need a strategy's own checks (its options, Krum's client count) or
+secure aggregation's parameter arithmetic import those modules, and only when that feature is
+chosen, so checking a config that uses neither imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedtune.catalog import LABELLED_SCHEMES
+
+if TYPE_CHECKING:
+    from fedtune.config import FedConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str  # the dotted field to change, e.g. "compression.method"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+Rule = Callable[["FedConfig"], Iterator[Problem]]
+RULES: dict[str, list[Rule]] = {}
+
+
+def rule(feature: str) -> Callable[[Rule], Rule]:
+    """Register a rule owned by `feature` (a config section or field)."""
+
+    def add(check: Rule) -> Rule:
+        RULES.setdefault(feature, []).append(check)
+        return check
+
+    return add
+
+
+def problems(config: FedConfig) -> list[Problem]:
+    """What every rule finds in `config`, in the order the features were registered."""
+    return [found for checks in RULES.values() for check in checks for found in check(config)]
+
+
+def _strangers(clients: object, n: int) -> list[int]:
+    return sorted(c for c in clients if not 0 <= c < n)  # type: ignore[attr-defined]
+
+
+def _extras(config: FedConfig) -> tuple[str, ...]:
+    """What the strategy sends beside each update (SCAFFOLD's control variates); imports it."""
+    from fedtune.strategies import build_strategy
+
+    return tuple(build_strategy(config).extras)
+
+
+@rule("federation")
+def _sampling(config: FedConfig) -> Iterator[Problem]:
+    n = config.data.partition.num_clients
+    if config.federation.clients_per_round > n:
+        yield Problem(
+            "federation.clients_per_round",
+            f"{config.federation.clients_per_round} exceeds data.partition.num_clients ({n})",
+        )
+
+
+@rule("federation.strategy")
+def _strategy_accepts(config: FedConfig) -> Iterator[Problem]:
+    """The strategy's options and its own limits (Krum's client count, FlexLoRA's LoRA only)."""
+    if config.federation.strategy == "fedavg" and not config.federation.strategy_options:
+        return  # nothing to check, and no reason to import the strategies
+    from fedtune.strategies import build_strategy
+
+    try:
+        build_strategy(config).check_config(config)
+    except ValueError as error:
+        yield Problem("federation.strategy", str(error))
+
+
+@rule("data.partition")
+def _label_column(config: FedConfig) -> Iterator[Problem]:
+    if config.data.partition.scheme in LABELLED_SCHEMES and config.label_column is None:
+        yield Problem(
+            "data.partition.column",
+            f"scheme {config.data.partition.scheme} splits by a label: set it or data.columns.label",
+        )
+
+
+@rule("record_dp")
+def _record_dp(config: FedConfig) -> Iterator[Problem]:
+    if config.record_dp.enabled and config.train.grad_accum != 1:
+        yield Problem("train.grad_accum", "record_dp.enabled: each step is one Poisson-sampled batch, so it must be 1")
+
+
+@rule("peft.client_ranks")
+def _client_ranks(config: FedConfig) -> Iterator[Problem]:
+    ranks = config.peft.client_ranks
+    if not ranks:
+        return
+    strangers = _strangers(ranks, config.data.partition.num_clients)
+    if strangers:
+        yield Problem(
+            "peft.client_ranks", f"clients {strangers} are not among the {config.data.partition.num_clients} partitions"
+        )
+    if config.secagg.enabled:
+        yield Problem(
+            "peft.client_ranks",
+            "heterogeneous ranks are not combined with secure aggregation yet (it needs every update at the "
+            "global rank)",
+        )
+    elif extras := _extras(config):
+        yield Problem(
+            "peft.client_ranks",
+            f"not combined with {config.federation.strategy}'s {', '.join(extras)} yet (sent at the global rank)",
+        )
+
+
+@rule("federation.personal_modules")
+def _personalization(config: FedConfig) -> Iterator[Problem]:
+    if not config.federation.personal_modules:
+        return
+    if config.secagg.enabled:
+        yield Problem("federation.personal_modules", "not combined with secure aggregation yet (it masks all)")
+    elif extras := _extras(config):
+        yield Problem(
+            "federation.personal_modules",
+            f"{config.federation.strategy} sends {', '.join(extras)} for every adapter tensor; "
+            "it is not combined with personalization yet",
+        )
+
+
+@rule("secagg")
+def _secure_aggregation(config: FedConfig) -> Iterator[Problem]:
+    if not config.secagg.enabled:
+        return
+    if config.compression.method != "none":
+        yield Problem(
+            "compression.method",
+            "secure aggregation encodes each update itself (fixed point inside the masked vector); set it to none",
+        )
+    from fedtune.secure_round import check_secure_aggregation
+
+    try:
+        check_secure_aggregation(config)
+    except ValueError as error:
+        yield Problem("secagg", str(error).removeprefix("secagg: "))
+
+
+@rule("watermark")
+def _watermark(config: FedConfig) -> Iterator[Problem]:
+    owners = config.watermark.clients
+    if not owners:
+        return
+    strangers = _strangers(owners, config.data.partition.num_clients)
+    if strangers:
+        yield Problem(
+            "watermark.clients", f"{strangers} are not among the {config.data.partition.num_clients} partitions"
+        )
+    if config.record_dp.enabled:
+        yield Problem(
+            "watermark.clients", "DP-SGD (record_dp) clips per-example gradients and cannot add the sign loss"
+        )
+    if config.peft.client_ranks:
+        yield Problem("watermark.clients", "not combined with peft.client_ranks (a key is for the global shapes)")
+
+
+@rule("distill")
+def _distillation(config: FedConfig) -> Iterator[Problem]:
+    n = config.data.partition.num_clients
+    for field in ("teachers", "client_models"):
+        strangers = _strangers(getattr(config.distill, field), n)
+        if strangers:
+            yield Problem(f"distill.{field}", f"clients {strangers} are not among the {n} partitions")
+    if config.distill.teachers and config.train.objective != "sft":
+        yield Problem("distill.teachers", "the mentee route distills instruction tuning (train.objective=sft)")
+    if config.distill.teachers and config.record_dp.enabled:
+        yield Problem("distill.teachers", "DP-SGD clips the SFT loss per example, not the distillation loss")
+    if config.distill.server_model and config.distill.public_source is None:
+        yield Problem("distill.public_source", "distill.server_model: FedCoLLM distills on public data; set it")
+
+
+@rule("train.objective")
+def _objective(config: FedConfig) -> Iterator[Problem]:
+    objective, columns = config.train.objective, config.data.columns
+    if objective == "pretrain":
+        if columns.text is None:
+            yield Problem("data.columns.text", "train.objective=pretrain trains on raw text: set the column of it")
+        return
+    if columns.text is not None:
+        yield Problem("data.columns.text", f"raw text is for train.objective=pretrain, not {objective}")
+    if objective == "dpo":
+        if columns.rejected is None:
+            yield Problem("data.columns.rejected", "train.objective=dpo: set the column of dispreferred responses")
+        if config.record_dp.enabled:
+            yield Problem(
+                "record_dp.enabled",
+                "train.objective=dpo: DP-SGD clips the SFT loss per example; DP-SGD on preference pairs is not "
+                "supported (use the distributed DP of secagg, which works on any update)",
+            )
