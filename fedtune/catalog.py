@@ -50,6 +50,13 @@ PARTITIONERS: Registry[Any] = Registry(
         "quantity_skew": "fedtune.data.partition:QUANTITY_SKEW",
     },
 )
+SKILLS: Registry[Any] = Registry(
+    "synthetic skill",
+    {
+        name: f"fedtune.data.synthetic:{name}"
+        for name in ("add", "compare", "uppercase", "parity", "successor", "sort", "last_letter")
+    },
+)
 # schemes that split by a label column (data.partition.column or data.columns.label)
 LABELLED_SCHEMES = ("dirichlet", "natural")
 OBJECTIVES: Registry[Any] = Registry(
@@ -58,5 +65,14 @@ OBJECTIVES: Registry[Any] = Registry(
         "sft": "fedtune.objectives:INSTRUCTION_TUNING",
         "pretrain": "fedtune.objectives:PRETRAINING",
         "dpo": "fedtune.objectives:PREFERENCE_OPTIMIZATION",
+    },
+)
+# Checks that need their feature's own arithmetic, run by `fedtune.compat` only when the feature is
+# on; reached through the catalog like every implementation, so the config never imports them.
+FEATURE_CHECKS: Registry[Any] = Registry(
+    "feature check",
+    {
+        "strategy": "fedtune.strategies:check_config",
+        "secagg": "fedtune.secure_round:check_secure_aggregation",
     },
 )

@@ -4,8 +4,9 @@ Each rule is owned by the feature it limits (`@rule("secagg")`): a function of t
 config that yields the problems it finds, each with the dotted field path to fix. All rules run
 on every config, so a config with four independent problems prints four lines. Rules read
 fields only; the few that need a strategy's own checks (its options, Krum's client count) or
-secure aggregation's parameter arithmetic import those modules, and only when that feature is
-chosen, so checking a config that uses neither imports no torch.
+secure aggregation's parameter arithmetic reach them through the catalog (`FEATURE_CHECKS`), and
+only when that feature is chosen, so checking a config that uses neither imports no torch, and
+the config never imports an implementation (no import cycle; pyproject's import-linter contracts).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedtune.catalog import LABELLED_SCHEMES
+from fedtune.catalog import FEATURE_CHECKS, LABELLED_SCHEMES, STRATEGIES
 
 if TYPE_CHECKING:
     from fedtune.config import FedConfig
@@ -54,9 +55,7 @@ def _strangers(clients: object, n: int) -> list[int]:
 
 def _extras(config: FedConfig) -> tuple[str, ...]:
     """What the strategy sends beside each update (SCAFFOLD's control variates); imports it."""
-    from fedtune.strategies import build_strategy
-
-    return tuple(build_strategy(config).extras)
+    return tuple(STRATEGIES.get(config.federation.strategy).extras)
 
 
 @rule("federation")
@@ -74,10 +73,8 @@ def _strategy_accepts(config: FedConfig) -> Iterator[Problem]:
     """The strategy's options and its own limits (Krum's client count, FlexLoRA's LoRA only)."""
     if config.federation.strategy == "fedavg" and not config.federation.strategy_options:
         return  # nothing to check, and no reason to import the strategies
-    from fedtune.strategies import build_strategy
-
     try:
-        build_strategy(config).check_config(config)
+        FEATURE_CHECKS.get("strategy")(config)
     except ValueError as error:
         yield Problem("federation.strategy", str(error))
 
@@ -143,10 +140,8 @@ def _secure_aggregation(config: FedConfig) -> Iterator[Problem]:
             "compression.method",
             "secure aggregation encodes each update itself (fixed point inside the masked vector); set it to none",
         )
-    from fedtune.secure_round import check_secure_aggregation
-
     try:
-        check_secure_aggregation(config)
+        FEATURE_CHECKS.get("secagg")(config)
     except ValueError as error:
         yield Problem("secagg", str(error).removeprefix("secagg: "))
 

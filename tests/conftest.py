@@ -20,7 +20,8 @@ def build_tokenizer(directory: Path, with_template: bool = True, vocab_size: int
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fedtune.data.synthetic import SKILLS, generate
+    from fedtune.catalog import SKILLS
+    from fedtune.data.synthetic import generate
 
     rows = generate(SKILLS.names(), 30, seed=1)
     texts = [f"system user assistant Answer with the result only. {r['instruction']} {r['response']}" for r in rows]

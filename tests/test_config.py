@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,9 @@ def test_names_are_checked_without_importing_torch() -> None:
 def test_every_catalog_name_resolves_to_its_implementation(family) -> None:  # type: ignore[no-untyped-def]
     for name in family.names():
         assert family.get(name) is not None
+
+
+def test_the_prefect_form_offers_registered_names_as_choices() -> None:
+    schema = json.dumps(FedConfig.model_json_schema())
+    for family in (STRATEGIES, PEFT_METHODS, PARTITIONERS, OBJECTIVES):
+        assert json.dumps({"enum": family.names()})[1:-1] in schema, family.kind

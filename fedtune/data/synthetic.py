@@ -8,13 +8,11 @@ which is what makes federating them worth it.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
-from fedtune.registry import Registry
+from fedtune.catalog import SKILLS
 
 Example = tuple[str, str]
 COLUMNS = ("instruction", "input", "response", "rejected", "skill")  # of every generated row
-SKILLS: Registry[Callable[[random.Random], Example]] = Registry("synthetic skill")
 
 WORDS = (  # noqa: SIM905 (a word list reads best as text)
     "apple river garden silver market window planet forest bottle candle orange pocket "
@@ -28,45 +26,38 @@ WORDS = (  # noqa: SIM905 (a word list reads best as text)
 ).split()
 
 
-@SKILLS.register("add")
-def _add(rng: random.Random) -> Example:
+def add(rng: random.Random) -> Example:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     return f"What is {a} + {b}?", str(a + b)
 
 
-@SKILLS.register("compare")
-def _compare(rng: random.Random) -> Example:
+def compare(rng: random.Random) -> Example:
     a, b = rng.sample(range(10, 1000), 2)
     return f"Which number is larger: {a} or {b}?", str(max(a, b))
 
 
-@SKILLS.register("uppercase")
-def _uppercase(rng: random.Random) -> Example:
+def uppercase(rng: random.Random) -> Example:
     word = rng.choice(WORDS)
     return f"Write the word '{word}' in capital letters.", word.upper()
 
 
-@SKILLS.register("parity")
-def _parity(rng: random.Random) -> Example:
+def parity(rng: random.Random) -> Example:
     n = rng.randint(10, 9999)
     return f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd"
 
 
-@SKILLS.register("successor")
-def _successor(rng: random.Random) -> Example:
+def successor(rng: random.Random) -> Example:
     n = rng.randint(10, 9998)
     return f"What number comes right after {n}?", str(n + 1)
 
 
-@SKILLS.register("sort")
-def _sort(rng: random.Random) -> Example:
+def sort(rng: random.Random) -> Example:
     numbers = rng.sample(range(1, 100), 3)
     listed = ", ".join(map(str, numbers))
     return f"Sort from smallest to largest: {listed}.", ", ".join(map(str, sorted(numbers)))
 
 
-@SKILLS.register("last_letter")
-def _last_letter(rng: random.Random) -> Example:
+def last_letter(rng: random.Random) -> Example:
     word = rng.choice(WORDS)
     return f"What is the last letter of the word '{word}'?", word[-1]
 

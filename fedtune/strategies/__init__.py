@@ -34,6 +34,12 @@ def build_strategy(config: Any) -> Strategy:
         raise ValueError(f"federation.strategy_options for {federation.strategy}: {error}") from None
 
 
+def check_config(config: Any) -> None:
+    """Refuse options the configured strategy does not take and federations it cannot aggregate
+    (ValueError naming the field); `fedtune.compat` calls this when the config is built."""
+    build_strategy(config).check_config(config)
+
+
 __all__ = [
     "STRATEGIES",
     "ClientUpdate",
