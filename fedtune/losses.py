@@ -49,16 +49,26 @@ def window_logits(model: Any, batch: dict[str, Any], window: int) -> torch.Tenso
     return head(hidden[:, -window:].contiguous())
 
 
-def response_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) of the response window: logits[:, i] predict targets[:, i]."""
-    batch = on_model_device(model, batch)
-    labels = batch["labels"]
+def _window(labels: torch.Tensor) -> int:
+    """Columns of a left-padded batch from the one before its first label to the end."""
     width = labels.shape[1]
     labelled = labels != IGNORE_INDEX
     first = int(torch.where(labelled.any(dim=1), labelled.float().argmax(dim=1), width).min())
-    window = min(width, width - first + 1)
+    return min(width, width - first + 1)
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """How many label tokens the loss of this batch predicts (its token losses' denominator)."""
+    return int((labels[:, labels.shape[1] - _window(labels) + 1 :] != IGNORE_INDEX).sum())
+
+
+def response_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of the response window: logits[:, i] predict targets[:, i]."""
+    window = _window(batch["labels"])  # from the batch as built, before it moves to the model's device
+    batch = on_model_device(model, batch)
+    labels = batch["labels"]
     logits = window_logits(model, batch, window)
-    return logits[:, :-1], labels[:, width - window + 1 :]
+    return logits[:, :-1], labels[:, labels.shape[1] - window + 1 :]
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.data.loading import Record
 from fedtune.data.prompts import collate, encode
 from fedtune.distillation import KD_IDS, kd_loss, target_tensors
-from fedtune.losses import response_logits, sequence_log_probs, token_losses
+from fedtune.losses import response_logits, sequence_log_probs, target_count, token_losses
 
 if TYPE_CHECKING:
     from fedtune.config import TrainSection
@@ -44,6 +44,11 @@ class Objective:
     ) -> list[Example]:
         example = encode(tokenizer, record, system_prompt, max_length)
         return [] if example is None else [example]
+
+    def units(self, examples: list[Example], pad_id: int) -> int:
+        """What `loss` is a mean over: the batch's label tokens. Gradient accumulation weighs each
+        micro-batch's mean by its units, so that accumulating is the step of the big batch."""
+        return target_count(collate(examples, pad_id)["labels"])
 
     def loss(self, model: Any, examples: list[Example], pad_id: int, train: TrainSection) -> tuple[torch.Tensor, int]:
         """(mean loss to minimise, tokens the batch processed). Examples that carry a teacher's
@@ -94,6 +99,10 @@ class PreferenceOptimization(Objective):
         return [
             {**chosen_ids, "rejected_input_ids": rejected_ids["input_ids"], "rejected_labels": rejected_ids["labels"]}
         ]
+
+    def units(self, examples: list[Example], pad_id: int) -> int:
+        """DPO's loss is a mean over pairs."""
+        return len(examples)
 
     def loss(self, model: Any, examples: list[Example], pad_id: int, train: TrainSection) -> tuple[torch.Tensor, int]:
         margins, tokens = preference_margins(model, examples, pad_id)

@@ -89,13 +89,17 @@ def local_train(
     model.train()
     for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            examples_in_batch = next(batches)
+        window = [next(batches) for _ in range(cfg.grad_accum)]
+        # The step's loss is the mean over all the window's units (label tokens; DPO's pairs), so
+        # each micro-batch's mean weighs by its share of them: batch b x accumulation k is the step
+        # of batch b*k, however unequal the micro-batches' answers are (transformers#24725).
+        units = [task.units(batch, pad_id) for batch in window]
+        for examples_in_batch, share in zip(window, [n / max(sum(units), 1) for n in units], strict=True):
             loss, batch_tokens = task.loss(model, examples_in_batch, pad_id, cfg)
-            extra = objective.extra_loss(named)
-            total = loss if extra is None else loss + extra
-            (total / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
+            extra = objective.extra_loss(named)  # a term of the step, added once over the window
+            total = loss * share if extra is None else loss * share + extra / cfg.grad_accum
+            total.backward()
+            step_loss += loss.item() * share
             examples += len(examples_in_batch)
             tokens += batch_tokens
         if cfg.max_grad_norm is not None:

@@ -76,3 +76,51 @@ def test_windowed_response_loss_equals_the_full_logits_loss(tiny_config) -> None
         reference = model(**batch).loss  # transformers' own loss over all positions
     assert count == int((batch["labels"][:, 1:] != -100).sum())
     assert float(total / count) == pytest.approx(float(reference), rel=1e-5)
+
+
+def _step_gradient(model, data, train, pad_id, start):  # type: ignore[no-untyped-def]
+    """The summed gradient one `local_train` optimizer step applies (captured by hooks)."""
+    from fedtune.adapters import set_adapter_state
+
+    set_adapter_state(model, start)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sums = {n: torch.zeros_like(p) for n, p in named.items()}
+    hooks = [p.register_hook(lambda g, n=n: sums[n].add_(g)) for n, p in named.items()]
+    local_train(model, data, train, pad_id=pad_id, seed=0, steps=1)
+    for hook in hooks:
+        hook.remove()
+    return torch.cat([sums[n].flatten() for n in sorted(sums)])
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_gradient_accumulation_is_the_big_batch_step(tiny_config, objective) -> None:  # type: ignore[no-untyped-def]
+    """Batch 4 x accumulation 2 gives batch 8's gradient, also when one micro-batch holds one-token
+    answers and the other long ones (the seed-0 order puts records 0-3 in different halves, so the
+    lengths are spread by the order itself: case 01)."""
+    tokenizer = tokenizer_for(tiny_config)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0)).tolist()
+    answers = ["7", "12", "3", "40"] + [" ".join(str(i * j) for j in range(12)) for i in range(4)]
+    slots = [""] * 8
+    for position, text in zip(order, answers, strict=True):
+        slots[position] = text
+    records = [
+        {
+            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": text}],
+            "rejected": "no",
+        }
+        for i, text in enumerate(slots)
+    ]
+    cfg = tiny_config.model_copy(
+        update={"train": tiny_config.train.model_copy(update={"objective": objective, "max_grad_norm": None})}
+    )
+    data = encode_records(cfg, tokenizer, records)
+    assert len(data) == 8
+    torch.manual_seed(0)
+    model = build_peft_model(cfg)
+    start = get_adapter_state(model)
+    pad = tokenizer.pad_token_id
+    big = _step_gradient(model, data, cfg.train.model_copy(update={"batch_size": 8, "lr": 1e-12}), pad, start)
+    accumulated = _step_gradient(
+        model, data, cfg.train.model_copy(update={"batch_size": 4, "grad_accum": 2, "lr": 1e-12}), pad, start
+    )
+    assert float((accumulated - big).norm() / big.norm()) < 1e-5
