@@ -8,6 +8,7 @@ when the config is built, and nowhere else.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -200,10 +201,25 @@ class DataSection(Section):
     system_prompt: str | None = Field("Answer with the result only.", description="None keeps the template's.")
     max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
     max_examples: int | None = Field(None, gt=0, description="Subsample the source to this many rows.")
+    encoding: str = Field("utf-8", description="Text encoding of a CSV or JSON(L) source, e.g. latin-1 or utf-16.")
+    drop_incomplete: bool = Field(
+        False,
+        description="Drop rows whose instruction, response, rejected response or label is null or empty "
+        "(counted in the log) instead of stopping with an error naming the first such row.",
+    )
     synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
     partition: PartitionSection = Field(default_factory=PartitionSection)
     processed_path: str = "data/processed/dataset.jsonl"
     partitions_dir: str = "data/partitions"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}") from None
+        return value
 
 
 class FederationSection(Section):
@@ -575,7 +591,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 problems.append(f"{key}: {part} is not a section")
                 break
         else:
-            node[leaf] = yaml.safe_load(raw)
+            try:
+                node[leaf] = yaml.safe_load(raw)
+            except yaml.YAMLError as error:
+                problems.append(f"-s {item}: {_yaml_problem(error)}")
     if problems:
         raise ConfigError(problems)
     return result
@@ -583,9 +602,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> FedConfig:
     """Read params.yaml (grouped by stage, as DVC wants) and apply CLI overrides."""
-    data: dict[str, Any] = {}
+    data: Any = {}
     if path is not None and Path(path).exists():
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError([f"{path}: {_yaml_problem(error)}"]) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError([f"{path}: not UTF-8 text (byte at offset {error.start})"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                [f"{path}: a mapping of sections (model:, peft:, ...) expected, got {type(data).__name__}"]
+            )
     elif path is not None and Path(path) != Path("params.yaml"):
         raise ConfigError([f"<file>: config file {path} does not exist"])
     return build_config(apply_overrides(data, overrides or []))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """'line L, column C: what' of a YAML error (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None)
+    what = getattr(error, "problem", None) or str(error)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what

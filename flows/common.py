@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import FedConfig
-from fedtune.data.loading import check_columns
+from fedtune.data.loading import FILE_BUILDERS, check_columns, load_records
 from fedtune.data.synthetic import COLUMNS as SYNTHETIC_COLUMNS
 from fedtune.models import check_model
 from fedtune.outputs import clear_outputs
@@ -24,6 +24,8 @@ def preflight(config: FedConfig) -> None:
     check_runner(config.federation)
     if config.data.source == "synthetic":
         check_columns(config.data, list(SYNTHETIC_COLUMNS))
+    elif Path(config.data.source).suffix in FILE_BUILDERS and not config.deployment.enabled:
+        load_records(config.data)  # a file that cannot be read, a missing column or a null value, named now
 
 
 def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:
@@ -36,8 +38,8 @@ def prepare(config: FedConfig, *, data: bool = True) -> dict[str, Any] | None:
 def open_run(config: FedConfig, kind: str, output_dir: str, *, prepare_data: bool) -> tuple[Path, str]:
     """No stale results in `output_dir`, model and data ready, a new MLflow run; its folder and id."""
     run = Path(output_dir)
-    clear_outputs(run)
     prepare(config, data=prepare_data)
+    clear_outputs(run)  # only once the input is known to be good: bad input deletes nothing
     return run, start_tracking(config, kind)
 
 

@@ -227,8 +227,8 @@ def federated_finetune(
     started = time.perf_counter()
     run = Path(config.federation.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    clear_outputs(run)
     prepare(config, data=prepare_data and not config.deployment.enabled)  # deployed: the data is the clients'
+    clear_outputs(run)  # only once the input is known to be good: bad input deletes nothing
     done = latest_checkpoint(run) if resume else None
     if done is not None:
         logger.info("resuming after round %d of %d", done.round, config.federation.rounds)

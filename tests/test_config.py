@@ -128,3 +128,16 @@ def test_the_prefect_form_offers_registered_names_as_choices() -> None:
     schema = json.dumps(FedConfig.model_json_schema())
     for family in (STRATEGIES, PEFT_METHODS, PARTITIONERS, OBJECTIVES):
         assert json.dumps({"enum": family.names()})[1:-1] in schema, family.kind
+
+
+def test_yaml_errors_name_the_file_line_and_column(tmp_path: Path) -> None:
+    """rel-01: a YAML syntax error is a ConfigError (exit 2 in the CLI), not a scanner traceback."""
+    path = tmp_path / "params.yaml"
+    path.write_text("federation:\n  rounds: 3\n   clients_per_round: 2\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: line 3, column 21: mapping values are not allowed here"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"-s federation.strategy_options=\{eta: 0.01: line 1, column 11"):
+        load_config(None, ["federation.strategy_options={eta: 0.01"])
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="a mapping of sections"):
+        load_config(path)

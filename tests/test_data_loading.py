@@ -57,3 +57,89 @@ def test_missing_columns_named_in_one_error(tmp_path) -> None:  # type: ignore[n
 def test_missing_file_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(DataError, match="data.source: file .*nope.jsonl does not exist"):
         load_records(_data(tmp_path / "nope.jsonl"))
+
+
+def test_csv_cells_stay_text_exactly_as_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Case 03: pandas' inference would give 49.0, 7, 0.5, 12.0 and drop the NA input."""
+    path = tmp_path / "rows.csv"
+    path.write_text(
+        "question,context,answer,topic\n"
+        "prefix for,DE,+49,phone\n"
+        "prefix for,NA,+264,phone\n"
+        "agent code,,007,codes\n"
+        "price,null,0.50,money\n"
+        "count,None,12,money\n"
+        "flag,true,false,codes\n"
+    )
+    records = load_records(_data(path))
+    assert [r["messages"][-1]["content"] for r in records] == ["+49", "+264", "007", "0.50", "12", "false"]
+    assert [r["messages"][0]["content"] for r in records] == [
+        "prefix for\n\nDE",
+        "prefix for\n\nNA",
+        "agent code",
+        "price\n\nnull",
+        "count\n\nNone",
+        "flag\n\ntrue",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"question": "q", "answer": None, "topic": "x"}, "data.columns.response"),
+        ({"question": "q", "answer": "", "topic": "x"}, "data.columns.response"),
+        ({"question": None, "answer": "a", "topic": "x"}, "data.columns.instruction"),
+        ({"question": "q", "answer": "a", "topic": None}, "data.columns.label"),
+    ],
+)
+def test_a_null_value_is_a_named_error_or_a_counted_drop(tmp_path, row, field, caplog) -> None:  # type: ignore[no-untyped-def]
+    """rel-03 and case 09: never the text "None" as a training target, never a crashing partitioner."""
+    path = tmp_path / "rows.jsonl"
+    good = [{"question": f"q{i}", "answer": f"a{i}", "topic": "x"} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*good[:2], row, *good[2:]]))
+    with pytest.raises(
+        DataError, match=rf"{field}: 1 of 5 rows of .*rows.jsonl have no .* value .*e.g. row 3 \(line 3\)"
+    ):
+        load_records(_data(path))
+    records = load_records(_data(path, drop_incomplete=True))
+    assert len(records) == 4 and all(r["messages"][-1]["content"] != "None" for r in records)
+    assert "dropped 1 of 5 rows" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", b"", "is empty"),
+        ("empty.csv", b"\n", "is empty"),
+        ("header_only.csv", b"question,answer,topic\n", "has a header but no rows"),
+        (
+            "latin1.csv",
+            "question,answer,topic\ncaf\u00e9,a,x\n".encode("latin-1"),
+            r"is not utf-8 \(byte 0xe9 at offset 25\)",
+        ),
+        ("utf16.csv", "question,answer,topic\nq,a,x\n".encode("utf-16"), r"is not utf-8 .*set data.encoding"),
+        (
+            "broken.jsonl",
+            b'{"question": "q", "answer": "a", "topic": "x"}\n{"question": "q", "ans\n',
+            "line 2 is not valid JSON",
+        ),
+    ],
+)
+def test_unreadable_files_are_one_named_error(tmp_path, name, content, message) -> None:  # type: ignore[no-untyped-def]
+    """rel-02: each unreadable file is one DataError naming it, not a library traceback."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"data.source: .*{name} {message}"):
+        load_records(_data(path, columns={"instruction": "question", "response": "answer", "label": "topic"}))
+
+
+def test_data_encoding_reads_other_encodings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    columns = {"instruction": "question", "response": "answer", "label": "topic"}
+    for encoding in ("latin-1", "utf-16"):
+        path = tmp_path / f"{encoding}.csv"
+        path.write_bytes("question,answer,topic\ncaf\u00e9,cr\u00e8me,x\n".encode(encoding))
+        (record,) = load_records(_data(path, columns=columns, encoding=encoding))
+        assert record["messages"] == [
+            {"role": "user", "content": "caf\u00e9"},
+            {"role": "assistant", "content": "cr\u00e8me"},
+        ]

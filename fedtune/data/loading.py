@@ -8,7 +8,10 @@ Unknown or missing columns fail before any work.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -21,29 +24,95 @@ from fedtune.errors import InputError
 
 Record = dict[str, Any]
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+log = logging.getLogger(__name__)
 
 
 class DataError(InputError):
     pass
 
 
-def _load_dataset(section: DataSection) -> datasets.Dataset:
+Row = dict[str, Any]
+
+
+def _decoded(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"data.source: {path} is empty")
+    try:
+        return raw.decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"data.source: {path} is not {encoding} (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+            "set data.encoding to the file's encoding, for example latin-1 or utf-16"
+        ) from None
+
+
+def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
+    """(line number, row) of a CSV or JSON(L) file, read with the standard library's csv and json.
+
+    Not through `datasets.load_dataset`: its CSV builder goes through pandas, which turns `007`
+    into 7, `+49` into 49.0 and `NA` or `null` into a missing value (datasets#4467), and its JSON
+    builder infers one type per column; here every CSV cell stays the string written, and a line
+    that cannot be read is named by its number."""
+    text = _decoded(path, encoding)
+    rows: list[tuple[int, Row]] = []
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            rows.append((reader.line_num, row))
+        if not rows:
+            raise DataError(f"data.source: {path} has a header but no rows")
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"data.source: {path} line {error.lineno} is not valid JSON ({error.msg})") from None
+        lines = [(0, row) for row in data] if isinstance(data, list) else []
+    else:
+        lines = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"data.source: {path} line {number} is not valid JSON ({error.msg}, column {error.colno})"
+                ) from None
+    for number, row in lines:
+        if not isinstance(row, dict):
+            raise DataError(f"data.source: {path} line {number} is not a JSON object with one field per column")
+    if not lines:
+        raise DataError(f"data.source: {path} holds no rows (a JSON list of objects, or one object per line)")
+    return lines
+
+
+def _load_rows(section: DataSection) -> list[tuple[int, Row]]:
+    """(line number or 0, row) of the configured source."""
     path = Path(section.source).expanduser()
     if path.suffix in FILE_BUILDERS:
         if not path.exists():
             raise DataError(f"data.source: file {path} does not exist")
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        if path.suffix != ".parquet":
+            return _read_text_file(path, section.encoding)
+        try:
+            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as error:  # pyarrow's many error types for an unreadable file
+            raise DataError(f"data.source: {path} is not a readable Parquet file ({error})") from None
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if section.split not in loaded:
                 raise DataError(f"data.split: {section.split!r} not in {list(loaded)}")
-            return loaded[section.split]
-        return loaded
-    try:
-        return datasets.load_dataset(section.source, split=section.split)
-    except Exception as error:  # datasets raises many types for "not found / offline"
-        raise DataError(f"data.source: cannot load {section.source!r} ({type(error).__name__}: {error})") from None
+            loaded = loaded[section.split]
+        dataset = loaded
+    else:
+        try:
+            dataset = datasets.load_dataset(section.source, split=section.split)
+        except Exception as error:  # datasets raises many types for "not found / offline"
+            raise DataError(f"data.source: cannot load {section.source!r} ({type(error).__name__}: {error})") from None
+    return [(0, row) for row in dataset.to_list()]
 
 
 def check_columns(section: DataSection, available: list[str]) -> None:
@@ -72,42 +141,61 @@ def check_columns(section: DataSection, available: list[str]) -> None:
         raise DataError("; ".join(missing))
 
 
-def _to_record(row: dict[str, Any], section: DataSection, label_column: str | None) -> Record:
+class _Missing(Exception):
+    """A row without a value (null, empty or absent) where the mapping needs one."""
+
+    def __init__(self, field: str, column: str) -> None:
+        self.field, self.column = field, column
+
+
+def _text(row: Row, field: str, column: str) -> str:
+    """The cell as text exactly as read (a JSON number as Python writes it); null or empty is missing."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _Missing(field, column)
+    return str(value)
+
+
+def _to_record(row: Row, section: DataSection, label_column: str | None) -> Record:
     cols = section.columns
-    label = row.get(label_column) if label_column else None
-    label = None if label is None else str(label)
+    label = _text(row, "columns.label", label_column) if label_column else None
     if cols.text:
-        return {"text": str(row[cols.text]), "label": label}
+        return {"text": _text(row, "columns.text", cols.text), "label": label}
     if cols.messages:
-        messages = [{"role": m["role"], "content": str(m["content"])} for m in row[cols.messages]]
-        if not messages or messages[-1]["role"] != "assistant":
+        turns = row.get(cols.messages)
+        if not turns:
+            raise _Missing("columns.messages", cols.messages)
+        messages = [{"role": m["role"], "content": str(m["content"])} for m in turns]
+        if messages[-1]["role"] != "assistant":
             raise DataError(f"data.columns.messages: a conversation does not end with an assistant turn: {messages}")
     else:
         # the config guarantees instruction and response are set when messages is not
-        user = str(row[cast(str, cols.instruction)])
+        user = _text(row, "columns.instruction", cast(str, cols.instruction))
         extra = row.get(cols.input) if cols.input else None
-        if extra not in (None, ""):
+        if extra is not None and str(extra) != "":
             user = f"{user}\n\n{extra}"
         messages = [
             {"role": "user", "content": user},
-            {"role": "assistant", "content": str(row[cast(str, cols.response)])},
+            {"role": "assistant", "content": _text(row, "columns.response", cast(str, cols.response))},
         ]
     record: Record = {"messages": messages, "label": label}
     if cols.rejected:
-        record["rejected"] = str(row[cols.rejected])
+        record["rejected"] = _text(row, "columns.rejected", cols.rejected)
     return record
 
 
 def load_records(section: DataSection) -> list[Record]:
-    """Normalized records of the configured source (the synthetic demo set by default)."""
+    """Normalized records of the configured source (the synthetic demo set by default).
+
+    A row whose mapped instruction, response, rejected response or label is null or empty stops
+    the load with an error naming its row and line (or, with `data.drop_incomplete`, is dropped
+    and counted); nothing is trained on the text "None". Raises DataError."""
     if section.source == "synthetic":
         syn = section.synthetic
-        rows = generate(syn.skills, syn.examples_per_skill, syn.seed)
-        available = list(rows[0]) if rows else []
+        rows = [(0, row) for row in generate(syn.skills, syn.examples_per_skill, syn.seed)]
     else:
-        dataset = _load_dataset(section)
-        available = list(dataset.column_names)
-        rows = dataset.to_list()
+        rows = _load_rows(section)
+    available = list(dict.fromkeys(key for _, row in rows for key in row if isinstance(key, str)))
     check_columns(section, available)
     if section.max_examples is not None:
         rows = rows[: section.max_examples]
@@ -115,7 +203,30 @@ def load_records(section: DataSection) -> list[Record]:
         raise DataError(f"data.source: {section.source!r} has no rows")
     label_column = section.partition.column or section.columns.label
     label_column = label_column if label_column in available else None
-    return [_to_record(row, section, label_column) for row in rows]
+    records: list[Record] = []
+    missing: dict[tuple[str, str], list[str]] = {}  # (field, column) -> where, in file order
+    for index, (line, row) in enumerate(rows, 1):
+        try:
+            records.append(_to_record(row, section, label_column))
+        except _Missing as gap:
+            missing.setdefault((gap.field, gap.column), []).append(f"row {index}" + (f" (line {line})" if line else ""))
+    if missing and not section.drop_incomplete:
+        raise DataError(
+            "; ".join(
+                f"data.{field}: {len(where)} of {len(rows)} rows of {section.source} have no {column!r} value (null or "
+                f"empty), e.g. {where[0]}"
+                for (field, column), where in missing.items()
+            )
+            + "; fix them, or set data.drop_incomplete: true to drop such rows"
+        )
+    if missing:
+        counts = {column: len(where) for (_, column), where in missing.items()}
+        log.warning(
+            "data.drop_incomplete: dropped %d of %d rows without a value: %s", sum(counts.values()), len(rows), counts
+        )
+    if not records:
+        raise DataError(f"data.source: no row of {section.source!r} has every mapped value")
+    return records
 
 
 def write_jsonl(records: list[Record], path: str | Path) -> Path:
