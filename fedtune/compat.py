@@ -158,7 +158,7 @@ def _watermark(config: FedConfig) -> Iterator[Problem]:
         )
     if config.record_dp.enabled:
         yield Problem(
-            "watermark.clients", "DP-SGD (record_dp) clips per-example gradients and cannot add the sign loss"
+            "watermark.clients", "DP-SGD clips per-example gradients and cannot add the sign loss (record_dp)"
         )
     if config.peft.client_ranks:
         yield Problem("watermark.clients", "not combined with peft.client_ranks (a key is for the global shapes)")
