@@ -43,7 +43,9 @@ def _trainable_state(model: PeftModel) -> dict[str, torch.Tensor]:
     encoder = _prompt_encoder(model)
     if encoder is not None:
         return {ENCODER + key: value for key, value in encoder.state_dict().items()}
-    return get_peft_model_state_dict(model)
+    # save_embedding_layers=False: with LoRA on an embedding layer peft would otherwise add the
+    # frozen embedding matrix itself ("auto"), a base weight that must never travel
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def get_adapter_state(model: PeftModel) -> AdapterState:
@@ -65,17 +67,33 @@ def set_adapter_state(model: PeftModel, state: AdapterState) -> None:
         raise AdapterMismatchError(f"peft rejected keys {rejected[:5]}")
 
 
-ADAPTER_NAME = ".default."  # peft's name for the one adapter fedtune attaches
+def trainable_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The model's trainable parameters keyed by their `AdapterState` key: exactly the tensors
+    that travel, taken from peft's own state dict. peft renames keys per method (it drops the
+    adapter name: `.default.` inside LoRA's, a trailing `.default` for IA3's, and more for DoRA's
+    magnitudes or prompt encoders), so each key is matched to the parameter whose storage its
+    tensor shares, never by a string rule (mosaicml/composer#3363).
+
+    Raises AdapterMismatchError when a trainable parameter is not in the state or a state tensor
+    is no trainable parameter (a frozen base weight would then travel)."""
+    trainable = {(p.data_ptr(), tuple(p.shape)): (n, p) for n, p in model.named_parameters() if p.requires_grad}
+    found: dict[str, torch.nn.Parameter] = {}
+    for key, tensor in _trainable_state(model).items():
+        match = trainable.pop((tensor.data_ptr(), tuple(tensor.shape)), None)
+        if match is None:
+            raise AdapterMismatchError(f"{key}: peft's adapter state holds a tensor that is no trainable parameter")
+        found[key] = match[1]
+    if trainable:
+        names = sorted(name for name, _ in trainable.values())
+        raise AdapterMismatchError(f"trainable parameters outside peft's adapter state: {names[:5]}")
+    return found
 
 
-def state_keys(named_params: Mapping[str, torch.Tensor], reference: AdapterState, who: str) -> dict[str, str]:
-    """`AdapterState` key -> name of the trainable parameter (peft drops the adapter name when it
-    saves a state), checked to cover exactly the keys of `reference`."""
-    keys = {name.replace(ADAPTER_NAME, "."): name for name in named_params}
-    if set(keys) != set(reference):
-        differ = sorted(set(reference) ^ set(keys))[:3]
+def check_keys(params: Mapping[str, torch.Tensor], reference: AdapterState, who: str) -> None:
+    """The trainable parameters (`trainable_parameters`) cover exactly the keys of `reference`."""
+    if set(params) != set(reference):
+        differ = sorted(set(reference) ^ set(params))[:3]
         raise ValueError(f"{who}: the model's trainable weights and the global adapter differ: {differ}")
-    return keys
 
 
 def subtract(a: AdapterState, b: AdapterState) -> AdapterState:

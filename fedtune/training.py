@@ -18,6 +18,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from fedtune.adapters import trainable_parameters
 from fedtune.catalog import OBJECTIVES
 from fedtune.config import RecordDPSection, TrainSection
 from fedtune.data.prompts import collate
@@ -73,7 +74,7 @@ def local_train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    named = trainable_parameters(model)  # keyed as the adapter state is, for the strategies' loss terms
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     objective = objective or LocalObjective()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fedtune.adapters import AdapterState, state_keys
+from fedtune.adapters import AdapterState, check_keys
 from fedtune.atomic import atomic_write_bytes
 from fedtune.config import WatermarkSection
 from fedtune.errors import InputError
@@ -104,8 +104,8 @@ class WatermarkTerm(LocalObjective):
         self.key, self.section, self.reference = key, section, reference
 
     def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        keys = state_keys(named_params, self.reference, "watermark")
-        current = {name: named_params[keys[name]] for name in self.key.names}
+        check_keys(named_params, self.reference, "watermark")
+        current = {name: named_params[name] for name in self.key.names}
         hinge = torch.relu(self.section.margin - self.key.targets * projections(current, self.key))
         return self.section.strength * hinge.sum()
 

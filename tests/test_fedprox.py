@@ -19,7 +19,7 @@ def test_the_proximal_term_and_its_gradient_by_hand() -> None:
     b = torch.nn.Parameter(torch.tensor([0.25]))
     anchor = {"m.lora_A.weight": torch.tensor([[0.0, -1.0], [0.5, 1.0]]), "m.lora_B.weight": torch.tensor([1.25])}
     term = FedProx(mu=0.3).local_objective(anchor, {})
-    loss = term.extra_loss({"m.lora_A.default.weight": w, "m.lora_B.default.weight": b})
+    loss = term.extra_loss({"m.lora_A.weight": w, "m.lora_B.weight": b})
     assert loss is not None
     assert loss.item() == pytest.approx(0.5 * 0.3 * (1 + 1 + 0 + 4 + 1))  # (mu/2) ||w - w_global||^2
     loss.backward()
@@ -30,7 +30,7 @@ def test_the_proximal_term_and_its_gradient_by_hand() -> None:
 def test_weights_that_do_not_match_the_global_adapter_are_named() -> None:
     term = FedProx(mu=0.1).local_objective({"x.lora_A.weight": torch.zeros(1)}, {})
     with pytest.raises(ValueError, match="fedprox: .*differ"):
-        term.extra_loss({"y.lora_A.default.weight": torch.zeros(1)})
+        term.extra_loss({"y.lora_A.weight": torch.zeros(1)})
 
 
 def test_mu_must_be_positive() -> None:

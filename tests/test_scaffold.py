@@ -50,7 +50,7 @@ def test_the_correction_adds_c_minus_c_i_to_every_gradient() -> None:
     w = torch.nn.Parameter(T([0.3, -0.7]))
     key = "m.lora_A.weight"
     term = Scaffold(num_clients=2).local_objective({key: T([0.0, 0.0])}, {key: T([0.5, 0.1])}, {key: T([0.2, 0.4])})
-    loss = term.extra_loss({"m.lora_A.default.weight": w})
+    loss = term.extra_loss({"m.lora_A.weight": w})
     assert loss is not None
     loss.backward()
     assert torch.allclose(w.grad, T([0.3, -0.3]))

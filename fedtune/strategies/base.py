@@ -33,6 +33,8 @@ class LocalObjective:
     """Extra terms a strategy adds to a client's loss; the default adds nothing."""
 
     def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """A term added to the loss; `named_params` are the trainable parameters keyed as the
+        adapter state is (`fedtune.adapters.trainable_parameters`)."""
         return None
 
 

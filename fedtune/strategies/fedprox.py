@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedtune.adapters import AdapterState, state_keys
+from fedtune.adapters import AdapterState, check_keys
 from fedtune.strategies.base import LocalObjective
 from fedtune.strategies.fedavg import FedAvg
 
@@ -21,11 +21,8 @@ class ProximalTerm(LocalObjective):
         self.anchor, self.mu = anchor, mu
 
     def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        keys = state_keys(named_params, self.anchor, "fedprox")
-        total = sum(
-            (named_params[name] - self.anchor[key].to(named_params[name].device)).square().sum()
-            for key, name in keys.items()
-        )
+        check_keys(named_params, self.anchor, "fedprox")
+        total = sum((p - self.anchor[key].to(p.device)).square().sum() for key, p in named_params.items())
         return 0.5 * self.mu * torch.as_tensor(total)
 
 

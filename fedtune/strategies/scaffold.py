@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedtune.adapters import AdapterState, state_keys
+from fedtune.adapters import AdapterState, check_keys
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
 
 CONTROL = "control"
@@ -35,10 +35,8 @@ class Correction(LocalObjective):
         self.drift = drift
 
     def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        keys = state_keys(named_params, self.drift, "scaffold")
-        total = sum(
-            (named_params[name] * self.drift[key].to(named_params[name].device)).sum() for key, name in keys.items()
-        )
+        check_keys(named_params, self.drift, "scaffold")
+        total = sum((p * self.drift[key].to(p.device)).sum() for key, p in named_params.items())
         return torch.as_tensor(total)
 
 
