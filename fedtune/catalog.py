@@ -76,3 +76,18 @@ FEATURE_CHECKS: Registry[Any] = Registry(
         "secagg": "fedtune.secure_round:check_secure_aggregation",
     },
 )
+# The optional parts of a client's round (`fedtune.client_feature`), in the order their hooks run:
+# a narrowed rank and teacher targets shape the data and model, personalization the starting
+# point, then the loss terms (the strategy's before the watermark's), compression last.
+CLIENT_FEATURES: Registry[Any] = Registry(
+    "client feature",
+    {
+        "hetero_rank": "fedtune.hetero_rank:HeterogeneousRank",
+        "teachers": "fedtune.teachers:TeacherTargets",
+        "record_dp": "fedtune.record_dp:RecordDP",
+        "personalization": "fedtune.personalization:Personalization",
+        "strategy": "fedtune.strategies.client_side:StrategyClient",
+        "watermark": "fedtune.watermark:Watermark",
+        "compression": "fedtune.compression:Compression",
+    },
+)

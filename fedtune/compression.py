@@ -17,10 +17,13 @@ compute, not for a wire format with stochastic rounding and error feedback.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, add
+from fedtune.client_feature import ClientFeature, ClientRound
+from fedtune.federation import client_seed
 
 Q8, Q4, SCALE, IDX, VAL = "q8/", "q4/", "scale/", "idx/", "val/"
 PREFIXES = (Q8, Q4, SCALE, IDX, VAL)
@@ -112,3 +115,22 @@ def decompress(payload: AdapterState, reference: AdapterState) -> AdapterState:
     if stray:
         raise CompressionError(f"unexpected tensor {stray[0]}")
     return out
+
+
+class Compression(ClientFeature):
+    """The update travels compressed; top-k's left-out part waits in the client's folder and joins
+    its next update (error feedback)."""
+
+    @classmethod
+    def enabled(cls, cfg: Any, client: int) -> bool:
+        return cfg.compression.method != "none"
+
+    def outgoing(self, r: ClientRound, update: AdapterState) -> AdapterState:
+        section = r.cfg.compression
+        residual = r.own_state("residual")
+        target = add(update, residual) if residual else update
+        generator = torch.Generator().manual_seed(client_seed(r.cfg.train.seed, r.round_, r.client))
+        sent, left = compress(target, section.method, fraction=section.topk_fraction, generator=generator)
+        if left:
+            r.keep("residual", left)
+        return sent

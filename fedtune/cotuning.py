@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.adapters import AdapterState, get_adapter_state, save_state
-from fedtune.client import own_state
+from fedtune.client_feature import own_state
 from fedtune.config import FedConfig
 from fedtune.distillation import (
     VocabularyBridge,

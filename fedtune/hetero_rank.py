@@ -12,10 +12,12 @@ contribution from that client.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from fedtune.adapters import AdapterState
+from fedtune.client_feature import ClientFeature, ClientRound
 from fedtune.config import PeftSection
 
 
@@ -61,3 +63,17 @@ def pad(state: AdapterState, reference: AdapterState) -> AdapterState:
         padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
         out[key] = padded
     return out
+
+
+class HeterogeneousRank(ClientFeature):
+    """HetLoRA: a client with a lower rank trains the global adapter's leading components only, at
+    the global scale; the server pads its update back (`pad`)."""
+
+    @classmethod
+    def enabled(cls, cfg: Any, client: int) -> bool:
+        return rank_of(cfg.peft, client) < cfg.peft.r
+
+    def configure(self, r: ClientRound) -> None:
+        rank = rank_of(r.cfg.peft, r.client)
+        r.cfg = r.cfg.model_copy(update={"peft": client_section(r.cfg.peft, rank)})
+        r.global_state = truncate(r.global_state, rank)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.adapters import get_adapter_state, save_state
-from fedtune.client import own_state
+from fedtune.client_feature import own_state
 from fedtune.config import FedConfig
 from fedtune.data.loading import load_records
 from fedtune.data.prompts import prompt_messages, reference_answer

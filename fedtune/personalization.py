@@ -10,9 +10,13 @@ or `layers\\.1\\.` for everything of the second layer).
 from __future__ import annotations
 
 import re
+import time
+from typing import Any
 
-from fedtune.adapters import AdapterState
+from fedtune.adapters import AdapterState, set_adapter_state
+from fedtune.client_feature import ClientFeature, ClientRound
 from fedtune.errors import InputError
+from fedtune.evaluation import loss_and_perplexity
 
 
 def personal_keys(patterns: list[str], state: AdapterState) -> set[str]:
@@ -43,3 +47,31 @@ def shared(state: AdapterState, patterns: list[str]) -> AdapterState:
 def personal(state: AdapterState, patterns: list[str]) -> AdapterState:
     local = personal_keys(patterns, state)
     return {key: value for key, value in state.items() if key in local}
+
+
+class Personalization(ClientFeature):
+    """The client's own personal tensors go back into the global adapter it starts from, stay out of
+    its update, and are kept in its folder; before training its validation loss is measured with
+    the personalized and with the plain global adapter."""
+
+    @classmethod
+    def enabled(cls, cfg: Any, client: int) -> bool:
+        return bool(cfg.federation.personal_modules)
+
+    def prepare_training(self, r: ClientRound) -> None:
+        tick = time.perf_counter()
+        mine = r.own_state("personal") or {}
+        r.start = {**r.start, **mine}
+        batch, pad = r.cfg.eval.batch_size, r.tokenizer.pad_token_id
+        r.report["val_loss_global"] = loss_and_perplexity(r.model, r.val, batch_size=batch, pad_id=pad)["loss"]
+        if mine:
+            set_adapter_state(r.model, r.start)
+            r.report["val_loss_personal"] = loss_and_perplexity(r.model, r.val, batch_size=batch, pad_id=pad)["loss"]
+        else:  # before its first round a client has nothing of its own yet
+            r.report["val_loss_personal"] = r.report["val_loss_global"]
+        r.val_seconds += time.perf_counter() - tick
+
+    def outgoing(self, r: ClientRound, update: AdapterState) -> AdapterState:
+        patterns = r.cfg.federation.personal_modules
+        r.keep("personal", personal(r.local_state, patterns))
+        return shared(update, patterns)

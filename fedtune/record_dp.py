@@ -29,6 +29,8 @@ from opacus.optimizers import DPOptimizer
 
 from fedtune.accounting import epsilon_of
 from fedtune.atomic import atomic_write_bytes
+from fedtune.client_feature import ClientFeature, ClientRound
+from fedtune.client_secret import private_seed
 from fedtune.config import RecordDPSection
 
 LEDGER = "record_dp_ledger.json"
@@ -109,3 +111,20 @@ def poisson_sample(data: list[Any], rate: float, generator: torch.Generator) -> 
     """Each example independently with probability `rate` (what the accountant assumes)."""
     picked = torch.rand(len(data), generator=generator) < rate
     return [data[i] for i in picked.nonzero().flatten().tolist()]
+
+
+class RecordDP(ClientFeature):
+    """Record-level DP: the round's DP-SGD steps are charged to the client's own ledger first (a
+    round it cannot afford is refused), then trained with per-example clipping and noise."""
+
+    @classmethod
+    def enabled(cls, cfg: Any, client: int) -> bool:
+        return bool(cfg.record_dp.enabled)
+
+    def prepare_training(self, r: ClientRound) -> None:
+        section = r.cfg.record_dp
+        ledger = Ledger.load(r.private_dir)
+        rate = DPSGD.sample_rate(r.cfg.train.batch_size, len(r.train))
+        ledger.charge(section, (section.noise_multiplier, rate, r.steps), r.client)
+        r.dp = (section, private_seed(r.private_dir, r.round_, "dp-sgd"))
+        r.report["record_epsilon"] = ledger.epsilon(section)

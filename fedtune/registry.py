@@ -32,6 +32,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def in_order(self) -> list[str]:
+        """The names in the order they were given (where order matters: client features)."""
+        return list(self._items)
+
     def check(self, name: str) -> str:
         if name not in self._items:
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from peft import PeftModel
 
+from fedtune.client_feature import ClientFeature, ClientRound
 from fedtune.config import FedConfig
 from fedtune.distillation import Target, attach, tempered, top_k
 from fedtune.errors import InputError
@@ -68,3 +69,15 @@ def with_teacher_targets(
     temperature = cfg.train.distill_temperature
     targets: list[list[Target]] = [[(ids, tempered(values, temperature)) for ids, values in rows] for rows in picks]
     return attach(examples, targets)
+
+
+class TeacherTargets(ClientFeature):
+    """The mentee route: a teacher client's own model labels its train examples with its top-k
+    next-token probabilities, which the shared mentee learns from beside the cross-entropy."""
+
+    @classmethod
+    def enabled(cls, cfg: FedConfig, client: int) -> bool:
+        return client in cfg.distill.teachers
+
+    def prepare_data(self, r: ClientRound) -> None:
+        r.train = with_teacher_targets(r.cfg, r.client, r.train, r.tokenizer.pad_token_id)

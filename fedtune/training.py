@@ -22,9 +22,9 @@ from fedtune.adapters import trainable_parameters
 from fedtune.catalog import OBJECTIVES
 from fedtune.config import RecordDPSection, TrainSection
 from fedtune.data.prompts import collate
+from fedtune.loss_terms import LocalObjective
 from fedtune.losses import per_example_loss
 from fedtune.record_dp import DPSGD, poisson_sample
-from fedtune.strategies.base import LocalObjective
 
 Encoded = list[dict[str, list[int]]]
 

@@ -26,14 +26,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedtune.adapters import AdapterState, check_keys
 from fedtune.atomic import atomic_write_bytes
+from fedtune.client_feature import ClientFeature, ClientRound
 from fedtune.config import WatermarkSection
 from fedtune.errors import InputError
-from fedtune.strategies.base import LocalObjective
+from fedtune.loss_terms import LocalObjective
 
 SECRET_FILE = "watermark.secret"
 
@@ -110,17 +112,6 @@ class WatermarkTerm(LocalObjective):
         return self.section.strength * hinge.sum()
 
 
-class Combined(LocalObjective):
-    """Several objectives' extra terms, summed (a strategy's and the watermark's)."""
-
-    def __init__(self, *parts: LocalObjective) -> None:
-        self.parts = parts
-
-    def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        terms = [t for t in (part.extra_loss(named_params) for part in self.parts) if t is not None]
-        return sum(terms[1:], terms[0]) if terms else None
-
-
 def owner_key(private_dir: str | Path, state: AdapterState, section: WatermarkSection) -> WatermarkKey:
     return make_key(owner_secret(private_dir), {k: v.shape for k, v in state.items()}, section)
 
@@ -134,3 +125,19 @@ def verify(state: AdapterState, secret: bytes, section: WatermarkSection) -> dic
         "detected": ber <= section.threshold,
         "false_positive_rate": false_positive_rate(section.bits, section.threshold),
     }
+
+
+class Watermark(ClientFeature):
+    """An owner signs what it trains: its secret's sign pattern is pushed into the adapter by a
+    hinge term, and the bit-error rate of its local adapter is reported."""
+
+    @classmethod
+    def enabled(cls, cfg: Any, client: int) -> bool:
+        return client in cfg.watermark.clients
+
+    def prepare_training(self, r: ClientRound) -> None:
+        self.key = owner_key(r.private_dir, r.start, r.cfg.watermark)
+        r.add_term(WatermarkTerm(self.key, r.cfg.watermark, r.start))
+
+    def finish(self, r: ClientRound) -> None:
+        r.report["watermark_ber_local"] = bit_error_rate(r.local_state, self.key)

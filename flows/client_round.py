@@ -32,24 +32,8 @@ from fedtune.secagg.remote import take_part
 from fedtune.secure_round import client_input, parameters
 from mlflow_tracking.lineage import dvc_md5
 
-REPORT_FIELDS = (
-    "client",
-    "round",
-    "num_examples",
-    "bytes_up",
-    "bytes_down",
-    "train_loss",
-    "train_loss_first",
-    "train_loss_last",
-    "val_loss",
-    "steps",
-    "tokens",
-    "seconds",
-    "val_seconds",
-    "record_epsilon",
-    "val_loss_global",
-    "val_loss_personal",
-)
+# what stays with the client: an owner's own watermark check (it would tell others about its key)
+PRIVATE_FEATURES = ("watermark_ber_local",)
 
 
 class WrongWorker(InputError):
@@ -94,12 +78,17 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         private_dir=private,
         server_view_path=view_path,
     )
-    public = {key: report[key] for key in REPORT_FIELDS if key in report}
-    public["data_version"] = dvc_md5(client_dir(home / "partitions", client))  # lineage, for the coordinator
+    public = report.model_copy(
+        update={
+            "update_path": None,  # a path of the client's own machine
+            "data_version": dvc_md5(client_dir(home / "partitions", client)),  # lineage, for the coordinator
+            "features": {k: v for k, v in report.features.items() if k not in PRIVATE_FEATURES},
+        }
+    ).row()
     if config.secagg.enabled:  # the update leaves only masked, through the protocol's stages
         exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
         _, spec = flatten(load_state(global_path))
-        encode = client_input(config, spec, work / "update.safetensors", report["num_examples"], round_, private)
+        encode = client_input(config, spec, work / "update.safetensors", report.num_examples, round_, private)
         stages_deadline = time.monotonic() + config.federation.client_timeout_s + 4 * config.secagg.stage_timeout_s
         params, _ = parameters(config)
         sent = take_part(exchange, namespace, client, params, round_, encode, stages_deadline, config.deployment.poll_s)

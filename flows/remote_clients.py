@@ -20,6 +20,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from fedtune.atomic import atomic_write_bytes
+from fedtune.client_report import ClientReport, ReportRejected
 from fedtune.config import FedConfig
 from fedtune.exchange import SERVER, Exchange, outbox
 
@@ -44,16 +45,22 @@ def _trigger(config: FedConfig, round_: int, clients: list[int], namespace: str)
 def _collect(exchange: Exchange, client: int, namespace: str, folder: Path, masked: bool) -> dict[str, Any] | None:
     """The client's report, and its update once both are published (the report is written last).
     A `masked` update comes later, through secure aggregation, never as a file."""
-    report = exchange.get(f"{outbox(client)}/{namespace}/report.json")
-    if report is None:
+    published = exchange.get(f"{outbox(client)}/{namespace}/report.json")
+    if published is None:
         return None
+    try:
+        report = ClientReport.from_row(json.loads(published))
+    except json.JSONDecodeError as error:
+        raise ReportRejected(f"its report is not JSON ({error.msg})") from None
+    if report.client != client:  # the outbox says who sent it; the report's content cannot claim another
+        raise ReportRejected(f"its report claims to be client {report.client}'s")
     if masked:
-        return json.loads(report)
+        return report.row()
     update = exchange.get(f"{outbox(client)}/{namespace}/update.safetensors")
     if update is None:
         raise RuntimeError(f"client {client} published a report without its update")
     path = atomic_write_bytes(update, folder / f"update_client_{client}.safetensors")
-    return {**json.loads(report), "update_path": str(path)}
+    return report.model_copy(update={"update_path": str(path)}).row()
 
 
 def train_remotely(

@@ -31,7 +31,7 @@ def local_train(
         update_path=update_path,
         private_dir=private_dir,
         server_view_path=server_view_path,
-    )
+    ).row()
     get_run_logger().info(
         "round %d client %d: loss %.3f -> %.3f, val %.3f, %d B up, %.1f s",
         round_,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedtune.adapters import load_state, save_state
-from fedtune.client import own_state
+from fedtune.client_feature import own_state
 from fedtune.config import ConfigError, build_config
 from fedtune.strategies import ClientUpdate
 from fedtune.strategies.scaffold import CONTROL, Scaffold

@@ -10,13 +10,14 @@ Client-side terms (FedProx's proximal term, SCAFFOLD's correction) come through
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedtune.adapters import AdapterState
+from fedtune.loss_terms import LocalObjective
 
 ServerState = dict[str, torch.Tensor]
 
@@ -27,15 +28,6 @@ class ClientUpdate:
     delta: AdapterState  # local - global
     num_examples: int
     extras: dict[str, AdapterState] = field(default_factory=dict)  # e.g. control-variate deltas
-
-
-class LocalObjective:
-    """Extra terms a strategy adds to a client's loss; the default adds nothing."""
-
-    def extra_loss(self, named_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """A term added to the loss; `named_params` are the trainable parameters keyed as the
-        adapter state is (`fedtune.adapters.trainable_parameters`)."""
-        return None
 
 
 class Strategy(ABC):

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from fedtune.adapters import AdapterState, check_keys
-from fedtune.strategies.base import LocalObjective
+from fedtune.loss_terms import LocalObjective
 from fedtune.strategies.fedavg import FedAvg
 
 
