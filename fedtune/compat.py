@@ -11,7 +11,7 @@ the config never imports an implementation (no import cycle; pyproject's import-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,8 +49,12 @@ def problems(config: FedConfig) -> list[Problem]:
     return [found for checks in RULES.values() for check in checks for found in check(config)]
 
 
-def _strangers(clients: object, n: int) -> list[int]:
-    return sorted(c for c in clients if not 0 <= c < n)  # type: ignore[attr-defined]
+def _outside(path: str, clients: Iterable[int], config: FedConfig, noun: str = "clients ") -> Iterator[Problem]:
+    """The clients named at `path` that are not among the partitions."""
+    n = config.data.partition.num_clients
+    strangers = sorted(c for c in clients if not 0 <= c < n)
+    if strangers:
+        yield Problem(path, f"{noun}{strangers} are not among the {n} partitions")
 
 
 def _extras(config: FedConfig) -> tuple[str, ...]:
@@ -99,11 +103,7 @@ def _client_ranks(config: FedConfig) -> Iterator[Problem]:
     ranks = config.peft.client_ranks
     if not ranks:
         return
-    strangers = _strangers(ranks, config.data.partition.num_clients)
-    if strangers:
-        yield Problem(
-            "peft.client_ranks", f"clients {strangers} are not among the {config.data.partition.num_clients} partitions"
-        )
+    yield from _outside("peft.client_ranks", ranks, config)
     if config.secagg.enabled:
         yield Problem(
             "peft.client_ranks",
@@ -151,11 +151,7 @@ def _watermark(config: FedConfig) -> Iterator[Problem]:
     owners = config.watermark.clients
     if not owners:
         return
-    strangers = _strangers(owners, config.data.partition.num_clients)
-    if strangers:
-        yield Problem(
-            "watermark.clients", f"{strangers} are not among the {config.data.partition.num_clients} partitions"
-        )
+    yield from _outside("watermark.clients", owners, config, noun="")
     if config.record_dp.enabled:
         yield Problem(
             "watermark.clients", "DP-SGD clips per-example gradients and cannot add the sign loss (record_dp)"
@@ -166,11 +162,8 @@ def _watermark(config: FedConfig) -> Iterator[Problem]:
 
 @rule("distill")
 def _distillation(config: FedConfig) -> Iterator[Problem]:
-    n = config.data.partition.num_clients
     for field in ("teachers", "client_models"):
-        strangers = _strangers(getattr(config.distill, field), n)
-        if strangers:
-            yield Problem(f"distill.{field}", f"clients {strangers} are not among the {n} partitions")
+        yield from _outside(f"distill.{field}", getattr(config.distill, field), config)
     if config.distill.teachers and config.train.objective != "sft":
         yield Problem("distill.teachers", "the mentee route distills instruction tuning (train.objective=sft)")
     if config.distill.teachers and config.record_dp.enabled:
