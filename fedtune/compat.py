@@ -94,8 +94,18 @@ def _label_column(config: FedConfig) -> Iterator[Problem]:
 
 @rule("record_dp")
 def _record_dp(config: FedConfig) -> Iterator[Problem]:
-    if config.record_dp.enabled and config.train.grad_accum != 1:
+    if not config.record_dp.enabled:
+        return
+    if config.train.grad_accum != 1:
         yield Problem("train.grad_accum", "record_dp.enabled: each step is one Poisson-sampled batch, so it must be 1")
+    if STRATEGIES.get(config.federation.strategy).adds_loss_term:
+        yield Problem(
+            "record_dp.enabled",
+            f"{config.federation.strategy} adds a loss on the weights, which DP-SGD cannot clip per example",
+        )
+    if config.peft.use_dora or config.peft.method == "ia3":
+        layers = "DoRA (peft.use_dora)" if config.peft.use_dora else "IA3"
+        yield Problem("record_dp.enabled", f"opacus computes no per-example gradients for {layers} layers")
 
 
 @rule("peft.client_ranks")
@@ -121,6 +131,11 @@ def _client_ranks(config: FedConfig) -> Iterator[Problem]:
 def _personalization(config: FedConfig) -> Iterator[Problem]:
     if not config.federation.personal_modules:
         return
+    if config.peft.method in ("prompt_tuning", "prefix_tuning"):
+        yield Problem(
+            "federation.personal_modules",
+            f"{config.peft.method} trains one tensor, so nothing would be left to federate or to keep",
+        )
     if config.secagg.enabled:
         yield Problem("federation.personal_modules", "not combined with secure aggregation yet (it masks all)")
     elif extras := _extras(config):
@@ -158,6 +173,12 @@ def _watermark(config: FedConfig) -> Iterator[Problem]:
         )
     if config.peft.client_ranks:
         yield Problem("watermark.clients", "not combined with peft.client_ranks (a key is for the global shapes)")
+    if "lora" in config.watermark.modules and config.peft.method != "lora":
+        yield Problem(
+            "watermark.modules",
+            f"{config.watermark.modules!r} selects LoRA tensors; peft.method is {config.peft.method}: choose a "
+            "pattern of its tensors (e.g. ia3_l, prompt_encoder)",
+        )
 
 
 @rule("distill")

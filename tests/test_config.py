@@ -141,3 +141,16 @@ def test_yaml_errors_name_the_file_line_and_column(tmp_path: Path) -> None:
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="a mapping of sections"):
         load_config(path)
+
+
+def test_combinations_that_fail_at_run_time_are_refused_when_the_config_is_built() -> None:
+    """Found by tests/test_combinations.py: each used to fail inside a client's round."""
+    cases = [
+        ({"record_dp": {"enabled": True}, "federation": {"strategy": "fedprox"}}, "record_dp.enabled: fedprox adds"),
+        ({"record_dp": {"enabled": True}, "peft": {"use_dora": True}}, "record_dp.enabled: opacus computes no"),
+        ({"federation": {"personal_modules": ["x"]}, "peft": {"method": "prompt_tuning"}}, "trains one tensor"),
+        ({"watermark": {"clients": [0]}, "peft": {"method": "prefix_tuning"}}, "watermark.modules: 'lora_B' selects"),
+    ]
+    for config, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_config(config)

@@ -37,7 +37,7 @@ def test_a_pattern_the_method_has_no_tensor_for_stops_the_run_before_training(tm
     from flows.federated_finetune import federated_finetune
 
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
-    overrides["peft"] |= {"method": "prefix_tuning", "num_virtual_tokens": 4}
+    overrides["peft"] |= {"method": "ia3", "target_modules": ["k_proj", "v_proj"], "feedforward_modules": []}
     overrides["federation"] |= {"personal_modules": ["lora_B"]}
     with pytest.raises(InputError, match=r"personal_modules: \['lora_B'\] match no adapter tensor"):
         federated_finetune(config=build_config(overrides))

@@ -38,6 +38,7 @@ class Strategy(ABC):
     control variate), and may send adapter-shaped `extras` beside its update."""
 
     extras: tuple[str, ...] = ()
+    adds_loss_term = False  # its `local_objective` adds a term on the weights (FedProx, SCAFFOLD)
 
     def check_config(self, config: Any) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Refuse a federation (`FedConfig`) the strategy cannot aggregate correctly: raise

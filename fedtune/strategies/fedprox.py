@@ -27,6 +27,8 @@ class ProximalTerm(LocalObjective):
 
 
 class FedProx(FedAvg):
+    adds_loss_term = True
+
     def __init__(self, *, mu: float = 0.01) -> None:
         if mu <= 0:
             raise ValueError(f"mu must be positive (mu = 0 is fedavg), got {mu}")

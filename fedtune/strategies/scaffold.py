@@ -42,6 +42,7 @@ class Correction(LocalObjective):
 
 class Scaffold(Strategy):
     extras = (CONTROL,)
+    adds_loss_term = True
 
     def __init__(self, *, num_clients: int, server_lr: float = 1.0) -> None:
         if server_lr <= 0:
