@@ -22,7 +22,8 @@ class ReportRejected(ValueError):
 
 
 class ClientReport(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a report is read as sent (no "0" for 0, no true for 1); timings and features finite
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     client: int = Field(ge=0)
     round: int = Field(ge=1)
@@ -35,8 +36,8 @@ class ClientReport(BaseModel):
     val_loss: float
     steps: int = Field(ge=0)
     tokens: int = Field(ge=0)
-    seconds: float = Field(ge=0)
-    val_seconds: float = Field(ge=0)
+    seconds: float = Field(ge=0, allow_inf_nan=False)
+    val_seconds: float = Field(ge=0, allow_inf_nan=False)
     features: dict[str, float] = Field(default_factory=dict, description="Fields the client's features add.")
     update_path: str | None = Field(None, description="Where the coordinator reads the update (None: masked).")
     data_version: str | None = Field(None, description="The client's partition version (deployment lineage).")

@@ -79,7 +79,7 @@ def _strategy_accepts(config: FedConfig) -> Iterator[Problem]:
         return  # nothing to check, and no reason to import the strategies
     try:
         FEATURE_CHECKS.get("strategy")(config)
-    except ValueError as error:
+    except (ValueError, TypeError, ArithmeticError) as error:  # e.g. Krum's f=.inf: OverflowError
         yield Problem("federation.strategy", str(error))
 
 

@@ -9,6 +9,7 @@ when the config is built, and nowhere else.
 from __future__ import annotations
 
 import codecs
+import copy
 import hashlib
 import json
 import re
@@ -576,7 +577,7 @@ def build_config(data: dict[str, Any]) -> FedConfig:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `dotted.key=value` overrides (values parsed as YAML) to a copy of `data`."""
-    result = json.loads(json.dumps(data))
+    result = copy.deepcopy(data)
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -603,6 +604,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> FedConfig:
     """Read params.yaml (grouped by stage, as DVC wants) and apply CLI overrides."""
     data: Any = {}
+    if path is not None and Path(path).is_dir():
+        raise ConfigError([f"{path}: is a directory, not a params file"])
     if path is not None and Path(path).exists():
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

@@ -32,7 +32,7 @@ def _reported() -> Iterator[None]:
     try:
         yield
     except InputError as error:
-        console.print(f"[red]{error}[/red]", soft_wrap=True)
+        console.print(str(error), style="red", soft_wrap=True, markup=False)  # a message may hold "[...]"
         raise typer.Exit(2) from None
 
 
@@ -195,7 +195,7 @@ def evaluate_cmd(
     from fedtune.atomic import atomic_write_bytes
 
     if not adapter.exists():
-        console.print(f"[red]adapter: {adapter} does not exist[/red]")
+        console.print(f"adapter: {adapter} does not exist", style="red", markup=False)
         raise typer.Exit(2)
     cfg = _config(config, set_)
     with _reported():
@@ -224,7 +224,7 @@ def watermark_verify_cmd(
         if not path.exists()
     ]
     if missing:
-        console.print(f"[red]{'; '.join(missing)}[/red]")
+        console.print("; ".join(missing), style="red", markup=False)
         raise typer.Exit(2)
     cfg = _config(config, set_)
     with _reported():

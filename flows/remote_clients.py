@@ -42,7 +42,9 @@ def _trigger(config: FedConfig, round_: int, clients: list[int], namespace: str)
     return runs
 
 
-def _collect(exchange: Exchange, client: int, namespace: str, folder: Path, masked: bool) -> dict[str, Any] | None:
+def _collect(
+    exchange: Exchange, client: int, round_: int, namespace: str, folder: Path, masked: bool
+) -> dict[str, Any] | None:
     """The client's report, and its update once both are published (the report is written last).
     A `masked` update comes later, through secure aggregation, never as a file."""
     published = exchange.get(f"{outbox(client)}/{namespace}/report.json")
@@ -54,6 +56,8 @@ def _collect(exchange: Exchange, client: int, namespace: str, folder: Path, mask
         raise ReportRejected(f"its report is not JSON ({error.msg})") from None
     if report.client != client:  # the outbox says who sent it; the report's content cannot claim another
         raise ReportRejected(f"its report claims to be client {report.client}'s")
+    if report.round != round_:
+        raise ReportRejected(f"its report is for round {report.round}, not {round_}")
     if masked:
         return report.row()
     update = exchange.get(f"{outbox(client)}/{namespace}/update.safetensors")
@@ -87,12 +91,14 @@ def train_remotely(
         while pending:
             for client in sorted(pending):
                 try:
-                    report = _collect(exchange, client, namespace, round_dir, masked)
+                    report = _collect(exchange, client, round_, namespace, round_dir, masked)
                     if report is None:
                         state = api.read_flow_run(runs[client].id).state
                         if state is None or not state.is_final():
                             continue
-                        report = _collect(exchange, client, namespace, round_dir, masked)  # it may have just arrived
+                        report = _collect(
+                            exchange, client, round_, namespace, round_dir, masked
+                        )  # it may have just arrived
                         if report is None:
                             raise RuntimeError(f"its flow run ended {state.name} ({state.message})")
                     reports.append(report)

@@ -90,3 +90,22 @@ def test_check_prints_every_problem_and_exits_2() -> None:
         assert path in done.stdout
     ok = subprocess.run([sys.executable, "-m", "flows.cli", "check"], cwd=root, capture_output=True)
     assert ok.returncode == 0 and b"config ok" in ok.stdout
+
+
+def test_check_prints_messages_as_plain_text_and_survives_odd_values(tmp_path: Path) -> None:
+    """Review findings: '[...]' in a message was read as Rich markup (text lost, or a MarkupError);
+    Krum's f=.inf raised OverflowError; a YAML date broke the loader; a folder as -c crashed."""
+    root = Path(__file__).parents[1]
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("tracking:\n  experiment: 2024-01-01\n")
+    cases = [
+        (["-s", "peft.target_modules=[/q_proj"], "line 1, column"),
+        (["-s", "federation.strategy=krum", "-s", "federation.strategy_options={f: .inf}"], "federation.strategy:"),
+        (["-c", str(dated)], "tracking.experiment"),
+        (["-c", str(tmp_path)], "is a directory"),
+    ]
+    for args, expected in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "check", *args], cwd=root, capture_output=True, text=True
+        )
+        assert done.returncode == 2 and expected in done.stdout, (args, done.stdout, done.stderr[-500:])

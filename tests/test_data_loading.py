@@ -143,3 +143,32 @@ def test_data_encoding_reads_other_encodings(tmp_path) -> None:  # type: ignore[
             {"role": "user", "content": "caf\u00e9"},
             {"role": "assistant", "content": "cr\u00e8me"},
         ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("q,a,t\nWhat is 1000?,1,000,num\n", r"line 2 has 4 cells, the header 3"),
+        ("q,a,a,t\nx,y,z,w\n", r"line 1 names columns more than once: \['a'\]"),
+    ],
+)
+def test_csv_rows_that_do_not_fit_the_header_are_named(tmp_path, content, message) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "rows.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_records(_data(path, columns={"instruction": "q", "response": "a", "label": "t", "input": None}))
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}],
+        [{"role": "user", "content": "hi"}, {"content": "hello"}],
+        "not a list",
+    ],
+)
+def test_a_malformed_conversation_is_a_named_error(tmp_path, turns) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"chat": turns, "topic": "a"}) + "\n")
+    with pytest.raises(DataError, match="data.columns.messages"):
+        load_records(_data(path, columns={"messages": "chat", "label": "topic"}))

@@ -58,8 +58,20 @@ def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
     rows: list[tuple[int, Row]] = []
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            rows.append((reader.line_num, row))
+        try:
+            header = reader.fieldnames or []
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise DataError(f"data.source: {path} line 1 names columns more than once: {repeated}")
+            for row in reader:
+                if None in row:  # cells past the header's last column (csv.DictReader's restkey)
+                    raise DataError(
+                        f"data.source: {path} line {reader.line_num} has {len(header) + len(row[None])} cells, "
+                        f"the header {len(header)} (an unquoted comma in a value?)"
+                    )
+                rows.append((reader.line_num, row))
+        except csv.Error as error:
+            raise DataError(f"data.source: {path} line {reader.line_num} cannot be read as CSV ({error})") from None
         if not rows:
             raise DataError(f"data.source: {path} has a header but no rows")
         return rows
@@ -165,7 +177,14 @@ def _to_record(row: Row, section: DataSection, label_column: str | None) -> Reco
         turns = row.get(cols.messages)
         if not turns:
             raise _Missing("columns.messages", cols.messages)
-        messages = [{"role": m["role"], "content": str(m["content"])} for m in turns]
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) for t in turns
+        ):
+            raise DataError(
+                f"data.columns.messages: {cols.messages!r} must hold a list of {{role, content}} turns, "
+                f"got {str(turns)[:80]}"
+            )
+        messages = [{"role": t["role"], "content": _text(t, "columns.messages", "content")} for t in turns]
         if messages[-1]["role"] != "assistant":
             raise DataError(f"data.columns.messages: a conversation does not end with an assistant turn: {messages}")
     else:

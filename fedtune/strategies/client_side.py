@@ -24,5 +24,9 @@ class StrategyClient(ClientFeature):
     def after_training(self, r: ClientRound) -> None:
         extras, next_own = self.strategy.client_step(r.start, r.local_state, r.view, self.own, r.steps, r.cfg.train.lr)
         r.extras.update(extras)
-        if next_own:
-            r.keep("strategy", next_own)
+        self.next_own = next_own
+
+    def finish(self, r: ClientRound) -> None:
+        """Kept only once the update is sent: a round whose update never left does not advance it."""
+        if self.next_own:
+            r.keep("strategy", self.next_own)
