@@ -558,7 +558,8 @@ def _cross_feature_problems(data: dict[str, Any], bad: list[tuple[Any, ...]]) ->
     except Exception:  # noqa: BLE001 (a rule that trips over a defaulted section adds nothing to report)
         return []
     invalid = {".".join(str(part) for part in loc) for loc in bad}
-    return [str(p) for p in found if p.path not in invalid]
+    # a problem at or about an invalid field was computed from its default: leave it out
+    return [str(p) for p in found if not any(field in str(p) for field in invalid)]
 
 
 def build_config(data: dict[str, Any]) -> FedConfig:

@@ -154,3 +154,9 @@ def test_combinations_that_fail_at_run_time_are_refused_when_the_config_is_built
     for config, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_config(config)
+
+
+def test_a_cross_feature_problem_about_an_invalid_field_is_not_computed_from_its_default() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"data": {"partition": {"num_clients": 0}}, "federation": {"clients_per_round": 4}})
+    assert [line.split(":")[0] for line in info.value.problems] == ["data.partition.num_clients"]

@@ -172,3 +172,12 @@ def test_a_malformed_conversation_is_a_named_error(tmp_path, turns) -> None:  # 
     path.write_text(json.dumps({"chat": turns, "topic": "a"}) + "\n")
     with pytest.raises(DataError, match="data.columns.messages"):
         load_records(_data(path, columns={"messages": "chat", "label": "topic"}))
+
+
+def test_jsonl_strings_may_hold_any_unicode_line_separator(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        json.dumps({"question": "a\u2028b\x0cc", "answer": "d\x85e", "topic": "x"}, ensure_ascii=False) + "\r\n"
+    )
+    (record,) = load_records(_data(path, columns={"instruction": "question", "response": "answer", "label": "topic"}))
+    assert record["messages"][0]["content"] == "a\u2028b\x0cc" and record["messages"][1]["content"] == "d\x85e"

@@ -83,7 +83,8 @@ def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
         lines = [(0, row) for row in data] if isinstance(data, list) else []
     else:
         lines = []
-        for number, line in enumerate(text.splitlines(), 1):
+        # split at newlines only: str.splitlines would also split at U+2028 or a form feed inside a string
+        for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
