@@ -62,6 +62,15 @@ def _extras(config: FedConfig) -> tuple[str, ...]:
     return tuple(STRATEGIES.get(config.federation.strategy).extras)
 
 
+def _needs_plain_updates(path: str, config: FedConfig, under_secagg: str, with_extras: str) -> Iterator[Problem]:
+    """A feature that changes which tensors travel, or at which shape, cannot yet be combined with
+    secure aggregation (it masks the whole update) or with a strategy's extras (sent per tensor)."""
+    if config.secagg.enabled:
+        yield Problem(path, under_secagg)
+    elif extras := _extras(config):
+        yield Problem(path, with_extras.format(strategy=config.federation.strategy, extras=", ".join(extras)))
+
+
 @rule("federation")
 def _sampling(config: FedConfig) -> Iterator[Problem]:
     n = config.data.partition.num_clients
@@ -114,17 +123,12 @@ def _client_ranks(config: FedConfig) -> Iterator[Problem]:
     if not ranks:
         return
     yield from _outside("peft.client_ranks", ranks, config)
-    if config.secagg.enabled:
-        yield Problem(
-            "peft.client_ranks",
-            "heterogeneous ranks are not combined with secure aggregation yet (it needs every update at the "
-            "global rank)",
-        )
-    elif extras := _extras(config):
-        yield Problem(
-            "peft.client_ranks",
-            f"not combined with {config.federation.strategy}'s {', '.join(extras)} yet (sent at the global rank)",
-        )
+    yield from _needs_plain_updates(
+        "peft.client_ranks",
+        config,
+        "heterogeneous ranks are not combined with secure aggregation yet (it needs every update at the global rank)",
+        "not combined with {strategy}'s {extras} yet (sent at the global rank)",
+    )
 
 
 @rule("federation.personal_modules")
@@ -136,14 +140,12 @@ def _personalization(config: FedConfig) -> Iterator[Problem]:
             "federation.personal_modules",
             f"{config.peft.method} trains one tensor, so nothing would be left to federate or to keep",
         )
-    if config.secagg.enabled:
-        yield Problem("federation.personal_modules", "not combined with secure aggregation yet (it masks all)")
-    elif extras := _extras(config):
-        yield Problem(
-            "federation.personal_modules",
-            f"{config.federation.strategy} sends {', '.join(extras)} for every adapter tensor; "
-            "it is not combined with personalization yet",
-        )
+    yield from _needs_plain_updates(
+        "federation.personal_modules",
+        config,
+        "not combined with secure aggregation yet (it masks all)",
+        "{strategy} sends {extras} for every adapter tensor; it is not combined with personalization yet",
+    )
 
 
 @rule("secagg")

@@ -94,7 +94,8 @@ def local_train(
         # The step's loss is the mean over all the window's units (label tokens; DPO's pairs), so
         # each micro-batch's mean weighs by its share of them: batch b x accumulation k is the step
         # of batch b*k, however unequal the micro-batches' answers are (transformers#24725).
-        units = [task.units(batch, pad_id) for batch in window]
+        # (one micro-batch is its own whole window: no need to count, and collate, twice)
+        units = [task.units(batch, pad_id) for batch in window] if len(window) > 1 else [1]
         for examples_in_batch, share in zip(window, [n / max(sum(units), 1) for n in units], strict=True):
             loss, batch_tokens = task.loss(model, examples_in_batch, pad_id, cfg)
             extra = objective.extra_loss(named)  # a term of the step, added once over the window
