@@ -18,9 +18,10 @@ from fedtune.adapters import load_state
 from fedtune.atomic import atomic_write_bytes
 from fedtune.config import FedConfig
 from fedtune.faults import crash_point
-from fedtune.federation import checkpoint_dir, latest_checkpoint, sample_clients
+from fedtune.federation import Checkpoint, checkpoint_dir, latest_checkpoint, sample_clients
 from fedtune.outputs import clear_outputs, write_outputs
 from fedtune.record_dp import PrivacyBudgetExhausted
+from fedtune.resume import allowed_changes, check_data, data_version, same_data
 from fedtune.watermark import SECRET_FILE, owner_secret, verify
 from flows.common import failing_run, prepare
 from flows.remote_clients import round_namespace, train_remotely
@@ -43,10 +44,26 @@ def _start(config: FedConfig, run: Path, init_adapter: str | None) -> tuple[list
     tick = time.perf_counter()
     metrics = evaluate(config, init["global_path"], "round-0", client_val=not config.deployment.enabled)
     history = [{"round": 0, **metrics, "eval_seconds": time.perf_counter() - tick}]
-    meta = {"mlflow_run_id": run_id, "config_fingerprint": config.fingerprint(), "sizes": init}
+    meta = {
+        "mlflow_run_id": run_id,
+        "config": config.model_dump(mode="json"),  # a resume is compared with it, field by field
+        "data_version": None if config.deployment.enabled else data_version(config.data.partitions_dir),
+        "sizes": init,
+    }
     checkpoint_task(str(run), 0, init["global_path"], init["server_state_path"], history, meta)
     log_round(config, run_id, 0, metrics, [], history)
     return history, meta
+
+
+def _reopen(config: FedConfig, run: Path, done: Checkpoint, changes: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """A resume: the checkpoint's MLflow run reopened, tagged with the (safe) config changes and
+    caught up on rounds checkpointed but not yet logged; the meta that later checkpoints carry."""
+    meta = {**done.meta, "config": config.model_dump(mode="json")}
+    changed = "; ".join(f"{path}: {old!r} -> {new!r}" for path, (old, new) in changes.items())
+    tags = {f"resume.after_round_{done.round:04d}": changed or "no change"}
+    start_tracking(config, "federated", resume_run_id=meta["mlflow_run_id"], resume_tags=tags)
+    log_history(config, str(run), meta["mlflow_run_id"], list(done.history))
+    return meta
 
 
 def _round_dir(run: Path, round_: int) -> Path:
@@ -227,14 +244,17 @@ def federated_finetune(
     started = time.perf_counter()
     run = Path(config.federation.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    prepare(config, data=prepare_data and not config.deployment.enabled)  # deployed: the data is the clients'
-    clear_outputs(run)  # only once the input is known to be good: bad input deletes nothing
     done = latest_checkpoint(run) if resume else None
+    changes = allowed_changes(done.meta, config.model_dump(mode="json"), done.round) if done else {}
+    checkpointed_data = done is not None and same_data(done.meta, config.data.partitions_dir)
+    # deployed, the data is the clients'; resumed, the checkpointed rounds' partitions stay as they are
+    prepare(config, data=prepare_data and not config.deployment.enabled and not checkpointed_data)
+    if done is not None:
+        check_data(done.meta, config.data.partitions_dir, done.round)
+    clear_outputs(run)  # only once the input is known to be good: bad input deletes nothing
     if done is not None:
         logger.info("resuming after round %d of %d", done.round, config.federation.rounds)
-        start_tracking(config, "federated", resume_run_id=done.meta["mlflow_run_id"])
-        completed, history, meta = done.round, list(done.history), done.meta
-        log_history(config, str(run), meta["mlflow_run_id"], history)  # rounds checkpointed but not yet logged
+        completed, history, meta = done.round, list(done.history), _reopen(config, run, done, changes)
     else:
         completed = 0
         history, meta = _start(config, run, init_adapter)

@@ -18,8 +18,10 @@ from mlflow_tracking import RunTracker
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
-def start_tracking(config: FedConfig, kind: str, resume_run_id: str | None = None) -> str:
-    """Open (or reopen on resume) the parent MLflow run; returns its id."""
+def start_tracking(
+    config: FedConfig, kind: str, resume_run_id: str | None = None, resume_tags: dict[str, str] | None = None
+) -> str:
+    """Open (or reopen on resume, tagging it with `resume_tags`: what changed) the parent MLflow run; its id."""
     tracking = config.tracking
     tracker = RunTracker.start(
         tracking_uri=tracking.tracking_uri,
@@ -34,6 +36,8 @@ def start_tracking(config: FedConfig, kind: str, resume_run_id: str | None = Non
         },
         resume_run_id=resume_run_id,
     )
+    if resume_tags:
+        tracker.set_tags(resume_tags)  # MLflow params are immutable: a change on resume is a tag
     return tracker.run_id
 
 

@@ -19,6 +19,7 @@ from fedtune.config import build_config
 from fedtune.data.partition import read_split
 from fedtune.evaluation import loss_and_perplexity
 from fedtune.federation import latest_checkpoint, sample_clients
+from fedtune.resume import ResumeRefused
 from fedtune.runtime import encode_records, tokenizer_for
 from flows.centralized import centralized
 from flows.federated_finetune import federated_finetune
@@ -111,6 +112,37 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, tiny_model
     assert client.get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
     assert sorted(_history(client, resumed["mlflow_run_id"], "test_loss")) == [0, 1, 2, 3]
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-6)
+
+
+def test_a_resume_is_the_same_run_or_a_refusal_before_any_work(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Case 08 / rel-12: another learning rate or partition seed is refused with both values and
+    nothing touched; more rounds continue the same MLflow run, which records the change."""
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["federation"]["rounds"] = 1
+    first = federated_finetune(config=build_config(overrides))
+    out = Path(overrides["federation"]["output_dir"])
+    partitions = Path(overrides["data"]["partitions_dir"])
+    kept = {p: p.read_bytes() for p in [out / "final_adapter.safetensors", *partitions.rglob("*.jsonl")]}
+    other = json.loads(json.dumps(overrides))
+    other["train"]["lr"], other["data"]["partition"]["seed"], other["federation"]["rounds"] = 0.05, 7, 2
+    with pytest.raises(ResumeRefused) as refused:
+        federated_finetune(config=build_config(other), resume=True)
+    assert "train.lr: 0.01 in the checkpoint, 0.05 now" in str(refused.value)
+    assert "data.partition.seed: 42 in the checkpoint, 7 now" in str(refused.value)
+    assert {p: p.read_bytes() for p in kept} == kept  # refused before prepare re-partitioned or outputs went
+
+    overrides["federation"]["rounds"] = 2
+    resumed = federated_finetune(config=build_config(overrides), resume=True)
+    client = MlflowClient(overrides["tracking"]["tracking_uri"])
+    run = client.get_run(first["mlflow_run_id"])
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"] and resumed["rounds"] == 2
+    assert run.data.tags["resume.after_round_0001"] == "federation.rounds: 1 -> 2"
+    assert sorted(_history(client, first["mlflow_run_id"], "test_loss")) == [0, 1, 2]
+
+    (partitions / "test.jsonl").write_text((partitions / "test.jsonl").read_text().splitlines()[0] + "\n")
+    overrides["federation"]["rounds"] = 3
+    with pytest.raises(ResumeRefused, match="data.partitions_dir: the partitions under"):
+        federated_finetune(config=build_config(overrides), resume=True, prepare_data=False)
 
 
 def test_baselines_log_comparable_runs(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
