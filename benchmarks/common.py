@@ -10,8 +10,8 @@ from typing import Any
 
 from fedtune.config import FedConfig, load_config
 from fedtune.data.loading import load_records
-from fedtune.data.partition import split_records, write_partitions
 from fedtune.models import ensure_model
+from fedtune.tokenized import partition_records
 
 RESULTS = Path(__file__).parent / "results"
 # a benchmark's temporary Prefect server must not phone home (`make` sets this too)
@@ -33,7 +33,7 @@ def prepared_config(root: Path, overrides: list[str]) -> FedConfig:
     """params.yaml with the scratch paths and `overrides`; the model and partitions made ready."""
     config = load_config("params.yaml", [*scratch_overrides(root), *overrides])
     ensure_model(config.model)
-    write_partitions(split_records(load_records(config.data), config.data.partition), config.data.partitions_dir)
+    partition_records(config, load_records(config.data))
     return config
 
 

@@ -13,7 +13,7 @@ from deploy import parties, servers
 from deploy.secrets import prefect_auth
 from fedtune.config import FedConfig
 from fedtune.data.loading import load_records, write_jsonl
-from fedtune.data.partition import split_records, write_partitions
+from fedtune.tokenized import partition_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def distribute_from(config: FedConfig) -> list[Path]:
     no party's worker may see (each gets its own partition through `parties.provision`)."""
     records = load_records(config.data)
     write_jsonl(records, config.data.processed_path)
-    write_partitions(split_records(records, config.data.partition), config.data.partitions_dir)
+    partition_records(config, records)
     return [Path(config.data.processed_path).resolve().parent, Path(config.data.partitions_dir).resolve()]
 
 

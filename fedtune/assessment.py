@@ -40,8 +40,9 @@ def evaluate_adapter(
             )["loss"]
             for c in range(cfg.data.partition.num_clients)
         ]
+        scored = [v for v in vals if v is not None]  # a client whose val set kept no example has no value
         metrics["client_val_loss"] = vals
-        metrics["val_loss"] = sum(vals) / len(vals)
+        metrics["val_loss"] = sum(scored) / len(scored) if scored else None
     if generation and cfg.eval.generation_samples > 0 and objective.scores_answers:
         em = exact_match(
             model,

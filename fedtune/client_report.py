@@ -33,7 +33,7 @@ class ClientReport(BaseModel):
     train_loss: float
     train_loss_first: float
     train_loss_last: float
-    val_loss: float
+    val_loss: float | None = Field(description="None when the client's val split kept no example.")
     steps: int = Field(ge=0)
     tokens: int = Field(ge=0)
     seconds: float = Field(ge=0, allow_inf_nan=False)

@@ -12,6 +12,7 @@ import codecs
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,9 @@ def choices(family: Registry[Any]) -> dict[str, Any]:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity in any number, strategy options included: `clip_norm: .inf` would turn off
+    # DP clipping while epsilon is still reported, `target_epsilon: .nan` the budget stop (rel-05)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -201,6 +204,12 @@ class DataSection(Section):
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     system_prompt: str | None = Field("Answer with the result only.", description="None keeps the template's.")
     max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
+    truncation: Literal["prompt", "response", "drop"] = Field(
+        "prompt",
+        description="An example longer than max_length: 'prompt' cuts the prompt's start so the whole response "
+        "is learned (the prompt keeps at least half the window), 'response' cuts the end of the response, "
+        "'drop' leaves the example out. Counted per client in the partition report.",
+    )
     max_examples: int | None = Field(None, gt=0, description="Subsample the source to this many rows.")
     encoding: str = Field("utf-8", description="Text encoding of a CSV or JSON(L) source, e.g. latin-1 or utf-16.")
     drop_incomplete: bool = Field(
@@ -264,6 +273,16 @@ class FederationSection(Section):
     @classmethod
     def _known_strategy(cls, value: str) -> str:
         return STRATEGIES.check(value)
+
+    @field_validator("strategy_options", mode="before")
+    @classmethod
+    def _finite_options(cls, value: Any) -> Any:
+        """One line per non-finite option (the union type would report each of its members)."""
+        if isinstance(value, dict):
+            bad = [f"{k}={v}" for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"{', '.join(bad)}: every option must be a finite number")
+        return value
 
     @model_validator(mode="after")
     def _enough_clients(self) -> FederationSection:

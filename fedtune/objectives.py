@@ -23,12 +23,12 @@ from torch.nn import functional as F  # noqa: N812 (the conventional name)
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.loading import Record
-from fedtune.data.prompts import collate, encode
+from fedtune.data.prompts import DROPPED, KEPT, TRUNCATED, collate, encode
 from fedtune.distillation import KD_IDS, kd_loss, target_tensors
 from fedtune.losses import response_logits, sequence_log_probs, target_count, token_losses
 
 if TYPE_CHECKING:
-    from fedtune.config import TrainSection
+    from fedtune.config import DataSection, TrainSection
 
 Example = dict[str, list[int]]
 
@@ -40,10 +40,12 @@ class Objective:
     pairs = False  # examples are (chosen, rejected) pairs
 
     def encode(
-        self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
-    ) -> list[Example]:
-        example = encode(tokenizer, record, system_prompt, max_length)
-        return [] if example is None else [example]
+        self, tokenizer: PreTrainedTokenizerBase, record: Record, data: DataSection
+    ) -> tuple[list[Example], str]:
+        """(examples, outcome): what one record becomes, and whether tokenization kept, truncated or
+        dropped it (`fedtune.data.prompts.fit`, counted in the partition report)."""
+        example, outcome = encode(tokenizer, record, data.system_prompt, data.max_length, data.truncation)
+        return ([] if example is None else [example]), outcome
 
     def units(self, examples: list[Example], pad_id: int) -> int:
         """What `loss` is a mean over: the batch's label tokens. Gradient accumulation weighs each
@@ -73,11 +75,12 @@ class Pretraining(Objective):
     scores_answers = False
 
     def encode(
-        self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
-    ) -> list[Example]:
+        self, tokenizer: PreTrainedTokenizerBase, record: Record, data: DataSection
+    ) -> tuple[list[Example], str]:
+        """A document is chunked, never cut: every token is kept."""
         ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        chunks = [ids[start : start + max_length] for start in range(0, len(ids), max_length)]
-        return [{"input_ids": chunk, "labels": list(chunk)} for chunk in chunks if len(chunk) > 1]
+        chunks = [ids[start : start + data.max_length] for start in range(0, len(ids), data.max_length)]
+        return [{"input_ids": chunk, "labels": list(chunk)} for chunk in chunks if len(chunk) > 1], KEPT
 
 
 class PreferenceOptimization(Objective):
@@ -86,19 +89,24 @@ class PreferenceOptimization(Objective):
     pairs = True
 
     def encode(
-        self, tokenizer: PreTrainedTokenizerBase, record: Record, system_prompt: str | None, max_length: int
-    ) -> list[Example]:
+        self, tokenizer: PreTrainedTokenizerBase, record: Record, data: DataSection
+    ) -> tuple[list[Example], str]:
+        """A pair is what its worse half is: dropped if either response is, truncated if either is."""
         rejected = {
             **record,
             "messages": [*record["messages"][:-1], {"role": "assistant", "content": record["rejected"]}],
         }
-        chosen_ids = encode(tokenizer, record, system_prompt, max_length)
-        rejected_ids = encode(tokenizer, rejected, system_prompt, max_length)
+        chosen_ids, chosen = encode(tokenizer, record, data.system_prompt, data.max_length, data.truncation)
+        rejected_ids, other = encode(tokenizer, rejected, data.system_prompt, data.max_length, data.truncation)
+        outcome = next(o for o in (DROPPED, TRUNCATED, KEPT) if o in (chosen, other))
         if chosen_ids is None or rejected_ids is None:
-            return []
-        return [
-            {**chosen_ids, "rejected_input_ids": rejected_ids["input_ids"], "rejected_labels": rejected_ids["labels"]}
-        ]
+            return [], outcome
+        pair = {
+            **chosen_ids,
+            "rejected_input_ids": rejected_ids["input_ids"],
+            "rejected_labels": rejected_ids["labels"],
+        }
+        return [pair], outcome
 
     def units(self, examples: list[Example], pad_id: int) -> int:
         """DPO's loss is a mean over pairs."""

@@ -63,12 +63,12 @@ class Personalization(ClientFeature):
         mine = r.own_state("personal") or {}
         r.start = {**r.start, **mine}
         batch, pad = r.cfg.eval.batch_size, r.tokenizer.pad_token_id
-        r.report["val_loss_global"] = loss_and_perplexity(r.model, r.val, batch_size=batch, pad_id=pad)["loss"]
-        if mine:
+        global_loss = personal_loss = loss_and_perplexity(r.model, r.val, batch_size=batch, pad_id=pad)["loss"]
+        if mine:  # before its first round a client has nothing of its own yet
             set_adapter_state(r.model, r.start)
-            r.report["val_loss_personal"] = loss_and_perplexity(r.model, r.val, batch_size=batch, pad_id=pad)["loss"]
-        else:  # before its first round a client has nothing of its own yet
-            r.report["val_loss_personal"] = r.report["val_loss_global"]
+            personal_loss = loss_and_perplexity(r.model, r.val, batch_size=batch, pad_id=pad)["loss"]
+        if global_loss is not None and personal_loss is not None:  # a val split that kept nothing: no value
+            r.report["val_loss_global"], r.report["val_loss_personal"] = global_loss, personal_loss
         r.val_seconds += time.perf_counter() - tick
 
     def outgoing(self, r: ClientRound, update: AdapterState) -> AdapterState:

@@ -11,7 +11,6 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.adapters import AdapterState, get_adapter_state, load_state, set_adapter_state
 from fedtune.atomic import staged_directory
-from fedtune.catalog import OBJECTIVES
 from fedtune.config import FedConfig
 from fedtune.data.loading import Record
 from fedtune.data.partition import read_split
@@ -25,6 +24,7 @@ from fedtune.peft_methods import (
 )
 from fedtune.personalization import check_personal_modules
 from fedtune.teachers import check_teachers
+from fedtune.tokenized import encode_counted
 from fedtune.watermark import carriers
 
 Encoded = list[dict[str, list[int]]]
@@ -68,12 +68,7 @@ def initial_adapter_state(cfg: FedConfig, start_from: str | Path | None = None) 
 
 
 def encode_records(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, records: list[Record]) -> Encoded:
-    objective = OBJECTIVES.get(cfg.train.objective)
-    return [
-        example
-        for record in records
-        for example in objective.encode(tokenizer, record, cfg.data.system_prompt, cfg.data.max_length)
-    ]
+    return encode_counted(cfg, tokenizer, records)[0]
 
 
 def load_encoded(cfg: FedConfig, tokenizer: PreTrainedTokenizerBase, client: int | None, split: str) -> Encoded:

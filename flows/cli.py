@@ -86,16 +86,32 @@ def prepare_data_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = Non
 def partition_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Split data.processed_path into a global test set and per-client train/val splits."""
     from fedtune.data.loading import read_jsonl
-    from fedtune.data.partition import split_records, write_partitions
+    from fedtune.models import ensure_model
+    from fedtune.tokenized import partition_records
 
     cfg = _config(config, set_)
     with _reported():
-        summary = write_partitions(
-            split_records(read_jsonl(cfg.data.processed_path), cfg.data.partition), cfg.data.partitions_dir
-        )
-    table = Table("client", "train", "val", "labels", title=f"partitions (test set: {summary['test_size']})")
+        ensure_model(cfg.model)  # its tokenizer counts what max_length keeps of each split
+        summary = partition_records(cfg, read_jsonl(cfg.data.processed_path))
+    tokens = summary["test_tokenized"]
+    table = Table(
+        "client",
+        "train",
+        "val",
+        "labels",
+        "train kept / truncated / dropped",
+        title=f"partitions (test set: {summary['test_size']}; tokenized {tokens['kept']} / {tokens['truncated']} / "
+        f"{tokens['dropped']})",
+    )
     for c in summary["clients"]:
-        table.add_row(str(c["client"]), str(c["train"]), str(c["val"]), json.dumps(c["labels"]))
+        counts = c["tokenized"]["train"]
+        table.add_row(
+            str(c["client"]),
+            str(c["train"]),
+            str(c["val"]),
+            json.dumps(c["labels"]),
+            f"{counts['kept']} / {counts['truncated']} / {counts['dropped']}",
+        )
     console.print(table)
 
 

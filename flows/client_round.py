@@ -97,6 +97,6 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         exchange.put(f"{outbox(client)}/{namespace}/update.safetensors", (work / "update.safetensors").read_bytes())
         exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
     get_run_logger().info(
-        "round %d client %d: %d B up, val loss %.3f", round_, client, public["bytes_up"], public["val_loss"]
+        "round %d client %d: %d B up, val loss %s", round_, client, public["bytes_up"], public.get("val_loss", "none")
     )
     return public

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedtune.config import FedConfig
 from fedtune.data.loading import load_records, read_jsonl, write_jsonl
-from fedtune.data.partition import split_records, write_partitions
+from fedtune.tokenized import partition_records
 
 
 @task(cache_policy=NO_CACHE)
@@ -23,17 +23,18 @@ def prepare_data(config: FedConfig) -> str:
 
 @task(cache_policy=NO_CACHE)
 def partition(config: FedConfig, processed_path: str) -> dict[str, Any]:
-    """Global test hold-out plus per-client train/val splits; returns the partition report."""
-    summary = write_partitions(
-        split_records(read_jsonl(processed_path), config.data.partition), config.data.partitions_dir
-    )
+    """Global test hold-out plus per-client train/val splits; returns the partition report
+    (with what tokenization kept, truncated and dropped of each split)."""
+    summary = partition_records(config, read_jsonl(processed_path))
     logger = get_run_logger()
     for client in summary["clients"]:
         logger.info(
-            "client %d: %d train / %d val, labels %s",
+            "client %d: %d train / %d val, labels %s; tokenized train %s",
             client["client"],
             client["train"],
             client["val"],
             client["labels"],
+            client["tokenized"]["train"],
         )
+    logger.info("test set: %d rows; tokenized %s", summary["test_size"], summary["test_tokenized"])
     return summary

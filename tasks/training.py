@@ -33,12 +33,12 @@ def local_train(
         server_view_path=server_view_path,
     ).row()
     get_run_logger().info(
-        "round %d client %d: loss %.3f -> %.3f, val %.3f, %d B up, %.1f s",
+        "round %d client %d: loss %.3f -> %.3f, val %s, %d B up, %.1f s",
         round_,
         client,
         report["train_loss_first"],
         report["train_loss_last"],
-        report["val_loss"],
+        report.get("val_loss", "none"),
         report["bytes_up"],
         report["seconds"],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,21 @@ CHATML = (
 )
 
 
-def build_tokenizer(directory: Path, with_template: bool = True, vocab_size: int = 600) -> Path:
+@dataclass(frozen=True)
+class Family:
+    """A model family's tokenizer conventions: its special tokens and chat template."""
+
+    special: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str | None
+    template: str | None
+
+
+QWEN = Family(("<unk>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", "<|im_end|>", CHATML)
+
+
+def build_tokenizer(directory: Path, with_template: bool = True, vocab_size: int = 600, family: Family = QWEN) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,19 +46,20 @@ def build_tokenizer(directory: Path, with_template: bool = True, vocab_size: int
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=list(family.special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     core.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.pad,
         unk_token="<unk>",
+        additional_special_tokens=[t for t in family.special if t not in ("<unk>", family.bos, family.eos)],
     )
-    if with_template:
-        tokenizer.chat_template = CHATML
+    if with_template and family.template is not None:
+        tokenizer.chat_template = family.template
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -78,7 +94,7 @@ def build_model(directory: Path, vocab_size: int, layers: int = 2, hidden: int =
         {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]}
         for r in rows
     ]
-    data = [e for e in (encode(tokenizer, r, None, 64) for r in records) if e is not None]
+    data = [e for e, _ in (encode(tokenizer, r, None, 64, "response") for r in records) if e is not None]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(pretrain_steps):
         batch = collate([data[(step * 16 + i) % len(data)] for i in range(16)], tokenizer.pad_token_id)

@@ -14,8 +14,8 @@ from fedtune.client import train_client
 from fedtune.client_feature import ClientFeature, ClientRound
 from fedtune.client_report import ClientReport, ReportRejected
 from fedtune.data.loading import load_records
-from fedtune.data.partition import split_records, write_partitions
 from fedtune.runtime import initial_adapter_state
+from fedtune.tokenized import partition_records
 
 
 class Recorder(ClientFeature):
@@ -53,9 +53,7 @@ class Recorder(ClientFeature):
 def test_a_new_feature_plugs_in_through_the_catalog_alone(tmp_path, tiny_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setitem(CLIENT_FEATURES._items, "recorder", Recorder)  # what a plugin's registration does
     Recorder.calls.clear()
-    write_partitions(
-        split_records(load_records(tiny_config.data), tiny_config.data.partition), tiny_config.data.partitions_dir
-    )
+    partition_records(tiny_config, load_records(tiny_config.data))
     state, _ = initial_adapter_state(tiny_config)
     save_state(state, tmp_path / "global.safetensors")
     reports = {}

@@ -17,11 +17,11 @@ from fedtune.adapters import get_adapter_state, load_state, save_state, set_adap
 from fedtune.client import train_client
 from fedtune.config import ConfigError, build_config
 from fedtune.data.loading import load_records
-from fedtune.data.partition import split_records, write_partitions
 from fedtune.runtime import build_peft_model, initial_adapter_state
 from fedtune.secure_round import secure_aggregate
 from fedtune.server import aggregate_reports
 from fedtune.strategies import build_strategy
+from fedtune.tokenized import partition_records
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def partitions(tmp_path_factory, tiny_model_dir) -> dict[str, Any]:  # type: ign
     overrides["federation"] |= {"clients_per_round": 2, "min_fit_clients": 2}
     overrides["train"] |= {"steps_per_round": 2}
     config = build_config(overrides)
-    write_partitions(split_records(load_records(config.data), config.data.partition), config.data.partitions_dir)
+    partition_records(config, load_records(config.data))
     return overrides
 
 

@@ -139,7 +139,8 @@ def test_pretraining_chunks_documents_and_puts_the_loss_on_every_token(tmp_path,
     tokenizer = tokenizer_for(config)
     records = load_records(config.data)
     assert records[0] == {"text": json.loads(corpus.read_text().splitlines()[0])["body"], "label": "s0"}
-    examples = OBJECTIVES.get("pretrain").encode(tokenizer, records[0], None, 16)
+    examples, outcome = OBJECTIVES.get("pretrain").encode(tokenizer, records[0], config.data)
+    assert outcome == "kept"  # a document is chunked, never cut
     ids = tokenizer(records[0]["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert [t for e in examples for t in e["input_ids"]] == ids  # the document, in order, nothing else
     assert all(len(e["input_ids"]) <= 16 and e["labels"] == e["input_ids"] for e in examples)

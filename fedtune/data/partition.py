@@ -119,9 +119,10 @@ def split_records(records: list[Record], section: Any) -> Partitions:
     return Partitions(clients=clients, test=test)
 
 
-def report(partitions: Partitions) -> dict[str, Any]:
-    """Sizes and label histogram per client, for the partition report and MLflow."""
-    return {
+def report(partitions: Partitions, tokenized: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sizes and label histogram per client, for the partition report and MLflow; with `tokenized`
+    (`fedtune.tokenized.count_tokenized`) also what tokenization kept, truncated and dropped."""
+    summary: dict[str, Any] = {
         "num_clients": len(partitions.clients),
         "test_size": len(partitions.test),
         "clients": [
@@ -134,15 +135,22 @@ def report(partitions: Partitions) -> dict[str, Any]:
             for i, parts in enumerate(partitions.clients)
         ],
     }
+    if tokenized is not None:
+        for client, counts in zip(summary["clients"], tokenized["clients"], strict=True):
+            client["tokenized"] = counts
+        summary["test_tokenized"] = tokenized["test"]
+    return summary
 
 
 def client_dir(root: str | Path, client: int) -> Path:
     return Path(root) / f"client_{client}"
 
 
-def write_partitions(partitions: Partitions, root: str | Path) -> dict[str, Any]:
+def write_partitions(
+    partitions: Partitions, root: str | Path, tokenized: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write all partitions and the report; `root` is replaced in one step."""
-    summary = report(partitions)
+    summary = report(partitions, tokenized)
     with staged_directory(root) as staging:
         for i, parts in enumerate(partitions.clients):
             for split, rows in parts.items():
