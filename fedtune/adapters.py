@@ -150,7 +150,9 @@ def to_bytes(state: AdapterState, metadata: dict[str, str] | None = None) -> byt
 
 
 def from_bytes(data: bytes) -> AdapterState:
-    return load_bytes(data)
+    """The tensors in sorted key order: safetensors returns them in an order that differs between
+    two loads of the same bytes, and anything drawn tensor by tensor must not depend on it (rel-17)."""
+    return dict(sorted(load_bytes(data).items()))
 
 
 def save_state(state: AdapterState, path: str | Path) -> int:

@@ -45,8 +45,14 @@ def rule(feature: str) -> Callable[[Rule], Rule]:
 
 
 def problems(config: FedConfig) -> list[Problem]:
-    """What every rule finds in `config`, in the order the features were registered."""
-    return [found for checks in RULES.values() for check in checks for found in check(config)]
+    """What every rule finds in `config`, in the order the features were registered; a problem two
+    rules find (secure aggregation's checks build the strategy too) is reported once, at its first path."""
+    found: dict[str, Problem] = {}
+    for checks in RULES.values():
+        for check in checks:
+            for problem in check(config):
+                found.setdefault(problem.message, problem)
+    return list(found.values())
 
 
 def _outside(path: str, clients: Iterable[int], config: FedConfig, noun: str = "clients ") -> Iterator[Problem]:

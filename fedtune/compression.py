@@ -66,7 +66,8 @@ def compress(
         return dict(update), {}
     sent: AdapterState = {}
     residual: AdapterState = {}
-    for key, tensor in update.items():
+    for key in sorted(update):  # stochastic rounding draws in a fixed order, whatever the dict's
+        tensor = update[key]
         if method in ("int8", "int4"):
             q, scale = _quantize(tensor, 8 if method == "int8" else 4, generator)
             sent[SCALE + key] = scale

@@ -144,15 +144,27 @@ class RunTracker:
             if path is not None:
                 self.client.log_artifact(self.run_id, str(path), "plots")
 
+    def log_new_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """`log_metrics` of the metrics the run does not have at `step` yet (a resumed run finishing again)."""
+        self.log_metrics({k: v for k, v in _numeric(metrics).items() if step not in self.metric_history(k)}, step)
+
     def register(self, artifact_path: str, name: str, tags: Mapping[str, str] | None = None) -> str:
-        """Register an adapter artifact as a new version of `name`; returns the version."""
+        """Register an adapter artifact as a new version of `name` tagged `tags`; returns the version.
+        Idempotent: a version of this run with the same source and tags is returned instead (a
+        finished run finishing again on `--resume`, rel-11)."""
+        wanted = dict(tags or {})
+        for found in self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'"):
+            if str(found.source).endswith(f"/{artifact_path}") and all(
+                found.tags.get(k) == v for k, v in wanted.items()
+            ):
+                return str(found.version)
         try:
             self.client.create_registered_model(name)
         except MlflowException as error:
             if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
                 raise
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=dict(tags or {}))
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=wanted)
         return str(version.version)
 
     def finish(self, status: str = "FINISHED") -> None:

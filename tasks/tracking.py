@@ -91,12 +91,15 @@ def fail_tracking(config: FedConfig, run_id: str) -> None:
 def finish_tracking(
     config: FedConfig, run_id: str, summary: dict[str, Any], register_artifact: str | None = None
 ) -> str | None:
-    """Log the summary, register the final adapter (when given and `tracking.register_final`), close the run."""
+    """Log the summary, register the final adapter (when given and `tracking.register_final`), close
+    the run; idempotent, so finishing a run again (`--resume` of a finished run) adds nothing."""
     run = tracker(config, run_id)
-    run.log_metrics({f"final/{k}": v for k, v in summary.items()})  # non-numeric values are skipped
+    last = int(summary.get("rounds") or 0)  # at the last round, so a run extended on resume logs its new end
+    run.log_new_metrics({f"final/{k}": v for k, v in summary.items()}, step=last)  # non-numeric values skipped
     run.log_dict(summary, "summary.json")
     version = None
     if register_artifact is not None and config.tracking.register_final:
-        version = run.register(register_artifact, config.tracking.registered_model, {"config": config.fingerprint()})
+        tags = {"config": config.fingerprint(), "round": str(last)}
+        version = run.register(register_artifact, config.tracking.registered_model, tags)
     run.finish()
     return version

@@ -100,7 +100,7 @@ def test_check_prints_messages_as_plain_text_and_survives_odd_values(tmp_path: P
     dated.write_text("tracking:\n  experiment: 2024-01-01\n")
     cases = [
         (["-s", "peft.target_modules=[/q_proj"], "line 1, column"),
-        (["-s", "federation.strategy=krum", "-s", "federation.strategy_options={f: .inf}"], "federation.strategy:"),
+        (["-s", "federation.strategy=krum", "-s", "federation.strategy_options={f: .inf}"], "f=inf: every option"),
         (["-c", str(dated)], "tracking.experiment"),
         (["-c", str(tmp_path)], "is a directory"),
     ]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedtune.adapters import clip_to_norm, l2_norm
+from fedtune.adapters import clip_to_norm, l2_norm, load_state, save_state
 from fedtune.config import ConfigError, build_config
 from fedtune.strategies import ClientUpdate, build_strategy
 from fedtune.strategies.dp_fedavg import ROUNDS, DPFedAvg, epsilon
@@ -54,15 +54,21 @@ def test_one_client_moves_the_average_by_at_most_c_over_n_expected() -> None:
     assert l2_norm(aggregate) <= 2.0 / 4 + 1e-6
 
 
-def test_noise_is_reproducible_from_the_checkpointed_state_only() -> None:
+def test_noise_is_reproducible_from_the_checkpointed_state_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """rel-17: with many tensors, the noise must not follow the order of the update's dict (which
+    safetensors randomizes between loads), or a resumed round draws other noise."""
     strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=1.0, expected_clients=2, sample_rate=1.0)
-    zeros = {"w": torch.zeros(64)}
-    updates = [ClientUpdate(0, zeros, 1)]
+    zeros = {f"layers.{i}.{m}.lora_{ab}.weight": torch.zeros(4, 16) for i in range(4) for m in "qv" for ab in "AB"}
     state = strategy.init_state(zeros)
-    first, _ = strategy.aggregate(zeros, updates, state)
-    again, _ = strategy.aggregate(zeros, updates, {k: v.clone() for k, v in state.items()})
-    other, _ = strategy.aggregate(zeros, updates, strategy.init_state(zeros))  # another secret
-    assert torch.equal(first["w"], again["w"]) and not torch.equal(first["w"], other["w"])
+    first, _ = strategy.aggregate(zeros, [ClientUpdate(0, zeros, 1)], state)
+    backwards = dict(reversed(zeros.items()))
+    again, _ = strategy.aggregate(backwards, [ClientUpdate(0, backwards, 1)], {k: v.clone() for k, v in state.items()})
+    other, _ = strategy.aggregate(zeros, [ClientUpdate(0, zeros, 1)], strategy.init_state(zeros))  # another secret
+    assert all(torch.equal(first[k], again[k]) for k in zeros)
+    assert not any(torch.equal(first[k], other[k]) for k in zeros)
+    save_state(dict(reversed(zeros.items())), tmp_path / "update.safetensors")
+    loads = [list(load_state(tmp_path / "update.safetensors")) for _ in range(5)]
+    assert all(keys == sorted(zeros) for keys in loads)  # every load in one order
 
 
 def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
@@ -100,6 +106,34 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
                 }
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"sample_rate": 0.001}, "sample_rate: derived from the federation's shape"),  # eps 0.61 instead of 9.01
+        ({"distributed": 0}, "distributed: derived"),  # secure aggregation without the clients' noise
+        ({"clip_norm": float("inf")}, "clip_norm=inf: every option must be a finite number"),  # no clipping
+        ({"clip_norm": float("nan")}, "clip_norm=nan: every option"),
+        ({"target_epsilon": float("nan")}, "target_epsilon=nan: every option"),  # the budget stop silently off
+    ],
+)
+def test_options_that_break_the_privacy_claim_are_refused_when_the_config_is_built(options, named) -> None:  # type: ignore[no-untyped-def]
+    """rel-05: options merged over the derived sampling rate, and NaN or infinite DP parameters."""
+    federation = {"strategy": "dp_fedavg", "strategy_options": {"clip_norm": 0.5, "noise_multiplier": 1.0} | options}
+    with pytest.raises(ConfigError, match=named):
+        build_config({"federation": federation, "secagg": {"enabled": True}})
+
+
+def test_no_number_anywhere_in_the_config_may_be_nan_or_infinite() -> None:
+    for section, field in (
+        ("record_dp", "delta"),
+        ("secagg", "clip"),
+        ("train", "lr"),
+        ("record_dp", "target_epsilon"),
+    ):
+        with pytest.raises(ConfigError, match=f"{section}.{field}: Input should be a finite number"):
+            build_config({section: {field: float("nan")}})
 
 
 def test_adaptive_clipping_tracks_the_target_quantile_and_pays_for_the_count() -> None:

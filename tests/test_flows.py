@@ -138,6 +138,12 @@ def test_a_resume_is_the_same_run_or_a_refusal_before_any_work(tmp_path, tiny_mo
     assert resumed["mlflow_run_id"] == first["mlflow_run_id"] and resumed["rounds"] == 2
     assert run.data.tags["resume.after_round_0001"] == "federation.rounds: 1 -> 2"
     assert sorted(_history(client, first["mlflow_run_id"], "test_loss")) == [0, 1, 2]
+    again = federated_finetune(config=build_config(overrides), resume=True)  # rel-11: a finished run resumed
+    versions = client.search_model_versions(f"run_id = '{first['mlflow_run_id']}'")
+    assert again["registered_version"] == resumed["registered_version"]
+    assert len(versions) == 2 and {v.tags["round"] for v in versions} == {"1", "2"}  # one per end reached
+    finals = client.get_metric_history(first["mlflow_run_id"], "final/test_loss")
+    assert sorted(m.step for m in finals) == [1, 2]  # each end logged once
 
     (partitions / "test.jsonl").write_text((partitions / "test.jsonl").read_text().splitlines()[0] + "\n")
     overrides["federation"]["rounds"] = 3

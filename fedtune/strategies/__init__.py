@@ -12,7 +12,7 @@ from fedtune.strategies.fedavg import FedAvg, weighted_average
 def build_strategy(config: Any) -> Strategy:
     """The configured strategy with `federation.strategy_options`; bad options name the field.
 
-    Options a strategy declares but the user left out are filled from the federation's shape:
+    Options a strategy declares are filled from the federation's shape and cannot be set by hand:
     `expected_clients` (clients_per_round), `sample_rate` (clients_per_round / num_clients),
     `num_clients`, `distributed` (secagg.enabled: noise added by the clients) and `client_ranks`
     (peft.client_ranks).
@@ -27,6 +27,12 @@ def build_strategy(config: Any) -> Strategy:
         "client_ranks": config.peft.client_ranks,
     }
     accepted = inspect.signature(cls).parameters
+    fixed = sorted(set(federation.strategy_options) & set(derived))
+    if fixed:  # a sampling rate the federation does not have would amplify privacy that is not there (rel-05)
+        raise ValueError(
+            f"federation.strategy_options: {', '.join(fixed)}: derived from the federation's shape "
+            "(clients_per_round, num_clients, secagg.enabled, peft.client_ranks), never set as an option"
+        )
     options = {k: v for k, v in derived.items() if k in accepted} | dict(federation.strategy_options)
     try:
         return cls(**options)

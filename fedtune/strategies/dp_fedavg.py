@@ -53,11 +53,15 @@ def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: flo
 def noised_mean(
     deltas: list[AdapterState], clip_norm: float, noise_multiplier: float, expected: int, generator: torch.Generator
 ) -> AdapterState:
-    """(sum of updates clipped to clip_norm + N(0, (z * clip_norm)^2)) / expected."""
+    """(sum of updates clipped to clip_norm + N(0, (z * clip_norm)^2)) / expected.
+
+    The noise is drawn tensor by tensor in sorted key order, so it is a function of the generator's
+    seed alone, whatever order the updates' dicts come in (a resume redraws it bit for bit)."""
     clipped = [clip_to_norm(d, clip_norm) for d in deltas]
     std = noise_multiplier * clip_norm
     result = {}
-    for key, first in deltas[0].items():
+    for key in sorted(deltas[0]):
+        first = deltas[0][key]
         total = torch.stack([c[key].to(torch.float64) for c in clipped]).sum(0)
         noise = torch.normal(0.0, std, size=first.shape, generator=generator, dtype=torch.float64)
         result[key] = ((total + noise) / expected).to(first.dtype)
