@@ -42,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     python = sys.executable
     heavy = (
-        "import fedtune.strategies, fedtune.peft_methods, fedtune.data.partition, fedtune.objectives, fedtune.training"
+        "import fedtune.strategies, fedtune.model.peft_methods, fedtune.data.partition, "
+        "fedtune.training.objectives, fedtune.training.loop"
     )
     rows = {
         "python -c pass (interpreter start)": seconds([python, "-c", "pass"], args.repeat, 0),

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import FedConfig, load_config
+from fedtune.config.schema import FedConfig, load_config
 from fedtune.data.loading import load_records
-from fedtune.models import ensure_model
-from fedtune.tokenized import partition_records
+from fedtune.model.loading import ensure_model
+from fedtune.training.tokenized import partition_records
 
 RESULTS = Path(__file__).parent / "results"
 # a benchmark's temporary Prefect server must not phone home (`make` sets this too)

@@ -28,7 +28,7 @@ from common import evaluation_seconds, save_results, scratch_overrides
 from scale import build_model, wide_model
 
 from deploy.federation import distribute_from
-from fedtune.config import FedConfig, load_config
+from fedtune.config.schema import FedConfig, load_config
 
 SECRETS = {
     "FEDTUNE_PREFECT_AUTH": "bench:bench-prefect-secret",

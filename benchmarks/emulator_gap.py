@@ -18,7 +18,7 @@ from common import save_results
 from matrix import SHARED
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune.offsite import keep_layers, plan
+from fedtune.hetero.offsite import keep_layers, plan
 
 MODEL = "models/SmolLM2-135M-Instruct"
 

@@ -10,7 +10,7 @@ Parts, each timed in this process against a baseline measured in the same run:
    linear layer's GEMM at the batch's token count), the practical limit MFU is measured against;
    a large square GEMM beside it for reference.
 2. **throughput**: tokens/s and model FLOPs utilization (MFU) of fedtune's client loop
-   (`fedtune.training.local_train`, the loop a client round runs) next to the textbook peft loop
+   (`fedtune.training.loop.local_train`, the loop a client round runs) next to the textbook peft loop
    (`overhead.plain_peft_loop`: right padding, the model's own full-logits loss), for the default
    SmolLM2-135M (its real weights) and a SmolLM2-1.7B-shaped model (random weights: throughput
    does not depend on the values, and no 1-2B model can be had offline), in bf16 and as QLoRA
@@ -58,11 +58,12 @@ from matrix import SHARED, Dataset, datasets_for, judge, run_dataset, table
 from overhead import measure, plain_peft_loop
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from fedtune.data.loading import load_records
-from fedtune.models import load_tokenizer, resolve_device
-from fedtune.runtime import build_peft_model, encode_records
-from fedtune.training import local_train
+from fedtune.model.builder import build_peft_model
+from fedtune.model.loading import load_tokenizer, resolve_device
+from fedtune.training.loop import local_train
+from fedtune.training.tokenized import encode_records
 
 Encoded = list[dict[str, list[int]]]
 

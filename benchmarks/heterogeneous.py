@@ -30,8 +30,8 @@ from typing import Any
 from common import prepared_config, save_results
 from matrix import AG_CLASSES, AG_INSTRUCTION, SHARED, write_ag_news
 
-from fedtune.adapters import get_adapter_state, load_state
-from fedtune.offsite import build_emulator, distill_emulator
+from fedtune.hetero.offsite import build_emulator, distill_emulator
+from fedtune.model.adapters import get_adapter_state, load_state
 
 GROUPS = ("baselines", "mentee", "fedmkt", "fedcollm", "offsite", "watermark")
 NEEDS_MEMBER = {"baselines", "mentee", "fedmkt", "fedcollm"}  # the rows with a 14L member
@@ -136,7 +136,7 @@ def main() -> None:
             record("FedAvg (homogeneous)", "14L x3", federated_finetune(config=cfg, prepare_data=False))
 
         if "mentee" in args.only:
-            from fedtune.runtime import export_adapter
+            from fedtune.model.builder import export_adapter
 
             teachers = {
                 c: str(
@@ -227,9 +227,10 @@ def offsite_rows(config, offsite_tuning, distill_steps: int, root: Path, record)
 def watermark_row(config, federated_finetune, margin: float) -> dict[str, Any]:
     """Client 0 signs; its bits in the global, after 20 more steps of someone else's tuning, and
     1000 random keys' verdicts on the same adapter (the empirical false-positive rate)."""
-    from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
-    from fedtune.training import local_train
-    from fedtune.watermark import owner_secret, verify
+    from fedtune.model.builder import build_peft_model, tokenizer_for
+    from fedtune.privacy.watermark import owner_secret, verify
+    from fedtune.training.loop import local_train
+    from fedtune.training.tokenized import load_encoded
 
     cfg = config(f"watermark-{margin}", "watermark.clients=[0]", f"watermark.margin={margin}")
     summary = federated_finetune(config=cfg, prepare_data=False)

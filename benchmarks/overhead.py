@@ -25,11 +25,12 @@ from common import evaluation_seconds, prepared_config, save_results
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
-from fedtune.catalog import PEFT_METHODS
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
+from fedtune.core.catalog import PEFT_METHODS
 from fedtune.data.partition import read_split
-from fedtune.models import DTYPES, quantization_config, resolve_device
-from fedtune.runtime import encode_records, tokenizer_for
+from fedtune.model.builder import tokenizer_for
+from fedtune.model.loading import DTYPES, quantization_config, resolve_device
+from fedtune.training.tokenized import encode_records
 
 
 def plain_peft_loop(

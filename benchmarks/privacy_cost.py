@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import evaluation_seconds, prepared_config, save_results, scratch_overrides
 
-from fedtune.config import load_config
+from fedtune.config.schema import load_config
 
 VARIANTS = {
     "fedavg": [],

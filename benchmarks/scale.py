@@ -33,7 +33,7 @@ from typing import Any
 
 from common import evaluation_seconds, prepared_config, save_results, scratch_overrides
 
-from fedtune.config import FedConfig, load_config
+from fedtune.config.schema import FedConfig, load_config
 
 PARTITIONS = 50
 BASELINE = "threads"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from common import save_results
 
-from fedtune.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
+from fedtune.privacy.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
 
 
 def measure(n: int, length: int, neighbours: int | None) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from rich.console import Console
 
 from deploy.federation import distribute_from, running
 from deploy.secrets import mlflow_credentials, prefect_auth
-from fedtune.config import load_config
-from fedtune.errors import InputError
-from fedtune.models import ensure_model
+from fedtune.config.schema import load_config
+from fedtune.core.errors import InputError
+from fedtune.model.loading import ensure_model
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Operate a real multi-party federation.")
 console = Console()

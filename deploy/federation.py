@@ -11,9 +11,9 @@ from subprocess import Popen
 
 from deploy import parties, servers
 from deploy.secrets import prefect_auth
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from fedtune.data.loading import load_records, write_jsonl
-from fedtune.tokenized import partition_records
+from fedtune.training.tokenized import partition_records
 
 REPO = Path(__file__).resolve().parents[1]
 

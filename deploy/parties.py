@@ -24,9 +24,9 @@ import yaml
 
 from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, prefect_auth
 from deploy.servers import BIN, spawn
+from fedtune.core.faults import CRASH_AT
 from fedtune.data.partition import client_dir
-from fedtune.exchange import SERVER, outbox
-from fedtune.faults import CRASH_AT
+from fedtune.deployment.exchange import SERVER, outbox
 
 COORDINATOR_POOL = "coordinator"
 
@@ -159,7 +159,7 @@ def start_workers(
 ) -> dict[str, subprocess.Popen[bytes]]:
     """One worker per party; each sees its own folder, the model and the exchange, nothing else.
 
-    `drills` maps a client to a crash point (`fedtune.faults`, e.g. `secagg-shared:1`) at which
+    `drills` maps a client to a crash point (`fedtune.core.faults`, e.g. `secagg-shared:1`) at which
     its flow runs kill themselves: a fault drill for the federation's dropout handling."""
     homes = [layout.client_home(c) for c in range(clients)]
     workers = {

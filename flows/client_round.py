@@ -21,15 +21,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from fedtune.adapters import flatten, load_state
-from fedtune.atomic import atomic_write_bytes
-from fedtune.client import train_client
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
+from fedtune.core.atomic import atomic_write_bytes
+from fedtune.core.errors import InputError
 from fedtune.data.partition import client_dir
-from fedtune.errors import InputError
-from fedtune.exchange import SERVER, Exchange, outbox
-from fedtune.secagg.remote import take_part
-from fedtune.secure_round import client_input, parameters
+from fedtune.deployment.exchange import GLOBAL, REPORT, SERVER_VIEW, UPDATE, Exchange, client_file, server_file
+from fedtune.model.adapters import flatten, load_state
+from fedtune.privacy.secagg.remote import take_part
+from fedtune.round.client import train_client
+from fedtune.round.secure_round import client_input, parameters
 from mlflow_tracking.lineage import dvc_md5
 
 # what stays with the client: an owner's own watermark check (it would tell others about its key)
@@ -62,10 +62,10 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
     private = home / "private"
     work = private / "rounds" / namespace.replace("/", "_")
     global_path = atomic_write_bytes(
-        exchange.wait(f"{SERVER}/{namespace}/global.safetensors", deadline, config.deployment.poll_s),
+        exchange.wait(server_file(namespace, GLOBAL), deadline, config.deployment.poll_s),
         work / "global.safetensors",
     )
-    view = exchange.get(f"{SERVER}/{namespace}/server_view.safetensors")  # published before the global
+    view = exchange.get(server_file(namespace, SERVER_VIEW))  # published before the global
     if view is None:
         raise RuntimeError(f"round {round_}: the coordinator published no server view")
     view_path = atomic_write_bytes(view, work / "server_view.safetensors")
@@ -86,7 +86,7 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         }
     ).row()
     if config.secagg.enabled:  # the update leaves only masked, through the protocol's stages
-        exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
+        exchange.put(client_file(client, namespace, REPORT), json.dumps(public).encode())
         _, spec = flatten(load_state(global_path))
         encode = client_input(config, spec, work / "update.safetensors", report.num_examples, round_, private)
         stages_deadline = time.monotonic() + config.federation.client_timeout_s + 4 * config.secagg.stage_timeout_s
@@ -94,8 +94,8 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
         sent = take_part(exchange, namespace, client, params, round_, encode, stages_deadline, config.deployment.poll_s)
         public["protocol_bytes_up"] = sent
     else:  # the report last: once it is there, so is the update
-        exchange.put(f"{outbox(client)}/{namespace}/update.safetensors", (work / "update.safetensors").read_bytes())
-        exchange.put(f"{outbox(client)}/{namespace}/report.json", json.dumps(public).encode())
+        exchange.put(client_file(client, namespace, UPDATE), (work / "update.safetensors").read_bytes())
+        exchange.put(client_file(client, namespace, REPORT), json.dumps(public).encode())
     get_run_logger().info(
         "round %d client %d: %d B up, val loss %s", round_, client, public["bytes_up"], public.get("val_loss", "none")
     )

@@ -7,19 +7,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from fedtune.data.loading import FILE_BUILDERS, check_columns, load_records
 from fedtune.data.synthetic import COLUMNS as SYNTHETIC_COLUMNS
-from fedtune.models import check_model
-from fedtune.outputs import clear_outputs
+from fedtune.model.loading import check_model
+from fedtune.round.outputs import clear_outputs
+from fedtune.round.resume import check_resume
 from flows.runners import check_runner
 from tasks.data import partition, prepare_data
 from tasks.model import prepare_model
 from tasks.tracking import fail_tracking, start_tracking
 
 
-def preflight(config: FedConfig) -> None:
-    """Cheap checks that name the bad field before any task runs."""
+def preflight(config: FedConfig, *, resume: bool = False) -> None:
+    """Cheap checks that name the bad field before any task runs (with `resume`, also the config
+    against the checkpoint's, so a refused resume prints its message before any server starts)."""
+    if resume:
+        check_resume(config)
     check_model(config.model)
     check_runner(config.federation)
     if config.data.source == "synthetic":

@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from flows.common import prepare
 from flows.federated_finetune import federated_finetune
 from tasks.continual import data_versions, fetch_champion, settle

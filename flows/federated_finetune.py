@@ -14,15 +14,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from fedtune.adapters import load_state
-from fedtune.atomic import atomic_write_bytes
-from fedtune.config import FedConfig
-from fedtune.faults import crash_point
-from fedtune.federation import Checkpoint, checkpoint_dir, latest_checkpoint, sample_clients
-from fedtune.outputs import clear_outputs, write_outputs
-from fedtune.record_dp import PrivacyBudgetExhausted
-from fedtune.resume import allowed_changes, check_data, data_version, same_data
-from fedtune.watermark import SECRET_FILE, owner_secret, verify
+from fedtune.config.schema import FedConfig
+from fedtune.core.atomic import atomic_write_bytes
+from fedtune.core.faults import crash_point
+from fedtune.core.sampling import sample_clients
+from fedtune.model.adapters import load_state
+from fedtune.privacy.record_dp import PrivacyBudgetExhausted
+from fedtune.privacy.watermark import SECRET_FILE, owner_secret, verify
+from fedtune.round.checkpoints import Checkpoint, checkpoint_dir, latest_checkpoint
+from fedtune.round.outputs import clear_outputs, write_outputs
+from fedtune.round.resume import allowed_changes, check_data, data_version, same_data
 from flows.common import failing_run, prepare
 from flows.remote_clients import round_namespace, train_remotely
 from flows.runners import task_runner

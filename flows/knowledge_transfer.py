@@ -2,7 +2,7 @@
 
 Each round: every client tunes its own adapter privately, sends top-k logits on the public data,
 the server aligns and fuses them per receiver, and every client distills its fused teacher
-(fedtune/knowledge_transfer.py). `share_knowledge=False` runs the same private training with no
+(fedtune/hetero/knowledge_transfer.py). `share_knowledge=False` runs the same private training with no
 exchange: the local-only baseline on the same budget. Per round, every client's own model is
 evaluated on the global test set; the run's metrics are their mean.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from fedtune.config import FedConfig
-from fedtune.distillation import message_bytes
-from fedtune.knowledge_transfer import check_transfer, client_config, public_texts
-from fedtune.outputs import write_outputs
+from fedtune.config.schema import FedConfig
+from fedtune.hetero.knowledge_transfer import check_transfer, client_config, public_texts
+from fedtune.round.outputs import write_outputs
+from fedtune.training.distillation import message_bytes
 from flows.common import failing_run, open_run
 from tasks.evaluation import evaluate
 from tasks.knowledge_transfer import distill, fuse_for, send_logits, train_private

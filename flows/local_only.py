@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from fedtune.data.partition import read_split
-from fedtune.outputs import write_outputs
-from fedtune.training import total_steps
+from fedtune.round.outputs import write_outputs
+from fedtune.training.loop import total_steps
 from flows.common import failing_run, open_run
 from tasks.evaluation import evaluate
 from tasks.tracking import finish_tracking, log_adapter, log_round

@@ -1,5 +1,5 @@
 """Offsite-tuning: clients federate LoRA on an emulator's adaptor layers; the owner plugs the
-result into the full model, which never leaves it (fedtune/offsite.py).
+result into the full model, which never leaves it (fedtune/hetero/offsite.py).
 
 Reported: the emulator's and the plugged-in full model's test metrics (their gap is the cost of
 the layer-drop emulator), the full model untuned, and what each party sees.
@@ -13,12 +13,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from fedtune.adapters import load_state, save_state
-from fedtune.config import FedConfig
-from fedtune.knowledge_transfer import public_texts
-from fedtune.offsite import EmulatorPlan, plug_in
-from fedtune.outputs import write_outputs
-from fedtune.runtime import initial_adapter_state
+from fedtune.config.schema import FedConfig
+from fedtune.hetero.knowledge_transfer import public_texts
+from fedtune.hetero.offsite import EmulatorPlan, plug_in
+from fedtune.model.adapters import load_state, save_state
+from fedtune.model.builder import initial_adapter_state
+from fedtune.round.outputs import write_outputs
 from flows.common import failing_run, open_run
 from flows.federated_finetune import federated_finetune
 from tasks.evaluation import evaluate

@@ -19,10 +19,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from fedtune.atomic import atomic_write_bytes
-from fedtune.client_report import ClientReport, ReportRejected
-from fedtune.config import FedConfig
-from fedtune.exchange import SERVER, Exchange, outbox
+from fedtune.config.schema import FedConfig
+from fedtune.core.atomic import atomic_write_bytes
+from fedtune.deployment.exchange import GLOBAL, REPORT, SERVER_VIEW, UPDATE, Exchange, client_file, server_file
+from fedtune.round.client_report import ClientReport, ReportRejected
 
 
 def round_namespace(run_id: str, round_: int) -> str:
@@ -47,7 +47,7 @@ def _collect(
 ) -> dict[str, Any] | None:
     """The client's report, and its update once both are published (the report is written last).
     A `masked` update comes later, through secure aggregation, never as a file."""
-    published = exchange.get(f"{outbox(client)}/{namespace}/report.json")
+    published = exchange.get(client_file(client, namespace, REPORT))
     if published is None:
         return None
     try:
@@ -60,7 +60,7 @@ def _collect(
         raise ReportRejected(f"its report is for round {report.round}, not {round_}")
     if masked:
         return report.row()
-    update = exchange.get(f"{outbox(client)}/{namespace}/update.safetensors")
+    update = exchange.get(client_file(client, namespace, UPDATE))
     if update is None:
         raise RuntimeError(f"client {client} published a report without its update")
     path = atomic_write_bytes(update, folder / f"update_client_{client}.safetensors")
@@ -80,8 +80,8 @@ def train_remotely(
     logger = get_run_logger()
     exchange = Exchange(config.deployment.exchange)
     masked = config.secagg.enabled
-    exchange.put(f"{SERVER}/{namespace}/server_view.safetensors", view_path.read_bytes())  # before the global:
-    exchange.put(f"{SERVER}/{namespace}/global.safetensors", global_path.read_bytes())  # clients wait on that
+    exchange.put(server_file(namespace, SERVER_VIEW), view_path.read_bytes())  # before the global:
+    exchange.put(server_file(namespace, GLOBAL), global_path.read_bytes())  # clients wait on that
     runs = _trigger(config, round_, clients, namespace)
     deadline = time.monotonic() + config.federation.client_timeout_s
     reports: list[dict[str, Any]] = []

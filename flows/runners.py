@@ -15,8 +15,8 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from fedtune.config import FederationSection
-from fedtune.errors import InputError
+from fedtune.config.schema import FederationSection
+from fedtune.core.errors import InputError
 
 
 def check_runner(federation: FederationSection) -> None:

@@ -8,14 +8,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.adapters import load_state, save_state
-from fedtune.config import FedConfig
-from fedtune.exchange import Exchange
-from fedtune.faults import crash_point
-from fedtune.secagg.remote import RemoteRound
-from fedtune.secure_round import secure_aggregate
-from fedtune.server import aggregate_reports, state_metrics
-from fedtune.server import round_allowed as allowed
+from fedtune.config.schema import FedConfig
+from fedtune.core.faults import crash_point
+from fedtune.deployment.exchange import Exchange
+from fedtune.model.adapters import load_state, save_state
+from fedtune.privacy.secagg.remote import RemoteRound
+from fedtune.round.secure_round import secure_aggregate
+from fedtune.round.server import aggregate_reports, state_metrics
+from fedtune.round.server import round_allowed as allowed
 from fedtune.strategies import build_strategy
 
 

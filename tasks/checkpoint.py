@@ -7,8 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.adapters import load_state
-from fedtune.federation import Checkpoint, save_checkpoint
+from fedtune.model.adapters import load_state
+from fedtune.round.checkpoints import Checkpoint, save_checkpoint
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, task_run_name="checkpoint-r{round_}")

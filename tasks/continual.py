@@ -7,7 +7,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from fedtune.data.partition import client_dir, split_path
 from mlflow_tracking.lineage import dvc_md5
 from mlflow_tracking.registry import aliased_version, download, promote

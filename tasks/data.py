@@ -7,9 +7,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
 from fedtune.data.loading import load_records, read_jsonl, write_jsonl
-from fedtune.tokenized import partition_records
+from fedtune.training.tokenized import partition_records
 
 
 @task(cache_policy=NO_CACHE)

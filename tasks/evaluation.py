@@ -7,8 +7,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.assessment import evaluate_adapter
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
+from fedtune.training.assessment import evaluate_adapter
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{label}")

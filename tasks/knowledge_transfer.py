@@ -1,4 +1,4 @@
-"""The steps of a knowledge-transfer round (fedtune/knowledge_transfer.py) as Prefect tasks."""
+"""The steps of a knowledge-transfer round (fedtune/hetero/knowledge_transfer.py) as Prefect tasks."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune import knowledge_transfer as kt
-from fedtune.adapters import load_state, save_state
-from fedtune.assessment import evaluate_adapter
-from fedtune.config import FedConfig
-from fedtune.cotuning import co_tune, server_config
-from fedtune.distillation import Target, TextExample
+from fedtune.config.schema import FedConfig
+from fedtune.hetero import knowledge_transfer as kt
+from fedtune.hetero.cotuning import co_tune, server_config
+from fedtune.model.adapters import load_state, save_state
+from fedtune.training.assessment import evaluate_adapter
+from fedtune.training.distillation import Target, TextExample
 
 
 @task(cache_policy=NO_CACHE, task_run_name="private-r{round_}-c{client}")

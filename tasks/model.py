@@ -8,11 +8,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.adapters import num_parameters, save_state
-from fedtune.config import FedConfig
-from fedtune.models import ensure_model
-from fedtune.offsite import build_emulator, distill_emulator
-from fedtune.runtime import initial_adapter_state
+from fedtune.config.schema import FedConfig
+from fedtune.hetero.offsite import build_emulator, distill_emulator
+from fedtune.model.adapters import num_parameters, save_state
+from fedtune.model.loading import ensure_model
+from fedtune.round.initial import initial_global
 from fedtune.strategies import build_strategy
 
 FP32_BYTES = 4
@@ -28,7 +28,7 @@ def prepare_model(config: FedConfig) -> str:
 def initial_adapter(config: FedConfig, out_dir: str, start_from: str | None = None) -> dict[str, Any]:
     """Write the round-0 adapter (fresh, or the peft adapter folder `start_from`) and a fresh
     strategy state; return their paths and the sizes communication is compared against."""
-    state, base_parameters = initial_adapter_state(config, start_from)
+    state, base_parameters = initial_global(config, start_from)
     paths = {
         "global_path": str(Path(out_dir) / "global.safetensors"),
         "server_state_path": str(Path(out_dir) / "server_state.safetensors"),

@@ -10,10 +10,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from fedtune.adapters import load_state
-from fedtune.config import FedConfig
-from fedtune.federation import checkpoint_dir
-from fedtune.runtime import export_adapter
+from fedtune.config.schema import FedConfig
+from fedtune.model.adapters import load_state
+from fedtune.model.builder import export_adapter
+from fedtune.round.checkpoints import checkpoint_dir
 from mlflow_tracking import RunTracker
 
 

@@ -7,9 +7,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedtune.baselines import train_standalone
-from fedtune.client import train_client
-from fedtune.config import FedConfig
+from fedtune.config.schema import FedConfig
+from fedtune.round.client import train_client
+from fedtune.training.baselines import train_standalone
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-r{round_}-c{client}")

@@ -35,7 +35,7 @@ def build_tokenizer(directory: Path, with_template: bool = True, vocab_size: int
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fedtune.catalog import SKILLS
+    from fedtune.core.catalog import SKILLS
     from fedtune.data.synthetic import generate
 
     rows = generate(SKILLS.names(), 30, seed=1)
@@ -140,6 +140,6 @@ def tiny_overrides(root: Path, model_dir: Path) -> dict:
 
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from fedtune.config import build_config
+    from fedtune.config.schema import build_config
 
     return build_config(tiny_overrides(tmp_path, tiny_model_dir))

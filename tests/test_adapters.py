@@ -3,7 +3,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune.adapters import (
+from fedtune.model.adapters import (
     AdapterMismatchError,
     add,
     from_bytes,
@@ -14,8 +14,8 @@ from fedtune.adapters import (
     subtract,
     to_bytes,
 )
-from fedtune.peft_methods import save_peft_adapter
-from fedtune.runtime import build_peft_model
+from fedtune.model.builder import build_peft_model
+from fedtune.model.peft_methods import save_peft_adapter
 
 
 def test_state_holds_only_adapter_tensors_and_round_trips(tiny_config, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from fedtune.adapters import load_state, save_state
-from fedtune.catalog import CLIENT_FEATURES
-from fedtune.client import train_client
-from fedtune.client_feature import ClientFeature, ClientRound
-from fedtune.client_report import ClientReport, ReportRejected
+from fedtune.core.catalog import CLIENT_FEATURES
 from fedtune.data.loading import load_records
-from fedtune.runtime import initial_adapter_state
-from fedtune.tokenized import partition_records
+from fedtune.model.adapters import load_state, save_state
+from fedtune.model.builder import initial_adapter_state
+from fedtune.round.client import train_client
+from fedtune.round.client_report import ClientReport, ReportRejected
+from fedtune.training.client_feature import ClientFeature, ClientRound
+from fedtune.training.tokenized import partition_records
 
 
 class Recorder(ClientFeature):

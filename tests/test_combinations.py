@@ -13,22 +13,22 @@ from typing import Any
 import pytest
 import torch
 
-from fedtune.adapters import get_adapter_state, load_state, save_state, set_adapter_state
-from fedtune.client import train_client
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
 from fedtune.data.loading import load_records
-from fedtune.runtime import build_peft_model, initial_adapter_state
-from fedtune.secure_round import secure_aggregate
-from fedtune.server import aggregate_reports
+from fedtune.model.adapters import get_adapter_state, load_state, save_state, set_adapter_state
+from fedtune.model.builder import build_peft_model, initial_adapter_state
+from fedtune.round.client import train_client
+from fedtune.round.secure_round import secure_aggregate
+from fedtune.round.server import aggregate_reports
 from fedtune.strategies import build_strategy
-from fedtune.tokenized import partition_records
+from fedtune.training.tokenized import partition_records
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from combinations import FEATURES, METHODS, STRATEGY_OPTIONS, merged  # noqa: E402
 
-from fedtune.catalog import STRATEGIES  # noqa: E402
+from fedtune.core.catalog import STRATEGIES  # noqa: E402
 
 # round 1's global = the global plus the mean update: weighted by examples (FedAvg, FedProx) or
 # not (SCAFFOLD, Karimireddy et al. 2020, alg. 1: the mean over the sampled clients)

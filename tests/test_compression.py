@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.adapters import load_state, to_bytes
-from fedtune.compression import CompressionError, compress, decompress
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.model.adapters import load_state, to_bytes
+from fedtune.round.compression import CompressionError, compress, decompress
 from tests.conftest import tiny_overrides
 
 

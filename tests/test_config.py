@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtune.catalog import OBJECTIVES, PARTITIONERS, PEFT_METHODS, STRATEGIES
-from fedtune.config import ConfigError, FedConfig, apply_overrides, build_config, load_config
+from fedtune.config.schema import ConfigError, FedConfig, apply_overrides, build_config, load_config
+from fedtune.core.catalog import OBJECTIVES, PARTITIONERS, PEFT_METHODS, STRATEGIES
 
 
 def test_defaults_are_valid_and_params_yaml_loads() -> None:
@@ -106,7 +106,7 @@ def test_names_are_checked_without_importing_torch() -> None:
     """Building and checking a config (bad names included) imports no heavy module."""
     code = (
         "import sys\n"
-        "from fedtune.config import ConfigError, FedConfig, build_config\n"
+        "from fedtune.config.schema import ConfigError, FedConfig, build_config\n"
         "FedConfig()\n"
         "try:\n"
         "    build_config({'federation': {'strategy': 'fedadgrad'}, 'peft': {'method': 'lorax'}})\n"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
 from fedtune.data.partition import client_dir, split_path
 from mlflow_tracking.lineage import dvc_md5
 from tests.conftest import tiny_overrides

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from fedtune.faults import CRASH_AT
-from fedtune.federation import latest_checkpoint
+from fedtune.core.faults import CRASH_AT
+from fedtune.round.checkpoints import latest_checkpoint
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_a_torn_checkpoint_is_skipped_and_its_round_recomputed(cli: Launcher, re
 
 
 def test_a_crash_point_kills_only_at_its_name_and_round() -> None:
-    script = "from fedtune.faults import crash_point as at; at('aggregation', 1); at('replies', 2)"
+    script = "from fedtune.core.faults import crash_point as at; at('aggregation', 1); at('replies', 2)"
     for target, code in (("aggregation:1", -signal.SIGKILL), ("replies:2", -signal.SIGKILL), ("replies:1", 0)):
         env = {**os.environ, CRASH_AT: target}
         assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=60).returncode == code, target

@@ -4,7 +4,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
 from fedtune.data.loading import DataError, load_records
 
 ROWS = [

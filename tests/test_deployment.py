@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from deploy import federation as running_federation
 from deploy import parties, servers
 from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH
-from fedtune.adapters import load_state
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
 from fedtune.data.partition import client_dir
+from fedtune.model.adapters import load_state
 from mlflow_tracking.lineage import dvc_md5
 from tests.conftest import tiny_overrides
 

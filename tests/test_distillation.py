@@ -8,9 +8,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.core.errors import InputError
 from fedtune.data.synthetic import generate
-from fedtune.distillation import (
+from fedtune.hetero.teachers import with_teacher_targets
+from fedtune.model.builder import build_peft_model, export_adapter, initial_adapter_state, tokenizer_for
+from fedtune.training.distillation import (
     KD_IDS,
     TextExample,
     VocabularyBridge,
@@ -24,9 +27,7 @@ from fedtune.distillation import (
     own_tokens,
     top_k,
 )
-from fedtune.errors import InputError
-from fedtune.runtime import build_peft_model, export_adapter, initial_adapter_state, load_encoded, tokenizer_for
-from fedtune.teachers import with_teacher_targets
+from fedtune.training.tokenized import load_encoded
 from tests.conftest import build_model, build_tokenizer, tiny_overrides
 
 
@@ -133,7 +134,7 @@ def test_the_mentee_route_attaches_the_teachers_top_k_and_trains_with_it(tmp_pat
 def test_a_teacher_with_another_tokenizer_is_refused_for_the_mentee_route(
     tmp_path, tiny_model_dir, other_tokenizer_model
 ) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.teachers import check_teachers
+    from fedtune.hetero.teachers import check_teachers
 
     data = tiny_overrides(tmp_path, tiny_model_dir)
     data["distill"] = {"teachers": {1: str(other_tokenizer_model)}}
@@ -187,7 +188,7 @@ def test_knowledge_transfer_refuses_what_it_cannot_do_before_training(
     with pytest.raises(InputError, match=r"distill.top_k: 500 is larger than the vocabulary of clients \{2: 4"):
         knowledge_transfer(config=build_config(data), output_dir=str(tmp_path / "b"))
     data["distill"]["top_k"] = 4
-    monkeypatch.setattr("fedtune.knowledge_transfer.MIN_ALIGNED", 1.01)
+    monkeypatch.setattr("fedtune.hetero.knowledge_transfer.MIN_ALIGNED", 1.01)
     with pytest.raises(InputError, match="tokenizers of clients 2 and 0 cannot be aligned"):
         knowledge_transfer(config=build_config(data), output_dir=str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()  # refused before any work
@@ -198,7 +199,7 @@ def test_fedcollm_co_tunes_the_aggregate_with_a_server_model_of_another_tokenize
 ) -> None:  # type: ignore[no-untyped-def]
     import csv
 
-    from fedtune.adapters import load_state
+    from fedtune.model.adapters import load_state
     from flows.federated_finetune import federated_finetune
 
     def run(name: str, **distill):  # type: ignore[no-untyped-def]

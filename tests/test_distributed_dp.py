@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedtune.config import ConfigError, build_config
-from fedtune.secagg.protocol import SecAggParams
-from fedtune.secagg.simulation import run_round
-from fedtune.secagg.skellam import SkellamEncoder, skellam_epsilon, units
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.privacy.secagg.protocol import SecAggParams
+from fedtune.privacy.secagg.simulation import run_round
+from fedtune.privacy.secagg.skellam import SkellamEncoder, skellam_epsilon, units
 
 
 @pytest.mark.parametrize(("z", "rounds", "reference"), [(1.0, 20, 30.13), (2.0, 20, 12.30), (3.0, 200, None)])

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fedtune.adapters import clip_to_norm, l2_norm, load_state, save_state
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.model.adapters import clip_to_norm, l2_norm, load_state, save_state
+from fedtune.privacy.dp_fedavg import ROUNDS, DPFedAvg, epsilon
 from fedtune.strategies import ClientUpdate, build_strategy
-from fedtune.strategies.dp_fedavg import ROUNDS, DPFedAvg, epsilon
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ def test_no_number_anywhere_in_the_config_may_be_nan_or_infinite() -> None:
 
 
 def test_adaptive_clipping_tracks_the_target_quantile_and_pays_for_the_count() -> None:
-    from fedtune.strategies.dp_fedavg import CLIP
+    from fedtune.privacy.dp_fedavg import CLIP
 
     strategy = DPFedAvg(
         clip_norm=0.1,

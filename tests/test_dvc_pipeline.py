@@ -32,7 +32,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("fedtune", "flows"):
+    for name in ("fedtune", "flows", "tasks", "mlflow_tracking"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny_overrides(Path("."), tiny_model_dir))
@@ -64,6 +64,27 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
     assert evaluation["test_loss"] == metrics["test_loss"]
     assert (repo / "models" / "tiny" / "model.safetensors").exists()
     assert _run(["dvc", "status", "--json"], repo, env).strip() in ("{}", "")
+    # every parameter group and code folder a stage reads is declared: changing one makes it stale
+    for change, stage in (
+        ({"secagg": {"enabled": True}}, "train"),
+        ({"compression": {"method": "int8"}}, "train"),
+        ({"record_dp": {"enabled": True}}, "train"),
+        ({"data": {"truncation": "drop"}}, "partition"),
+        ({"data": {"encoding": "latin-1"}}, "prepare_data"),
+        ("fedtune/round/client.py", "train"),
+        ("fedtune/training/objectives.py", "partition"),
+        ("tasks/training.py", "train"),
+        ("mlflow_tracking/runs.py", "train"),
+    ):
+        path = repo / (change if isinstance(change, str) else "params.yaml")
+        kept = path.read_bytes()
+        if isinstance(change, str):
+            path.write_bytes(kept + b"\n# changed\n")
+        else:
+            path.write_text(yaml.safe_dump(_merge(yaml.safe_load(kept), change)))
+        stale = json.loads(_run(["dvc", "status", "--json"], repo, env) or "{}")
+        path.write_bytes(kept)
+        assert stage in stale, (change, stale)
 
     _run([*git, "add", "-A"], repo, env)
     _run([*git, "commit", "-qm", "results"], repo, env)

@@ -1,6 +1,7 @@
 import torch
 
-from fedtune.federation import Checkpoint, checkpoint_dir, latest_checkpoint, sample_clients, save_checkpoint
+from fedtune.core.sampling import sample_clients
+from fedtune.round.checkpoints import Checkpoint, checkpoint_dir, latest_checkpoint, save_checkpoint
 
 
 def test_sampling_is_a_pure_function_of_seed_and_round() -> None:

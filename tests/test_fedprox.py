@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.adapters import l2_norm, load_state
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
+from fedtune.model.adapters import l2_norm, load_state
 from fedtune.strategies import build_strategy
 from fedtune.strategies.fedprox import FedProx
 from tests.conftest import tiny_overrides

@@ -14,13 +14,15 @@ from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
 
 import tasks.training
-from fedtune.adapters import load_state
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
+from fedtune.core.sampling import sample_clients
 from fedtune.data.partition import read_split
-from fedtune.evaluation import loss_and_perplexity
-from fedtune.federation import latest_checkpoint, sample_clients
-from fedtune.resume import ResumeRefused
-from fedtune.runtime import encode_records, tokenizer_for
+from fedtune.model.adapters import load_state
+from fedtune.model.builder import tokenizer_for
+from fedtune.round.checkpoints import latest_checkpoint
+from fedtune.round.resume import ResumeRefused
+from fedtune.training.evaluation import loss_and_perplexity
+from fedtune.training.tokenized import encode_records
 from flows.centralized import centralized
 from flows.federated_finetune import federated_finetune
 from flows.local_only import local_only
@@ -192,7 +194,7 @@ def test_a_client_lost_mid_round_drops_out_while_min_fit_clients_holds(
 
 
 def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.strategies.dp_fedavg import epsilon
+    from fedtune.privacy.dp_fedavg import epsilon
 
     q, z = 2 / 3, 1.0
     target = (epsilon(z, q, 2, 1e-5) + epsilon(z, q, 3, 1e-5)) / 2  # affords 2 of the 3 rounds
@@ -214,7 +216,7 @@ def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_di
 
 
 def test_secure_aggregation_gives_the_fedavg_adapter_within_the_quantization_error(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.secure_round import parameters
+    from fedtune.round.secure_round import parameters
 
     results = {}
     for secure in (False, True):
@@ -236,7 +238,7 @@ def test_secure_aggregation_gives_the_fedavg_adapter_within_the_quantization_err
 
 
 def test_dp_with_secure_aggregation_noises_on_the_clients_and_accounts_every_round(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.secagg.skellam import skellam_epsilon
+    from fedtune.privacy.secagg.skellam import skellam_epsilon
 
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
     overrides["federation"] |= {
@@ -260,7 +262,7 @@ def test_dp_with_secure_aggregation_noises_on_the_clients_and_accounts_every_rou
 
 
 def test_record_level_dp_sgd_run_logs_each_clients_epsilon_and_stops_at_the_target(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.accounting import epsilon_of
+    from fedtune.privacy.accounting import epsilon_of
 
     z, steps = 1.0, 2
     spent_after = [epsilon_of([(z, 1.0, steps * r)], 1e-5) for r in (1, 2, 3)]

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from fedtune.adapters import load_state
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
 from fedtune.data.partition import read_split
-from fedtune.hetero_rank import client_section, pad, truncate
-from fedtune.runtime import build_peft_model, initial_adapter_state
+from fedtune.hetero.ranks import client_section, pad, truncate
+from fedtune.model.adapters import load_state
+from fedtune.model.builder import build_peft_model, initial_adapter_state
 from fedtune.strategies import ClientUpdate, FedAvg
 from fedtune.strategies.flexlora import FlexLoRA
 from tests.conftest import tiny_overrides

@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
 from fedtune.data.prompts import IGNORE_INDEX, KEPT, encode, end_of_turn_id, prompt_text
-from fedtune.evaluation import exact_match, stop_token_ids
-from fedtune.models import load_base_model, load_tokenizer
+from fedtune.model.loading import load_base_model, load_tokenizer
+from fedtune.training.evaluation import exact_match, stop_token_ids
 from tests.conftest import QWEN, Family, build_tokenizer
 
 LLAMA3 = Family(

@@ -1,8 +1,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from fedtune.config import ModelSection
-from fedtune.models import ModelNotFoundError, check_model, load_base_model, load_tokenizer, materialize_model
+from fedtune.config.schema import ModelSection
+from fedtune.model.loading import ModelNotFoundError, check_model, load_base_model, load_tokenizer, materialize_model
 from tests.conftest import build_model, build_tokenizer
 
 

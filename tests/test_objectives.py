@@ -7,13 +7,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from fedtune.adapters import get_adapter_state, set_adapter_state
-from fedtune.catalog import OBJECTIVES
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.core.catalog import OBJECTIVES
 from fedtune.data.loading import DataError, load_records
 from fedtune.data.prompts import IGNORE_INDEX
-from fedtune.evaluation import preference_metrics
-from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
+from fedtune.model.adapters import get_adapter_state, set_adapter_state
+from fedtune.model.builder import build_peft_model, tokenizer_for
+from fedtune.training.evaluation import preference_metrics
+from fedtune.training.tokenized import encode_records
 from tests.conftest import tiny_overrides
 
 PAIRS = {"data": {"columns": {"rejected": "rejected"}}, "train": {"objective": "dpo"}}

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune.adapters import load_state, set_adapter_state
-from fedtune.config import build_config
-from fedtune.errors import InputError
-from fedtune.offsite import build_emulator, plan, plug_in
-from fedtune.runtime import build_peft_model, initial_adapter_state
+from fedtune.config.schema import build_config
+from fedtune.core.errors import InputError
+from fedtune.hetero.offsite import build_emulator, plan, plug_in
+from fedtune.model.adapters import load_state, set_adapter_state
+from fedtune.model.builder import build_peft_model, initial_adapter_state
 from tests.conftest import build_model, build_tokenizer, tiny_overrides
 
 
@@ -90,7 +90,7 @@ def test_offsite_tuning_flow_improves_the_full_model_it_never_shipped(tmp_path, 
 @pytest.mark.parametrize("every_layer", [False, True], ids=["emulator", "smaller-member"])
 def test_distilling_the_emulator_moves_its_middle_toward_the_full_model(tmp_path, six_layer_model, every_layer) -> None:  # type: ignore[no-untyped-def]
     from fedtune.data.synthetic import generate
-    from fedtune.offsite import distill_emulator
+    from fedtune.hetero.offsite import distill_emulator
 
     result = build_emulator(six_layer_model, tmp_path / "emulator", adaptor_layers=1, keep_every=2)
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "emulator").model.layers

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
 from fedtune.data.loading import load_records
 from fedtune.data.partition import PartitionError, read_split, report, split_records, write_partitions
 

@@ -10,13 +10,14 @@ import torch
 from mlflow import MlflowClient
 from peft import PeftModel
 
-from fedtune.adapters import load_state, num_parameters, to_bytes
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
 from fedtune.data.partition import read_split
-from fedtune.evaluation import loss_and_perplexity
-from fedtune.models import load_base_model
-from fedtune.peft_methods import load_peft_adapter
-from fedtune.runtime import encode_records, tokenizer_for
+from fedtune.model.adapters import load_state, num_parameters, to_bytes
+from fedtune.model.builder import tokenizer_for
+from fedtune.model.loading import load_base_model
+from fedtune.model.peft_methods import load_peft_adapter
+from fedtune.training.evaluation import loss_and_perplexity
+from fedtune.training.tokenized import encode_records
 from tests.conftest import tiny_overrides
 
 METHODS = [

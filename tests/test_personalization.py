@@ -9,12 +9,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fedtune.adapters import load_state
-from fedtune.config import ConfigError, build_config
-from fedtune.errors import InputError
-from fedtune.evaluation import loss_and_perplexity
-from fedtune.personalization import check_personal_modules
-from fedtune.runtime import build_peft_model, load_encoded, tokenizer_for
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.core.errors import InputError
+from fedtune.hetero.personalization import check_personal_modules
+from fedtune.model.adapters import load_state
+from fedtune.model.builder import build_peft_model, tokenizer_for
+from fedtune.training.evaluation import loss_and_perplexity
+from fedtune.training.tokenized import load_encoded
 from tests.conftest import tiny_overrides
 
 SECOND_LAYER = r"layers\.1\."

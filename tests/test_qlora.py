@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from fedtune.adapters import get_adapter_state
 from fedtune.data.loading import load_records
-from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
-from fedtune.training import local_train
+from fedtune.model.adapters import get_adapter_state
+from fedtune.model.builder import build_peft_model, tokenizer_for
+from fedtune.training.loop import local_train
+from fedtune.training.tokenized import encode_records
 
 
 @pytest.mark.parametrize(("bits", "layer"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])

@@ -4,15 +4,17 @@ noise calibration, and the client's privacy ledger."""
 import pytest
 import torch
 
-from fedtune.accounting import epsilon_of
-from fedtune.adapters import get_adapter_state
-from fedtune.config import ConfigError, RecordDPSection, build_config
+from fedtune.config.schema import ConfigError, RecordDPSection, build_config
 from fedtune.data.loading import load_records
 from fedtune.data.prompts import collate
-from fedtune.losses import per_example_loss
-from fedtune.record_dp import DPSGD, Ledger, PrivacyBudgetExhausted
-from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
-from fedtune.training import local_train
+from fedtune.model.adapters import get_adapter_state
+from fedtune.model.builder import build_peft_model, tokenizer_for
+from fedtune.privacy.accounting import epsilon_of
+from fedtune.privacy.record_dp import Ledger, PrivacyBudgetExhausted
+from fedtune.training.dpsgd import DPSGD
+from fedtune.training.loop import local_train
+from fedtune.training.losses import per_example_loss
+from fedtune.training.tokenized import encode_records
 
 
 def _setup(config):  # type: ignore[no-untyped-def]

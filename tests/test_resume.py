@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
+from pathlib import Path
 
-from fedtune.config import FedConfig, build_config
-from fedtune.resume import SAFE_ON_RESUME, ResumeRefused, allowed_changes, data_version
+import pytest
+import yaml
+
+from fedtune.config.schema import FedConfig, build_config
+from fedtune.round.checkpoints import Checkpoint, save_checkpoint
+from fedtune.round.resume import SAFE_ON_RESUME, ResumeRefused, allowed_changes, data_version
 
 
 def _meta(config: FedConfig) -> dict:
@@ -59,3 +65,15 @@ def test_the_data_version_changes_with_any_byte_or_file_of_the_partitions(tmp_pa
     (tmp_path / "client_1").mkdir()
     (tmp_path / "client_1" / "train.jsonl").write_text("")
     assert len({first, second, data_version(tmp_path)}) == 3
+
+
+def test_the_cli_refuses_a_changed_resume_before_any_server_starts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    params = {"federation": {"output_dir": str(tmp_path / "run")}, "model": {"name_or_path": str(tmp_path / "none")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    config = build_config(params)
+    save_checkpoint(Checkpoint(1, {}, {}, meta=_meta(config)), tmp_path / "run")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "flows.cli", "run", "-c", str(tmp_path / "params.yaml"), "--resume"]
+    done = subprocess.run([*command, "-s", "train.lr=0.5"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "train.lr: 0.002 in the checkpoint, 0.5 now" in done.stdout, done.stdout[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr and "temporary server" not in done.stdout + done.stderr

@@ -12,7 +12,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
 from fedtune.strategies import ClientUpdate, FedAvg
 from fedtune.strategies.robust import (
     CoordinateMedian,

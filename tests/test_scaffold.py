@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.adapters import load_state, save_state
-from fedtune.client_feature import own_state
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
+from fedtune.model.adapters import load_state, save_state
+from fedtune.round.envelope import UpdateRejected, UpdateValidator, write_update
 from fedtune.strategies import ClientUpdate
 from fedtune.strategies.scaffold import CONTROL, Scaffold
-from fedtune.validation import UpdateRejected, UpdateValidator, write_update
+from fedtune.training.client_feature import own_state
 from tests.conftest import tiny_overrides
 
 T = torch.tensor

@@ -15,10 +15,10 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 import tasks.training
-from fedtune.adapters import load_state
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
 from fedtune.data.partition import read_split
-from fedtune.validation import UpdateValidator
+from fedtune.model.adapters import load_state
+from fedtune.round.envelope import UpdateValidator
 from flows.cli import app
 from flows.federated_finetune import federated_finetune
 from tests.conftest import tiny_overrides

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedtune.secagg import primitives, shamir
-from fedtune.secagg.protocol import (
+from fedtune.privacy.secagg import primitives, shamir
+from fedtune.privacy.secagg.protocol import (
     ProtocolViolation,
     SecAggAborted,
     SecAggClient,
@@ -14,8 +14,8 @@ from fedtune.secagg.protocol import (
     SecAggServer,
     UnmaskRequest,
 )
-from fedtune.secagg.quantize import FixedPoint
-from fedtune.secagg.simulation import STAGES, run_round
+from fedtune.privacy.secagg.quantize import FixedPoint
+from fedtune.privacy.secagg.simulation import STAGES, run_round
 
 
 def run(inputs: dict[int, np.ndarray], params: SecAggParams, drop: dict[str, set[int]] | None = None):
@@ -135,7 +135,7 @@ def test_quantized_weighted_mean_is_within_one_level() -> None:
 
 
 def test_robust_strategies_and_overflowing_parameters_are_refused_with_secure_aggregation() -> None:
-    from fedtune.config import ConfigError, build_config
+    from fedtune.config.schema import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="secagg.enabled: federation.strategy 'median' needs each client's update"):
         build_config({"secagg": {"enabled": True}, "federation": {"strategy": "median"}})

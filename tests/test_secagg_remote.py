@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtune.exchange import Exchange, ExchangeAborted
-from fedtune.secagg import wire
-from fedtune.secagg.protocol import (
+from fedtune.deployment.exchange import Exchange, ExchangeAborted
+from fedtune.privacy.secagg import wire
+from fedtune.privacy.secagg.protocol import (
     AdvertiseKeys,
     EncryptedShares,
     KeyRoster,
@@ -25,8 +25,8 @@ from fedtune.secagg.protocol import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fedtune.secagg.remote import RemoteRound, take_part
-from fedtune.secagg.simulation import RoundResult
+from fedtune.privacy.secagg.remote import RemoteRound, take_part
+from fedtune.privacy.secagg.simulation import RoundResult
 from tests.test_secagg import _inputs
 
 BIG = 2**520 + 12345  # a Shamir share's y is a point of GF(2^521 - 1): far past 64 bits

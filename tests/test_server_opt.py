@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.adapters import AdapterState, load_state, save_state
-from fedtune.config import ConfigError, build_config
+from fedtune.config.schema import ConfigError, build_config
 from fedtune.data.partition import read_split
+from fedtune.model.adapters import AdapterState, load_state, save_state
 from fedtune.strategies import STRATEGIES, ClientUpdate, build_strategy
 from fedtune.strategies.server_opt import FedAdam
 from tests.conftest import tiny_overrides

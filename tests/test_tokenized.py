@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from fedtune.assessment import evaluate_adapter
-from fedtune.config import build_config
+from fedtune.config.schema import build_config
 from fedtune.data.loading import load_records
 from fedtune.data.partition import Partitions, split_records, write_partitions
-from fedtune.evaluation import loss_and_perplexity
-from fedtune.models import load_tokenizer
-from fedtune.runtime import initial_adapter_state, load_encoded
-from fedtune.tokenized import UnusableData, partition_records
+from fedtune.model.builder import initial_adapter_state
+from fedtune.model.loading import load_tokenizer
+from fedtune.training.assessment import evaluate_adapter
+from fedtune.training.evaluation import loss_and_perplexity
+from fedtune.training.tokenized import UnusableData, load_encoded, partition_records
 from tests.conftest import tiny_overrides
 
 LOG = "Shift log: " + " ".join(f"crate {i} moved to dock {i % 7} at hour {i % 24}." for i in range(14))

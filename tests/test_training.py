@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from fedtune.adapters import get_adapter_state
-from fedtune.config import ConfigError, load_config
+from fedtune.config.schema import ConfigError, load_config
 from fedtune.data.loading import load_records
-from fedtune.evaluation import exact_match, extract_answer, loss_and_perplexity
-from fedtune.runtime import build_peft_model, encode_records, tokenizer_for
-from fedtune.training import local_train, total_steps
+from fedtune.model.adapters import get_adapter_state
+from fedtune.model.builder import build_peft_model, tokenizer_for
+from fedtune.training.evaluation import exact_match, extract_answer, loss_and_perplexity
+from fedtune.training.loop import local_train, total_steps
+from fedtune.training.tokenized import encode_records
 
 
 def _setup(config):  # type: ignore[no-untyped-def]
@@ -66,7 +67,7 @@ def test_an_answer_pattern_compares_only_the_final_answers() -> None:
 
 def test_windowed_response_loss_equals_the_full_logits_loss(tiny_config) -> None:  # type: ignore[no-untyped-def]
     from fedtune.data.prompts import collate
-    from fedtune.losses import response_loss
+    from fedtune.training.losses import response_loss
 
     tokenizer, _, data = _setup(tiny_config)
     model = build_peft_model(tiny_config)
@@ -80,7 +81,7 @@ def test_windowed_response_loss_equals_the_full_logits_loss(tiny_config) -> None
 
 def _step_gradient(model, data, train, pad_id, start):  # type: ignore[no-untyped-def]
     """The summed gradient one `local_train` optimizer step applies (captured by hooks)."""
-    from fedtune.adapters import set_adapter_state
+    from fedtune.model.adapters import set_adapter_state
 
     set_adapter_state(model, start)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}

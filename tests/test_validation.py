@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fedtune.adapters import save_state
-from fedtune.config import build_config
-from fedtune.server import aggregate_reports
-from fedtune.validation import RoundAborted, UpdateRejected, UpdateValidator, write_update
+from fedtune.config.schema import build_config
+from fedtune.model.adapters import save_state
+from fedtune.round.envelope import RoundAborted, UpdateRejected, UpdateValidator, write_update
+from fedtune.round.server import aggregate_reports
 
 GLOBAL = {"layer.lora_A.weight": torch.zeros(4, 8), "layer.lora_B.weight": torch.zeros(8, 4)}
 

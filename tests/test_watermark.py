@@ -10,12 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedtune.adapters import load_state
-from fedtune.config import ConfigError, WatermarkSection, build_config
-from fedtune.errors import InputError
-from fedtune.runtime import build_peft_model, initial_adapter_state, load_encoded, tokenizer_for
-from fedtune.training import local_train
-from fedtune.watermark import (
+from fedtune.config.schema import ConfigError, WatermarkSection, build_config
+from fedtune.core.errors import InputError
+from fedtune.model.adapters import load_state
+from fedtune.model.builder import build_peft_model, tokenizer_for
+from fedtune.privacy.watermark import (
     SECRET_FILE,
     WatermarkTerm,
     bit_error_rate,
@@ -24,6 +23,9 @@ from fedtune.watermark import (
     owner_secret,
     verify,
 )
+from fedtune.round.initial import initial_global
+from fedtune.training.loop import local_train
+from fedtune.training.tokenized import load_encoded
 from tests.conftest import tiny_overrides
 
 SECTION = WatermarkSection(clients=[0], bits=32, coordinates=8, threshold=0.1)
@@ -91,7 +93,7 @@ def test_watermarks_survive_aggregation_and_further_fine_tuning(tmp_path, tiny_m
     model = build_peft_model(config, final)
     train = load_encoded(config, tokenizer, 2, "train")
     local_train(model, train, config.train, pad_id=tokenizer.pad_token_id, seed=7, steps=30)
-    from fedtune.adapters import get_adapter_state
+    from fedtune.model.adapters import get_adapter_state
 
     tuned = get_adapter_state(model)
     assert any(not torch.equal(tuned[k], final[k]) for k in final)
@@ -123,9 +125,9 @@ def test_a_watermark_that_cannot_be_placed_is_refused_before_training(tmp_path, 
     with pytest.raises(InputError, match="watermark.modules: 'lora_B' matches no adapter tensor"):
         config = _config(tmp_path, tiny_model_dir)
         prefix = config.model_copy(update={"peft": config.peft.model_copy(update={"method": "prefix_tuning"})})
-        initial_adapter_state(prefix)
+        initial_global(prefix)
     with pytest.raises(InputError, match="bits x coordinates = 4096 exceeds the 768 weights"):
-        initial_adapter_state(_config(tmp_path, tiny_model_dir, bits=64, coordinates=64))
+        initial_global(_config(tmp_path, tiny_model_dir, bits=64, coordinates=64))
 
 
 @pytest.mark.parametrize(

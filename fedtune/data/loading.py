@@ -18,9 +18,9 @@ from typing import Any, cast
 
 import datasets
 
-from fedtune.config import DataSection
+from fedtune.config.schema import DataSection
+from fedtune.core.errors import InputError
 from fedtune.data.synthetic import generate
-from fedtune.errors import InputError
 
 Record = dict[str, Any]
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -130,7 +130,7 @@ def _load_rows(section: DataSection) -> list[tuple[int, Row]]:
 
 def check_columns(section: DataSection, available: list[str]) -> None:
     """All mapped columns must exist (`input` is optional); one error lists every missing one."""
-    from fedtune.catalog import PARTITIONERS
+    from fedtune.core.catalog import PARTITIONERS
 
     cols = section.columns
     required: dict[str, str | None]

@@ -19,10 +19,10 @@ import datasets
 import numpy as np
 from flwr_datasets import partitioner as flwr
 
-from fedtune.atomic import staged_directory
-from fedtune.catalog import PARTITIONERS
+from fedtune.core.atomic import staged_directory
+from fedtune.core.catalog import PARTITIONERS
+from fedtune.core.errors import InputError
 from fedtune.data.loading import Record, read_jsonl, write_jsonl
-from fedtune.errors import InputError
 
 
 class PartitionError(InputError):
@@ -121,7 +121,7 @@ def split_records(records: list[Record], section: Any) -> Partitions:
 
 def report(partitions: Partitions, tokenized: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sizes and label histogram per client, for the partition report and MLflow; with `tokenized`
-    (`fedtune.tokenized.count_tokenized`) also what tokenization kept, truncated and dropped."""
+    (`fedtune.training.tokenized.count_tokenized`) also what tokenization kept, truncated and dropped."""
     summary: dict[str, Any] = {
         "num_clients": len(partitions.clients),
         "test_size": len(partitions.test),

@@ -13,8 +13,8 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.core.errors import InputError
 from fedtune.data.loading import Record
-from fedtune.errors import InputError
 
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = (

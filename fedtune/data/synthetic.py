@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from fedtune.catalog import SKILLS
+from fedtune.core.catalog import SKILLS
 
 Example = tuple[str, str]
 COLUMNS = ("instruction", "input", "response", "rejected", "skill")  # of every generated row

@@ -1,10 +1,10 @@
-"""Aggregation strategies, looked up by name in the catalog (fedtune.catalog), which imports each
+"""Aggregation strategies, looked up by name in the catalog (fedtune.core.catalog), which imports each
 strategy's module the first time it is used."""
 
 import inspect
 from typing import Any
 
-from fedtune.catalog import STRATEGIES
+from fedtune.core.catalog import STRATEGIES
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
 from fedtune.strategies.fedavg import FedAvg, weighted_average
 
@@ -42,7 +42,7 @@ def build_strategy(config: Any) -> Strategy:
 
 def check_config(config: Any) -> None:
     """Refuse options the configured strategy does not take and federations it cannot aggregate
-    (ValueError naming the field); `fedtune.compat` calls this when the config is built."""
+    (ValueError naming the field); `fedtune.config.compat` calls this when the config is built."""
     build_strategy(config).check_config(config)
 
 

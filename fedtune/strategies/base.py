@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters import AdapterState
-from fedtune.loss_terms import LocalObjective
+from fedtune.model.adapters import AdapterState
+from fedtune.training.loss_terms import LocalObjective
 
 ServerState = dict[str, torch.Tensor]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.adapters import AdapterState
-from fedtune.client_feature import ClientFeature, ClientRound
+from fedtune.model.adapters import AdapterState
 from fedtune.strategies import build_strategy
+from fedtune.training.client_feature import ClientFeature, ClientRound
 
 
 class StrategyClient(ClientFeature):

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from fedtune.adapters import AdapterState, add
+from fedtune.model.adapters import AdapterState, add
 from fedtune.strategies.base import ClientUpdate, ServerState, StreamingStrategy
 
 

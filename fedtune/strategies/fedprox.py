@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
-from fedtune.adapters import AdapterState, check_keys
-from fedtune.loss_terms import LocalObjective
+from fedtune.model.adapters import AdapterState, check_keys
 from fedtune.strategies.fedavg import FedAvg
+from fedtune.training.loss_terms import LocalObjective
 
 
 class ProximalTerm(LocalObjective):

@@ -2,7 +2,7 @@
 
 FedAvg on LoRA factors averages B and A separately, and mean(B) @ mean(A) is not the mean of the
 clients' B_i @ A_i. FlexLoRA forms each client's full-size update W_i = B_i @ A_i (at the shared
-LoRA scale: lower-rank clients train at the global scale, see `fedtune.hetero_rank`), takes their
+LoRA scale: lower-rank clients train at the global scale, see `fedtune.hetero.ranks`), takes their
 example-weighted mean W, and factors it back to the global rank r by truncated SVD:
 B = U_r diag(S_r), A = V_r^T. The components come ordered by singular value, so a client of rank
 r_c that takes the first r_c of them (`hetero_rank.truncate`) starts from the best rank-r_c
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters import AdapterState
-from fedtune.hetero_rank import pad, truncate
+from fedtune.hetero.ranks import pad, truncate
+from fedtune.model.adapters import AdapterState
 from fedtune.strategies.base import ClientUpdate, ServerState, StreamingStrategy
 from fedtune.strategies.fedavg import WeightedSum
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters import AdapterState, Spec, add, clip_to_norm, flatten, unflatten
+from fedtune.model.adapters import AdapterState, Spec, add, clip_to_norm, flatten, unflatten
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 from fedtune.strategies.fedavg import weighted_average
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedtune.adapters import AdapterState, check_keys
+from fedtune.model.adapters import AdapterState, check_keys
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
 
 CONTROL = "control"

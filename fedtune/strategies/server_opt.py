@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fedtune.adapters import AdapterState
+from fedtune.model.adapters import AdapterState
 from fedtune.strategies.base import ClientUpdate, ServerState
 from fedtune.strategies.fedavg import FedAvg, mean_update
 

@@ -1,0 +1,1 @@
+"""How parties meet: the exchange every message goes through."""

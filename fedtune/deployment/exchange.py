@@ -1,0 +1,88 @@
+"""The store through which the parties of a deployed federation pass files.
+
+The coordinator publishes each round's global adapter (and the secure aggregation broadcasts)
+under `server/`; client c publishes its update (or its protocol messages) and its report under
+`client_<c>/`. Nothing else travels: the coordinator never opens a client's data directory, and
+a client reads only what the server published. One key per file, written so that a reader sees
+either nothing or the whole file (temp name, then rename; an object store's put is atomic).
+
+The root is a local folder (one machine, or a shared mount) or any fsspec URL (s3://, gs://,
+abfs:// with that backend installed). In the one-machine recipe (`deploy/parties.py`) each
+client's worker runs in a mount namespace where the other clients' outboxes are hidden, so clients
+cannot read each other's messages; on an object store, per-prefix IAM policies play that role.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+
+SERVER = "server"
+# the files of one round (a namespace: run and round); secure aggregation's messages go under secagg/
+GLOBAL, SERVER_VIEW = "global.safetensors", "server_view.safetensors"  # the coordinator's
+UPDATE, REPORT = "update.safetensors", "report.json"  # each client's
+
+
+def outbox(client: int) -> str:
+    return f"client_{client}"
+
+
+def server_file(namespace: str, name: str) -> str:
+    """The key of a file the coordinator publishes for the round `namespace`."""
+    return f"{SERVER}/{namespace}/{name}"
+
+
+def client_file(client: int, namespace: str, name: str) -> str:
+    """The key of a file client `client` publishes for the round `namespace`."""
+    return f"{outbox(client)}/{namespace}/{name}"
+
+
+class ExchangeTimeout(TimeoutError):
+    """A file the protocol waits for did not appear before its deadline."""
+
+
+class ExchangeAborted(RuntimeError):
+    """The other side published that it gave up (the file's text says why)."""
+
+
+class Exchange:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.fs: fsspec.AbstractFileSystem = url_to_fs(self.root)[0]
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def put(self, key: str, data: bytes) -> int:
+        """Publish `data` under `key` in one step; returns its size (the bytes sent)."""
+        final = self._path(key)
+        parent, name = final.rsplit("/", 1)
+        self.fs.makedirs(parent, exist_ok=True)
+        staging = f"{parent}/.{name}.{uuid.uuid4().hex}"
+        self.fs.pipe_file(staging, data)
+        self.fs.mv(staging, final)
+        return len(data)
+
+    def get(self, key: str) -> bytes | None:
+        """The file's bytes, or None while it has not been published."""
+        try:
+            return bytes(self.fs.cat_file(self._path(key)))
+        except FileNotFoundError:
+            return None
+
+    def wait(self, key: str, deadline: float, poll_s: float = 0.5, abort: str | None = None) -> bytes:
+        """Poll until `key` appears or `deadline` (time.monotonic()) passes; raise at once when
+        the `abort` key appears instead."""
+        while True:
+            data = self.get(key)
+            if data is not None:
+                return data
+            reason = self.get(abort) if abort else None
+            if reason is not None:
+                raise ExchangeAborted(reason.decode(errors="replace"))
+            if time.monotonic() >= deadline:
+                raise ExchangeTimeout(f"{self._path(key)} did not appear in time")
+            time.sleep(poll_s)

@@ -1,0 +1,1 @@
+"""Members that differ: heterogeneous ranks, personalization, distillation, FedMKT, FedCoLLM, offsite."""

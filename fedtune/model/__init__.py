@@ -1,0 +1,1 @@
+"""How the model and its adapter are built: loading, PEFT methods, the builder, adapter state."""

@@ -1,0 +1,1 @@
+"""What protects data and ownership: secure aggregation, DP accounting, record-level DP, watermarks."""

@@ -1,0 +1,181 @@
+"""Client-level differential privacy: DP-FedAvg with a fixed denominator, accounted with Opacus.
+
+McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models", Alg. 1: each
+update is clipped to L2 norm C (a zero update passes), the clipped updates are summed, Gaussian
+noise N(0, (zC)^2) is added to the sum, and the result is divided by the *expected* number of
+clients, not by the number that replied. So no single client, whatever example count it
+claims and whether or not others drop out, moves the average by more than C / n_expected, and
+the noise on the average has standard deviation z * C / n_expected.
+
+Trust model: the aggregator is trusted to add the noise (central DP); it sees clipped individual
+updates. With `secagg.enabled` (`distributed=True`) the clients add integer Skellam noise instead
+and the server sees only the noised sum (`fedtune.privacy.secagg.skellam`, which also holds its
+accountant); adaptive clipping then has no individual norms to count and is refused.
+
+Accounting: each round is one step of the sampled Gaussian mechanism with sampling rate
+q = clients_per_round / num_clients, accounted by Opacus' RDP (default) or PRV accountant; our
+fixed-size sampling is accounted as Poisson sampling at the same rate, the usual approximation.
+The accountant's state, (z, q, rounds aggregated), the secret that seeds the noise and the
+current clip norm live in the checkpointed server state, so a resumed run continues the same privacy ledger and the same
+noise. The noise comes from torch's generator seeded by SHA-256(secret, round): reproducible for
+resume, unpredictable without the secret, but not a vetted CSPRNG (a known limitation).
+
+Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping",
+Alg. 1), on when `target_quantile` > 0: each round the server sums the centred bits
+1[norm <= C] - 1/2 of the updates, adds N(0, sigma_b^2), and moves C geometrically toward the target
+quantile of the norms: C <- C * exp(-eta * (noisy fraction - quantile)). Releasing the count
+costs privacy too, so the update's noise multiplier becomes (z^-2 - (2 sigma_b)^-2)^(-1/2): the
+pair of releases is then exactly as private as one Gaussian release at multiplier z, which is
+what the accountant charges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+
+import torch
+
+from fedtune.model.adapters import AdapterState, add, clip_to_norm, l2_norm
+from fedtune.privacy.accounting import ACCOUNTANTS, epsilon_of
+from fedtune.privacy.secagg.skellam import skellam_epsilon
+from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
+
+SECRET, ROUNDS, CLIP = "dp.noise_secret", "dp.rounds", "dp.clip_norm"
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon spent after `rounds` rounds at the given delta."""
+    return epsilon_of([(noise_multiplier, sample_rate, rounds)], delta, accountant)
+
+
+def noised_mean(
+    deltas: list[AdapterState], clip_norm: float, noise_multiplier: float, expected: int, generator: torch.Generator
+) -> AdapterState:
+    """(sum of updates clipped to clip_norm + N(0, (z * clip_norm)^2)) / expected.
+
+    The noise is drawn tensor by tensor in sorted key order, so it is a function of the generator's
+    seed alone, whatever order the updates' dicts come in (a resume redraws it bit for bit)."""
+    clipped = [clip_to_norm(d, clip_norm) for d in deltas]
+    std = noise_multiplier * clip_norm
+    result = {}
+    for key in sorted(deltas[0]):
+        first = deltas[0][key]
+        total = torch.stack([c[key].to(torch.float64) for c in clipped]).sum(0)
+        noise = torch.normal(0.0, std, size=first.shape, generator=generator, dtype=torch.float64)
+        result[key] = ((total + noise) / expected).to(first.dtype)
+    return result
+
+
+def _round_generator(secret: torch.Tensor, round_: int) -> torch.Generator:
+    digest = hashlib.sha256(bytes(secret.tolist()) + round_.to_bytes(8, "little")).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class DPFedAvg(Strategy):
+    """Options: clip_norm, noise_multiplier, delta, target_epsilon (0 = none), accountant, and for
+    adaptive clipping target_quantile (0 = off), clip_learning_rate, count_noise_std.
+
+    expected_clients and sample_rate default to the config's clients_per_round and
+    clients_per_round / num_clients; distributed to secagg.enabled.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_clients: int,
+        sample_rate: float,
+        delta: float = 1e-5,
+        target_epsilon: float = 0.0,
+        accountant: str = "rdp",
+        target_quantile: float = 0.0,
+        clip_learning_rate: float = 0.2,
+        count_noise_std: float = 0.0,
+        distributed: bool = False,
+    ) -> None:
+        problems = []
+        if clip_norm <= 0:
+            problems.append(f"clip_norm must be positive, got {clip_norm}")
+        if noise_multiplier <= 0:
+            problems.append(f"noise_multiplier must be positive, got {noise_multiplier}")
+        if not 0 < sample_rate <= 1 or expected_clients < 1:
+            problems.append(f"sample_rate {sample_rate} / expected_clients {expected_clients} out of range")
+        if not 0 < delta < 1:
+            problems.append(f"delta must be in (0, 1), got {delta}")
+        if accountant not in ACCOUNTANTS:
+            problems.append(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
+        count_std = count_noise_std or expected_clients / 20  # the paper's default, sigma_b = m / 20
+        if target_quantile and not (0 < target_quantile < 1 and 2 * count_std > noise_multiplier):
+            problems.append(
+                f"adaptive clipping needs 0 < target_quantile < 1 and count_noise_std > noise_multiplier / 2 "
+                f"(got {target_quantile}, {count_std})"
+            )
+        if distributed and (target_quantile or accountant != "rdp"):
+            problems.append(
+                "with secure aggregation (distributed noise) adaptive clipping is unavailable (the server sees "
+                "no individual norm) and the accountant is the Skellam RDP bound: leave target_quantile and "
+                "accountant unset"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.distributed = distributed
+        self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
+        self.expected, self.sample_rate = int(expected_clients), float(sample_rate)
+        self.delta, self.target, self.accountant = float(delta), float(target_epsilon), accountant
+        self.quantile, self.clip_rate, self.count_std = float(target_quantile), float(clip_learning_rate), count_std
+        # with adaptive clipping part of the budget pays for the count (Andrew et al. 2021, Thm. 1)
+        self.update_multiplier = (
+            (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5 if self.quantile else self.noise_multiplier
+        )
+        if self.target > 0 and self.epsilon_after(1) > self.target:
+            raise ValueError(
+                f"target_epsilon {self.target} cannot afford a single round "
+                f"(one round spends {self.epsilon_after(1):.3f}); raise noise_multiplier or the target"
+            )
+
+    def epsilon_after(self, rounds: int) -> float:
+        if self.distributed:
+            return skellam_epsilon(self.noise_multiplier, rounds, self.delta)
+        return epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta, self.accountant)
+
+    def init_state(self, global_state: AdapterState) -> ServerState:
+        secret = torch.tensor(list(secrets.token_bytes(32)), dtype=torch.uint8)
+        return {
+            SECRET: secret,
+            ROUNDS: torch.zeros(1, dtype=torch.int64),
+            CLIP: torch.tensor([self.clip_norm], dtype=torch.float64),
+        }
+
+    def aggregate(
+        self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
+    ) -> tuple[AdapterState, ServerState]:
+        rounds = int(server_state[ROUNDS]) + 1
+        clip = float(server_state[CLIP])
+        generator = _round_generator(server_state[SECRET], rounds)
+        deltas = [u.delta for u in updates]
+        mean = noised_mean(deltas, clip, self.update_multiplier, self.expected, generator)
+        new_state = self.released(server_state)
+        if self.quantile:
+            # centred bits (b - 1/2) have sensitivity 1/2, which is where the 2 sigma_b above comes from
+            centred = sum(float(l2_norm(d) <= clip) - 0.5 for d in deltas)
+            noise = float(torch.normal(0.0, self.count_std, size=(1,), generator=generator))
+            noisy = (centred + noise) / self.expected + 0.5
+            new_state[CLIP] = torch.tensor([clip * math.exp(-self.clip_rate * (noisy - self.quantile))])
+        return add(global_state, mean), new_state
+
+    def released(self, server_state: ServerState) -> ServerState:
+        """The server state after one more noised release (what the accountant counts)."""
+        return {**server_state, ROUNDS: torch.tensor([int(server_state[ROUNDS]) + 1])}
+
+    def state_metrics(self, server_state: ServerState) -> dict[str, float]:
+        return {
+            "dp_epsilon": self.epsilon_after(int(server_state[ROUNDS])),
+            "dp_delta": self.delta,
+            "dp_clip_norm": float(server_state[CLIP]),
+        }
+
+    def can_continue(self, server_state: ServerState) -> bool:
+        return self.target <= 0 or self.epsilon_after(int(server_state[ROUNDS]) + 1) <= self.target
