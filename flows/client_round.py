@@ -25,7 +25,16 @@ from fedtune.config.schema import FedConfig
 from fedtune.core.atomic import atomic_write_bytes
 from fedtune.core.errors import InputError
 from fedtune.data.partition import client_dir
-from fedtune.deployment.exchange import GLOBAL, REPORT, SERVER_VIEW, UPDATE, Exchange, client_file, server_file
+from fedtune.deployment.exchange import (
+    GLOBAL,
+    REPORT,
+    SERVER_VIEW,
+    UPDATE,
+    Exchange,
+    check_namespace,
+    client_file,
+    server_file,
+)
 from fedtune.model.adapters import flatten, load_state
 from fedtune.privacy.secagg.remote import take_part
 from fedtune.round.client import train_client
@@ -53,6 +62,7 @@ def client_home(client: int) -> Path:
 @flow(name="fedtune-client")
 def client_round(config: FedConfig, round_: int, client: int, namespace: str) -> dict[str, Any]:
     """Train from the round's global adapter; publish the update and the report (numbers only)."""
+    check_namespace(namespace)  # whoever starts this flow cannot steer the update elsewhere (rel-08)
     home = client_home(client)
     cfg = config.model_copy(
         update={"data": config.data.model_copy(update={"partitions_dir": str(home / "partitions")})}

@@ -18,6 +18,7 @@ from fedtune.config.schema import FedConfig
 from fedtune.core.atomic import atomic_write_bytes
 from fedtune.core.faults import crash_point
 from fedtune.core.sampling import sample_clients
+from fedtune.deployment.exchange import round_namespace
 from fedtune.model.adapters import load_state
 from fedtune.privacy.record_dp import PrivacyBudgetExhausted
 from fedtune.privacy.watermark import SECRET_FILE, owner_secret, verify
@@ -25,7 +26,7 @@ from fedtune.round.checkpoints import Checkpoint, checkpoint_dir, latest_checkpo
 from fedtune.round.outputs import clear_outputs, write_outputs
 from fedtune.round.resume import allowed_changes, check_data, data_version, same_data
 from flows.common import failing_run, prepare
-from flows.remote_clients import round_namespace, train_remotely
+from flows.remote_clients import train_remotely
 from flows.runners import task_runner
 from tasks.aggregation import aggregate, round_allowed, share_view
 from tasks.checkpoint import checkpoint as checkpoint_task

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,11 +22,6 @@ from fedtune.config.schema import FedConfig
 from fedtune.core.atomic import atomic_write_bytes
 from fedtune.deployment.exchange import GLOBAL, REPORT, SERVER_VIEW, UPDATE, Exchange, client_file, server_file
 from fedtune.round.client_report import ClientReport, ReportRejected
-
-
-def round_namespace(run_id: str, round_: int) -> str:
-    """A fresh folder per attempt, so a resumed round never picks up a crashed attempt's replies."""
-    return f"{run_id}/round_{round_:04d}-{uuid.uuid4().hex[:8]}"
 
 
 def _trigger(config: FedConfig, round_: int, clients: list[int], namespace: str) -> dict[int, FlowRun]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtune.deployment.exchange import Exchange, ExchangeAborted
+from fedtune.deployment.exchange import Exchange, ExchangeAborted, check_namespace, round_namespace
 from fedtune.privacy.secagg import wire
 from fedtune.privacy.secagg.protocol import (
     AdvertiseKeys,
@@ -127,3 +127,31 @@ def test_an_aborting_server_stops_every_waiting_client_at_once(tmp_path: Path) -
     assert isinstance(result, SecAggAborted) and "key advertisement: 2 clients left, threshold is 3" in str(result)
     assert all(isinstance(outcome[c], ExchangeAborted) for c in (0, 1))
     assert time.monotonic() - start < 30  # well before the clients' own 60 s deadline
+
+
+def test_a_masked_vector_of_the_wrong_length_drops_its_sender_not_the_round(tmp_path: Path) -> None:
+    """rel-07: client 2 sends 63 coordinates instead of 64; the round goes on with clients 0 and 1."""
+    vectors = _inputs(3, 64, seed=7)
+    inputs: dict[int, Callable[[], np.ndarray]] = {c: (lambda v=v: v) for c, v in vectors.items()}
+    inputs[2] = lambda: vectors[2][:63]
+    params = SecAggParams(threshold=2)
+    result, outcome = _run(tmp_path, [0, 1, 2], inputs, params, 64)
+    assert isinstance(result, RoundResult) and result.aggregated == [0, 1]
+    assert np.array_equal(result.total, (vectors[0] + vectors[1]) & params.modulus_mask)
+    assert result.left_out == ["client 2: its masked input has shape (63,), not (64,)"]
+    assert all(isinstance(outcome[c], int) for c in (0, 1))
+
+
+def test_exchange_keys_and_round_namespaces_cannot_leave_their_folder(tmp_path: Path) -> None:
+    """rel-08: a client flow started with namespace '../server/leak' wrote its update where every
+    party reads; keys with '..' or an absolute path are refused, and so is any other namespace."""
+    exchange = Exchange(str(tmp_path / "exchange"))
+    for key in ("client_0/../server/leak/update.safetensors", "/etc/passwd", "client_0//x", "client_0/./x"):
+        with pytest.raises(ValueError, match="not a plain relative path"):
+            exchange.put(key, b"update")
+    assert not any(tmp_path.rglob("update*")) and not (tmp_path / "exchange" / "server").exists()
+    made = round_namespace("0123456789abcdef0123456789abcdef", 3)
+    assert check_namespace(made) == made
+    for namespace in ("../server/leak", "../../anywhere", "run/round_0001", f"{made}/../../x"):
+        with pytest.raises(ValueError, match="is not <run id>/round_NNNN-<attempt>"):
+            check_namespace(namespace)

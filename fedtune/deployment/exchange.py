@@ -14,6 +14,7 @@ cannot read each other's messages; on an object store, per-prefix IAM policies p
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -28,6 +29,22 @@ UPDATE, REPORT = "update.safetensors", "report.json"  # each client's
 
 def outbox(client: int) -> str:
     return f"client_{client}"
+
+
+NAMESPACE = re.compile(r"[0-9a-f]{32}/round_\d{4}-[0-9a-f]{8}")  # an MLflow run id, the round, an attempt
+
+
+def round_namespace(run_id: str, round_: int) -> str:
+    """A fresh folder per attempt, so a resumed round never picks up a crashed attempt's replies."""
+    return check_namespace(f"{run_id}/round_{round_:04d}-{uuid.uuid4().hex[:8]}")
+
+
+def check_namespace(namespace: str) -> str:
+    """`namespace` if it is one `round_namespace` makes; a deployed client refuses any other, so a
+    caller cannot steer its update into another party's folder or out of the exchange (rel-08)."""
+    if not NAMESPACE.fullmatch(namespace):
+        raise ValueError(f"namespace {namespace!r} is not <run id>/round_NNNN-<attempt>")
+    return namespace
 
 
 def server_file(namespace: str, name: str) -> str:
@@ -54,6 +71,10 @@ class Exchange:
         self.fs: fsspec.AbstractFileSystem = url_to_fs(self.root)[0]
 
     def _path(self, key: str) -> str:
+        """The key under the root; a key that could leave it (.., an absolute path) is refused."""
+        parts = key.split("/")
+        if key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"exchange key {key!r} is not a plain relative path")
         return f"{self.root}/{key}"
 
     def put(self, key: str, data: bytes) -> int:

@@ -97,9 +97,11 @@ class RemoteRound:
     ) -> RoundResult:
         try:
             return self._run(clients, length, params, round_, stage_timeout)
-        except SecAggAborted as error:
+        except (SecAggAborted, ProtocolViolation) as error:  # either way every client is told at once
             self.exchange.put(server_key(self.namespace, ABORTED), str(error).encode())
-            raise
+            if isinstance(error, SecAggAborted):
+                raise
+            raise SecAggAborted(f"secure aggregation stopped: {error}") from error
 
     def _publish(self, name: str, message: wire.Message) -> None:
         self.exchange.put(server_key(self.namespace, name), wire.dump(message))
@@ -144,7 +146,15 @@ class RemoteRound:
         deliveries = server.route_shares(gather("share", sorted(roster.keys), lambda d: wire.load(d, EncryptedShares)))
         for receiver, delivery in deliveries.items():
             self._publish(f"delivery_{receiver}.json", delivery)
-        request = server.collect_masked(gather("masked", sorted(deliveries), wire.load_masked))
+
+        def masked(data: bytes) -> Any:
+            """A masked input of the round's length; another one drops its sender (rel-07)."""
+            message = wire.load_masked(data)
+            if message.vector.shape != (length,):
+                raise ProtocolViolation(f"its masked input has shape {message.vector.shape}, not ({length},)")
+            return message
+
+        request = server.collect_masked(gather("masked", sorted(deliveries), masked))
         self._publish("unmask_request.json", request)
         total = server.unmask(request, gather("unmask", request.alive, lambda d: wire.load(d, UnmaskResponse)))
         return RoundResult(total, request.alive, sent, unaccounted(clients, request.alive, left_out))
