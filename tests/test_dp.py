@@ -7,7 +7,7 @@ import torch
 
 from fedtune.config.schema import ConfigError, build_config
 from fedtune.model.adapters import clip_to_norm, l2_norm, load_state, save_state
-from fedtune.privacy.dp_fedavg import ROUNDS, DPFedAvg, epsilon
+from fedtune.privacy.dp_fedavg import LEDGER, DPFedAvg, epsilon
 from fedtune.strategies import ClientUpdate, build_strategy
 
 
@@ -17,7 +17,7 @@ from fedtune.strategies import ClientUpdate, build_strategy
 def test_epsilon_matches_reference_values_within_one_percent(z, q, rounds, reference) -> None:  # type: ignore[no-untyped-def]
     assert epsilon(z, q, rounds, 1e-5) == pytest.approx(reference, rel=0.01)
     strategy = DPFedAvg(clip_norm=1.0, noise_multiplier=z, expected_clients=10, sample_rate=q)
-    state = {**strategy.init_state({}), ROUNDS: torch.tensor([rounds])}
+    state = {**strategy.init_state({}), LEDGER: strategy.ledger(rounds)}
     assert strategy.state_metrics(state)["dp_epsilon"] == pytest.approx(reference, rel=0.01)
 
 
@@ -32,7 +32,9 @@ def test_noise_on_zero_updates_has_std_z_c_over_n_expected() -> None:
     assert noise.numel() >= 100_000
     assert float(noise.std()) == pytest.approx(z * c / expected, rel=0.01)
     assert abs(float(noise.mean())) < 4 * z * c / expected / math.sqrt(noise.numel())
-    assert int(new_state[ROUNDS]) == 1 and torch.equal(new_state["dp.noise_secret"], state["dp.noise_secret"])
+    assert new_state[LEDGER].tolist() == [[z, 0.5, c, 5]] and torch.equal(
+        new_state["dp.noise_secret"], state["dp.noise_secret"]
+    )
 
 
 def test_clipping_bounds_every_update_and_passes_zero() -> None:
@@ -71,6 +73,23 @@ def test_noise_is_reproducible_from_the_checkpointed_state_only(tmp_path) -> Non
     assert all(keys == sorted(zeros) for keys in loads)  # every load in one order
 
 
+def test_epsilon_comes_from_the_ledger_of_releases_and_never_decreases() -> None:
+    """rel-13: rounds released at z = 1 were re-priced at z = 4 when a resume changed the option
+    (9.01 after three releases became 1.85); the ledger's rows, not the config, are what is charged."""
+    first = DPFedAvg(clip_norm=0.5, noise_multiplier=1.0, expected_clients=3, sample_rate=1.0)
+    state = first.init_state({"w": torch.zeros(4)})
+    spent = []
+    for _ in range(3):
+        _, state = first.aggregate({"w": torch.zeros(4)}, [ClientUpdate(0, {"w": torch.ones(4)}, 1)], state)
+        spent.append(first.state_metrics(state)["dp_epsilon"])
+    assert spent == sorted(spent) and spent[-1] == pytest.approx(epsilon(1.0, 1.0, 3, 1e-5))
+    later = DPFedAvg(clip_norm=0.5, noise_multiplier=4.0, expected_clients=3, sample_rate=1.0)
+    assert later.state_metrics(state)["dp_epsilon"] == pytest.approx(spent[-1])  # not re-priced at z = 4
+    _, state = later.aggregate({"w": torch.zeros(4)}, [ClientUpdate(0, {"w": torch.ones(4)}, 1)], state)
+    assert later.state_metrics(state)["dp_epsilon"] > spent[-1]  # a fourth release at z = 4 adds to it
+    assert [row[0] for row in state[LEDGER].tolist()] == [1.0, 1.0, 1.0, 4.0]
+
+
 def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
     config = build_config(
         {
@@ -85,7 +104,7 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
     strategy = build_strategy(config)
     assert isinstance(strategy, DPFedAvg) and strategy.sample_rate == 1.0 and strategy.expected == 3
     start = strategy.init_state({})
-    allowed = [r for r in range(30) if strategy.can_continue({**start, ROUNDS: torch.tensor([r])})]
+    allowed = [r for r in range(30) if strategy.can_continue({**start, LEDGER: strategy.ledger(r)})]
     last = max(allowed) + 1  # rounds that can be completed
     assert strategy.epsilon_after(last) <= 10.0 < strategy.epsilon_after(last + 1)
     with pytest.raises(ConfigError, match="cannot afford a single round"):

@@ -15,9 +15,12 @@ accountant); adaptive clipping then has no individual norms to count and is refu
 Accounting: each round is one step of the sampled Gaussian mechanism with sampling rate
 q = clients_per_round / num_clients, accounted by Opacus' RDP (default) or PRV accountant; our
 fixed-size sampling is accounted as Poisson sampling at the same rate, the usual approximation.
-The accountant's state, (z, q, rounds aggregated), the secret that seeds the noise and the
-current clip norm live in the checkpointed server state, so a resumed run continues the same privacy ledger and the same
-noise. The noise comes from torch's generator seeded by SHA-256(secret, round): reproducible for
+The ledger is one row per noised release, (noise multiplier, sampling rate, clip norm, clients
+aggregated), as the mechanism ran it; epsilon is computed from those rows, never from the current
+config, so a later setting cannot re-price a released round (rel-13). The ledger, the secret that
+seeds the noise and the current clip norm live in the checkpointed server state, so a resumed run
+continues the same privacy ledger and the same noise. The noise comes from torch's generator
+seeded by SHA-256(secret, round), drawn tensor by tensor in sorted key order: reproducible for
 resume, unpredictable without the secret, but not a vetted CSPRNG (a known limitation).
 
 Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping",
@@ -42,7 +45,8 @@ from fedtune.privacy.accounting import ACCOUNTANTS, epsilon_of
 from fedtune.privacy.secagg.skellam import skellam_epsilon
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 
-SECRET, ROUNDS, CLIP = "dp.noise_secret", "dp.rounds", "dp.clip_norm"
+SECRET, LEDGER, CLIP = "dp.noise_secret", "dp.ledger", "dp.clip_norm"
+Z, Q, CLIPPED_AT, AGGREGATED = range(4)  # the ledger's columns
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
@@ -137,27 +141,51 @@ class DPFedAvg(Strategy):
             )
 
     def epsilon_after(self, rounds: int) -> float:
+        """Epsilon after `rounds` releases at this strategy's settings (planning; the run's own
+        figure is `spent`, from its ledger)."""
+        return self.spent(self.ledger(rounds))
+
+    def ledger(self, rounds: int, clip: float | None = None, clients: int | None = None) -> torch.Tensor:
+        """`rounds` ledger rows at this strategy's settings: shape (rounds, 4), float64."""
+        row = [
+            self.noise_multiplier,
+            self.sample_rate,
+            self.clip_norm if clip is None else clip,
+            self.expected if clients is None else clients,
+        ]
+        return torch.tensor([row] * rounds, dtype=torch.float64).reshape(rounds, 4)
+
+    def spent(self, ledger: torch.Tensor) -> float:
+        """Epsilon of the releases in `ledger`: runs of equal (z, q) are phases of the composition."""
+        phases: list[list[float]] = []
+        for z, q in ledger[:, [Z, Q]].tolist():
+            if phases and phases[-1][:2] == [z, q]:
+                phases[-1][2] += 1
+            else:
+                phases.append([z, q, 1])
         if self.distributed:
-            return skellam_epsilon(self.noise_multiplier, rounds, self.delta)
-        return epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta, self.accountant)
+            if len({z for z, _, _ in phases}) > 1:
+                raise ValueError("the Skellam accountant composes releases of one noise multiplier only")
+            return skellam_epsilon(phases[0][0], int(phases[0][2]), self.delta) if phases else 0.0
+        return epsilon_of([(z, q, int(n)) for z, q, n in phases], self.delta, self.accountant)
 
     def init_state(self, global_state: AdapterState) -> ServerState:
         secret = torch.tensor(list(secrets.token_bytes(32)), dtype=torch.uint8)
         return {
             SECRET: secret,
-            ROUNDS: torch.zeros(1, dtype=torch.int64),
+            LEDGER: self.ledger(0),
             CLIP: torch.tensor([self.clip_norm], dtype=torch.float64),
         }
 
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
-        rounds = int(server_state[ROUNDS]) + 1
+        rounds = len(server_state[LEDGER]) + 1
         clip = float(server_state[CLIP])
         generator = _round_generator(server_state[SECRET], rounds)
         deltas = [u.delta for u in updates]
         mean = noised_mean(deltas, clip, self.update_multiplier, self.expected, generator)
-        new_state = self.released(server_state)
+        new_state = self.released(server_state, len(updates))
         if self.quantile:
             # centred bits (b - 1/2) have sensitivity 1/2, which is where the 2 sigma_b above comes from
             centred = sum(float(l2_norm(d) <= clip) - 0.5 for d in deltas)
@@ -166,16 +194,18 @@ class DPFedAvg(Strategy):
             new_state[CLIP] = torch.tensor([clip * math.exp(-self.clip_rate * (noisy - self.quantile))])
         return add(global_state, mean), new_state
 
-    def released(self, server_state: ServerState) -> ServerState:
-        """The server state after one more noised release (what the accountant counts)."""
-        return {**server_state, ROUNDS: torch.tensor([int(server_state[ROUNDS]) + 1])}
+    def released(self, server_state: ServerState, clients: int) -> ServerState:
+        """The server state after one more noised release of `clients` updates, written in the ledger."""
+        row = self.ledger(1, float(server_state[CLIP]), clients)
+        return {**server_state, LEDGER: torch.cat([server_state[LEDGER], row])}
 
     def state_metrics(self, server_state: ServerState) -> dict[str, float]:
         return {
-            "dp_epsilon": self.epsilon_after(int(server_state[ROUNDS])),
+            "dp_epsilon": self.spent(server_state[LEDGER]),
             "dp_delta": self.delta,
             "dp_clip_norm": float(server_state[CLIP]),
         }
 
     def can_continue(self, server_state: ServerState) -> bool:
-        return self.target <= 0 or self.epsilon_after(int(server_state[ROUNDS]) + 1) <= self.target
+        planned = torch.cat([server_state[LEDGER], self.ledger(1)])
+        return self.target <= 0 or self.spent(planned) <= self.target

@@ -170,7 +170,7 @@ def secure_aggregate(
     if isinstance(strategy, DPFedAvg):
         mean = skellam_encoder(cfg, strategy, _dimension(spec)).decode(result.total, strategy.expected)
         new_global = add(global_state, unflatten(torch.from_numpy(mean), spec))
-        server_state = strategy.released(server_state)
+        server_state = strategy.released(server_state, len(result.aggregated))
     else:  # FedAvg or a server optimizer: its step with the mean update, the only thing unmasked
         mean_update = unflatten(torch.from_numpy(point.decode(result.total)), spec)
         new_global, server_state = cast(FedAvg, strategy).apply(global_state, mean_update, server_state)
