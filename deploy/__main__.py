@@ -27,6 +27,13 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Operate a re
 console = Console()
 
 
+@app.callback()
+def main() -> None:
+    """Operate a real multi-party federation (`up` starts one on this machine)."""
+    # a callback keeps `up` a named subcommand: with one command and no callback, Typer makes the
+    # command the app itself and `python -m deploy up` is refused (rel-15)
+
+
 @app.command()
 def up(
     config: Annotated[Path, typer.Option("--config", "-c", help="params.yaml to read.")] = Path("params.yaml"),

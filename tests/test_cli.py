@@ -1,6 +1,7 @@
 """Bad input ends a command with one clear message naming the field, before any work."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,14 @@ def test_check_prints_messages_as_plain_text_and_survives_odd_values(tmp_path: P
             [sys.executable, "-m", "flows.cli", "check", *args], cwd=root, capture_output=True, text=True
         )
         assert done.returncode == 2 and expected in done.stdout, (args, done.stdout, done.stderr[-500:])
+
+
+def test_the_documented_deploy_up_command_is_parsed_and_checks_its_credentials_first() -> None:
+    """rel-15: `python -m deploy up` was refused ("unexpected extra argument (up)") because a
+    Typer app with one command and no callback has no subcommand names."""
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("FEDTUNE_PREFECT_AUTH", "MLFLOW_TRACKING_PASSWORD")}
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy", "up"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "FEDTUNE_PREFECT_AUTH is not set" in done.stdout + done.stderr, done.stderr[-800:]
