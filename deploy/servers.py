@@ -52,11 +52,12 @@ def basic_auth_header(user_password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(user_password.encode()).decode()}
 
 
-def status_of(url: str, headers: dict[str, str] | None = None) -> int:
-    """HTTP status of a GET (errors included), or 0 if nothing answers."""
+def status_of(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> int:
+    """HTTP status of a GET (errors included), or 0 if nothing answers within `timeout_s` (MLflow's
+    basic auth hashes the password on every request: seconds on a loaded 2-core machine)."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
