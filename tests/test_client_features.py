@@ -99,6 +99,8 @@ def test_reports_round_trip_and_malformed_ones_are_rejected_with_the_reason() ->
         ({"bytes_up": None}, "bytes_up"),
         ({"Weird Key": 1.0}, "feature fields"),
         ({"val_loss_personal": "low"}, "features.val_loss_personal"),
+        ({"evil": float("nan")}, "are not finite numbers"),
+        ({"big": float("inf")}, "are not finite numbers"),
     ):
         with pytest.raises(ReportRejected, match=problem):
             ClientReport.from_row({**row, **change})

@@ -160,3 +160,18 @@ def test_a_cross_feature_problem_about_an_invalid_field_is_not_computed_from_its
     with pytest.raises(ConfigError) as info:
         build_config({"data": {"partition": {"num_clients": 0}}, "federation": {"clients_per_round": 4}})
     assert [line.split(":")[0] for line in info.value.problems] == ["data.partition.num_clients"]
+
+
+def test_the_same_problem_in_two_fields_is_reported_for_each_and_a_strategy_problem_once() -> None:
+    """Review findings: problems were deduplicated by their text, so a client id outside the
+    partitions in two fields printed one line; secure aggregation repeated the strategy's problem."""
+    with pytest.raises(ConfigError) as refused:
+        build_config({"distill": {"teachers": {9: "x"}, "client_models": {9: "y"}}})
+    lines = str(refused.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["distill.teachers", "distill.client_models"]
+    options = {"clip_norm": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5}
+    with pytest.raises(ConfigError) as refused:
+        build_config(
+            {"federation": {"strategy": "dp_fedavg", "strategy_options": options}, "secagg": {"enabled": True}}
+        )
+    assert str(refused.value).count("sample_rate: derived") == 1

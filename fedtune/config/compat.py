@@ -45,14 +45,8 @@ def rule(feature: str) -> Callable[[Rule], Rule]:
 
 
 def problems(config: FedConfig) -> list[Problem]:
-    """What every rule finds in `config`, in the order the features were registered; a problem two
-    rules find (secure aggregation's checks build the strategy too) is reported once, at its first path."""
-    found: dict[str, Problem] = {}
-    for checks in RULES.values():
-        for check in checks:
-            for problem in check(config):
-                found.setdefault(problem.message, problem)
-    return list(found.values())
+    """What every rule finds in `config`, in the order the features were registered."""
+    return [found for checks in RULES.values() for check in checks for found in check(config)]
 
 
 def _outside(path: str, clients: Iterable[int], config: FedConfig, noun: str = "clients ") -> Iterator[Problem]:
@@ -163,10 +157,13 @@ def _secure_aggregation(config: FedConfig) -> Iterator[Problem]:
             "compression.method",
             "secure aggregation encodes each update itself (fixed point inside the masked vector); set it to none",
         )
+    if any(True for _ in _strategy_accepts(config)):
+        return  # its checks build the strategy: the strategy's own rule reports what is wrong with it
     try:
         FEATURE_CHECKS.get("secagg")(config)
     except ValueError as error:
-        yield Problem("secagg", str(error).removeprefix("secagg: "))
+        path, _, message = str(error).partition(": ")
+        yield Problem(path if path.startswith("secagg") else "secagg", message if message else str(error))
 
 
 @rule("watermark")

@@ -9,6 +9,7 @@ MLflow logging keep (the features' fields beside the fixed ones).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -48,6 +49,9 @@ class ClientReport(BaseModel):
         bad = [k for k in value if not re.match(FEATURE_FIELD, k) or k in cls.model_fields]
         if bad:
             raise ValueError(f"feature fields {bad[:3]} are not plain lower-case names apart from the fixed ones")
+        infinite = [k for k, v in value.items() if not math.isfinite(v)]
+        if infinite:  # a deployed client's NaN would otherwise reach the history and MLflow
+            raise ValueError(f"feature fields {infinite[:3]} are not finite numbers")
         return value
 
     def row(self) -> dict[str, Any]:
