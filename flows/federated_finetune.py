@@ -24,7 +24,14 @@ from fedtune.privacy.record_dp import PrivacyBudgetExhausted
 from fedtune.privacy.watermark import SECRET_FILE, owner_secret, verify
 from fedtune.round.checkpoints import Checkpoint, checkpoint_dir, latest_checkpoint
 from fedtune.round.outputs import clear_outputs, write_outputs
-from fedtune.round.resume import allowed_changes, check_data, data_version, same_data
+from fedtune.round.resume import (
+    allowed_changes,
+    check_data,
+    check_source,
+    data_version,
+    same_data,
+    source_version,
+)
 from flows.common import failing_run, prepare
 from flows.remote_clients import train_remotely
 from flows.runners import task_runner
@@ -50,6 +57,7 @@ def _start(config: FedConfig, run: Path, init_adapter: str | None) -> tuple[list
         "mlflow_run_id": run_id,
         "config": config.model_dump(mode="json"),  # a resume is compared with it, field by field
         "data_version": None if config.deployment.enabled else data_version(config.data.partitions_dir),
+        "source_version": None if config.deployment.enabled else source_version(config.data.source),
         "sizes": init,
     }
     checkpoint_task(str(run), 0, init["global_path"], init["server_state_path"], history, meta)
@@ -248,6 +256,8 @@ def federated_finetune(
     run.mkdir(parents=True, exist_ok=True)
     done = latest_checkpoint(run) if resume else None
     changes = allowed_changes(done.meta, config.model_dump(mode="json"), done.round) if done else {}
+    if done is not None:
+        check_source(done.meta, config.data.source, done.round)
     checkpointed_data = done is not None and same_data(done.meta, config.data.partitions_dir)
     # deployed, the data is the clients'; resumed, the checkpointed rounds' partitions stay as they are
     prepare(config, data=prepare_data and not config.deployment.enabled and not checkpointed_data)

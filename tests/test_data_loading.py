@@ -150,6 +150,10 @@ def test_data_encoding_reads_other_encodings(tmp_path) -> None:  # type: ignore[
     [
         ("q,a,t\nWhat is 1000?,1,000,num\n", r"line 2 has 4 cells, the header 3"),
         ("q,a,a,t\nx,y,z,w\n", r"line 1 names columns more than once: \['a'\]"),
+        (
+            'q,a,t\nq1,a1,x\nq2,"5,x\nq3,a3,x\n',
+            r"the record starting at line 3 cannot be read as CSV",
+        ),  # no silent merge
     ],
 )
 def test_csv_rows_that_do_not_fit_the_header_are_named(tmp_path, content, message) -> None:  # type: ignore[no-untyped-def]
@@ -181,3 +185,14 @@ def test_jsonl_strings_may_hold_any_unicode_line_separator(tmp_path) -> None:  #
     )
     (record,) = load_records(_data(path, columns={"instruction": "question", "response": "answer", "label": "topic"}))
     assert record["messages"][0]["content"] == "a\u2028b\x0cc" and record["messages"][1]["content"] == "d\x85e"
+
+
+def test_json_values_stay_as_written_and_nan_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Review finding: JSON numbers and booleans became Python's text (0.50 -> 0.5, true -> True)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"q": "a", "a": 0.50, "t": false}\n{"q": "b", "a": true, "t": 1e3}\n')
+    records = load_records(_data(path, columns={"instruction": "q", "response": "a", "label": "t"}))
+    assert [(r["messages"][-1]["content"], r["label"]) for r in records] == [("0.50", "false"), ("true", "1e3")]
+    path.write_text('{"q": "a", "a": NaN, "t": "x"}\n')
+    with pytest.raises(DataError, match="line 1 is not valid JSON \\(NaN is not a JSON value"):
+        load_records(_data(path, columns={"instruction": "q", "response": "a", "label": "t"}))

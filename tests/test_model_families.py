@@ -11,7 +11,6 @@ only if generation stops at the model's own stop tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from fedtune.config.schema import build_config
 from fedtune.data.prompts import IGNORE_INDEX, KEPT, encode, end_of_turn_id, prompt_text
 from fedtune.model.loading import load_base_model, load_tokenizer
 from fedtune.training.evaluation import exact_match, stop_token_ids
+from fedtune.training.tokenized import encode_counted
 from tests.conftest import QWEN, Family, build_tokenizer
 
 LLAMA3 = Family(
@@ -130,4 +130,6 @@ def test_a_conversation_the_template_refuses_otherwise_is_a_named_input_error(tm
     }
     with pytest.raises(TemplateRefused, match=r"model.name_or_path: .* \(roles user, user\): Conversation roles must"):
         encode(tokenizer, record, None, 64, "prompt")
-    assert json.dumps(record)  # the record itself is untouched
+    config = build_config({"data": {"system_prompt": None}})
+    with pytest.raises(TemplateRefused, match="the record that begins 'a'"):  # findable in a large file
+        encode_counted(config, tokenizer, [RECORDS[0], record])

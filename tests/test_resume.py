@@ -11,7 +11,14 @@ import yaml
 
 from fedtune.config.schema import FedConfig, build_config
 from fedtune.round.checkpoints import Checkpoint, save_checkpoint
-from fedtune.round.resume import SAFE_ON_RESUME, ResumeRefused, allowed_changes, data_version
+from fedtune.round.resume import (
+    SAFE_ON_RESUME,
+    ResumeRefused,
+    allowed_changes,
+    check_resume,
+    data_version,
+    source_version,
+)
 
 
 def _meta(config: FedConfig) -> dict:
@@ -77,3 +84,17 @@ def test_the_cli_refuses_a_changed_resume_before_any_server_starts(tmp_path) -> 
     done = subprocess.run([*command, "-s", "train.lr=0.5"], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "train.lr: 0.002 in the checkpoint, 0.5 now" in done.stdout, done.stdout[-2000:]
     assert "Traceback" not in done.stdout + done.stderr and "temporary server" not in done.stdout + done.stderr
+
+
+def test_a_data_file_changed_since_the_run_started_is_refused_on_resume(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Review finding: an edited data file resumed silently on the old partitions."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"instruction": "q", "response": "a"}\n')
+    config = build_config({"data": {"source": str(source)}, "federation": {"output_dir": str(tmp_path / "run")}})
+    save_checkpoint(
+        Checkpoint(1, {}, {}, meta={**_meta(config), "source_version": source_version(str(source))}), tmp_path / "run"
+    )
+    check_resume(config)  # unchanged: accepted
+    source.write_text('{"instruction": "q", "response": "b"}\n')
+    with pytest.raises(ResumeRefused, match=r"data.source: .*rows.jsonl changed since the run started"):
+        check_resume(config)

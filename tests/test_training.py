@@ -79,15 +79,15 @@ def test_windowed_response_loss_equals_the_full_logits_loss(tiny_config) -> None
     assert float(total / count) == pytest.approx(float(reference), rel=1e-5)
 
 
-def _step_gradient(model, data, train, pad_id, start):  # type: ignore[no-untyped-def]
-    """The summed gradient one `local_train` optimizer step applies (captured by hooks)."""
+def _step_gradient(model, data, train, pad_id, start, steps=1):  # type: ignore[no-untyped-def]
+    """The summed gradient `steps` `local_train` optimizer steps apply (captured by hooks)."""
     from fedtune.model.adapters import set_adapter_state
 
     set_adapter_state(model, start)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros_like(p) for n, p in named.items()}
     hooks = [p.register_hook(lambda g, n=n: sums[n].add_(g)) for n, p in named.items()]
-    local_train(model, data, train, pad_id=pad_id, seed=0, steps=1)
+    local_train(model, data, train, pad_id=pad_id, seed=0, steps=steps)
     for hook in hooks:
         hook.remove()
     return torch.cat([sums[n].flatten() for n in sorted(sums)])
@@ -123,5 +123,12 @@ def test_gradient_accumulation_is_the_big_batch_step(tiny_config, objective) -> 
     big = _step_gradient(model, data, cfg.train.model_copy(update={"batch_size": 8, "lr": 1e-12}), pad, start)
     accumulated = _step_gradient(
         model, data, cfg.train.model_copy(update={"batch_size": 4, "grad_accum": 2, "lr": 1e-12}), pad, start
+    )
+    assert float((accumulated - big).norm() / big.norm()) < 1e-5
+    # across epochs too: 10 examples give windows of 8 and 2, whatever the micro-batches (review)
+    more = encode_records(cfg, tokenizer, records + records[:2])
+    big = _step_gradient(model, more, cfg.train.model_copy(update={"batch_size": 8, "lr": 1e-12}), pad, start, 3)
+    accumulated = _step_gradient(
+        model, more, cfg.train.model_copy(update={"batch_size": 4, "grad_accum": 2, "lr": 1e-12}), pad, start, 3
     )
     assert float((accumulated - big).norm() / big.norm()) < 1e-5

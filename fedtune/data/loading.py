@@ -47,6 +47,16 @@ def _decoded(path: Path, encoding: str) -> str:
         ) from None
 
 
+def _json(text: str) -> Any:
+    """JSON with every number kept as the text written (`0.50` stays `0.50`, not 0.5) and true /
+    false as written; NaN and Infinity (not JSON) are refused."""
+
+    def refuse(constant: str) -> None:
+        raise json.JSONDecodeError(f"{constant} is not a JSON value", constant, 0)
+
+    return json.loads(text, parse_float=str, parse_int=str, parse_constant=refuse)
+
+
 def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
     """(line number, row) of a CSV or JSON(L) file, read with the standard library's csv and json.
 
@@ -57,7 +67,7 @@ def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
     text = _decoded(path, encoding)
     rows: list[tuple[int, Row]] = []
     if path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error
         try:
             header = reader.fieldnames or []
             repeated = sorted({name for name in header if header.count(name) > 1})
@@ -71,13 +81,16 @@ def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
                     )
                 rows.append((reader.line_num, row))
         except csv.Error as error:
-            raise DataError(f"data.source: {path} line {reader.line_num} cannot be read as CSV ({error})") from None
+            raise DataError(  # the reader's line count stops where the broken record starts
+                f"data.source: {path}: the record starting at line {reader.line_num + 1} cannot be read as CSV "
+                f"({error}; an unclosed quote?)"
+            ) from None
         if not rows:
             raise DataError(f"data.source: {path} has a header but no rows")
         return rows
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = _json(text)
         except json.JSONDecodeError as error:
             raise DataError(f"data.source: {path} line {error.lineno} is not valid JSON ({error.msg})") from None
         lines = [(0, row) for row in data] if isinstance(data, list) else []
@@ -88,7 +101,7 @@ def _read_text_file(path: Path, encoding: str) -> list[tuple[int, Row]]:
             if not line.strip():
                 continue
             try:
-                lines.append((number, json.loads(line)))
+                lines.append((number, _json(line)))
             except json.JSONDecodeError as error:
                 raise DataError(
                     f"data.source: {path} line {number} is not valid JSON ({error.msg}, column {error.colno})"
@@ -162,11 +175,14 @@ class _Missing(Exception):
 
 
 def _text(row: Row, field: str, column: str) -> str:
-    """The cell as text exactly as read (a JSON number as Python writes it); null or empty is missing."""
+    """The cell as text exactly as written (JSON numbers are read as their text, true/false as
+    written); null or empty is missing."""
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise _Missing(field, column)
-    return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _to_record(row: Row, section: DataSection, label_column: str | None) -> Record:

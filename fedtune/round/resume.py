@@ -75,11 +75,29 @@ def allowed_changes(meta: Mapping[str, Any], config: Mapping[str, Any], complete
     return changes
 
 
+def source_version(source: str) -> str | None:
+    """SHA-256 of `data.source` when it is a file (a generated or hub source has none here)."""
+    path = Path(source).expanduser()
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def check_source(meta: Mapping[str, Any], source: str, completed: int) -> None:
+    """Raises ResumeRefused when the data file changed since the run started."""
+    recorded = meta.get("source_version")
+    if recorded is not None and source_version(source) != recorded:
+        raise ResumeRefused(
+            f"data.source: {source} changed since the run started (its SHA-256 differs); the {completed} "
+            "checkpointed rounds trained on the old file: restore it, or start a new run without --resume"
+        )
+
+
 def check_resume(config: Any) -> None:
-    """`allowed_changes` against the newest valid checkpoint under `federation.output_dir`, if any."""
+    """`allowed_changes` and `check_source` against the newest valid checkpoint under
+    `federation.output_dir`, if any."""
     done = latest_checkpoint(config.federation.output_dir)
     if done is not None:
         allowed_changes(done.meta, config.model_dump(mode="json"), done.round)
+        check_source(done.meta, config.data.source, done.round)
 
 
 def same_data(meta: Mapping[str, Any], partitions_dir: str | Path) -> bool:

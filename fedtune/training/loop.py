@@ -48,12 +48,16 @@ def total_steps(cfg: TrainSection, num_examples: int, rounds: int = 1) -> int:
     return max(1, math.ceil(per_epoch * (cfg.epochs_per_round or 1.0) * rounds))
 
 
-def _batches(data: Encoded, batch_size: int, generator: torch.Generator):
-    """Endless shuffled batches (a new permutation each epoch)."""
+def _windows(data: Encoded, batch_size: int, grad_accum: int, generator: torch.Generator):
+    """Endless optimizer-step windows of batch_size * grad_accum shuffled examples (a new
+    permutation each epoch, whose last window may be short), each cut into micro-batches of
+    batch_size: accumulation changes how a step is computed, never which examples it sees."""
+    size = batch_size * grad_accum
     while True:
         order = torch.randperm(len(data), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [data[i] for i in order[start : start + batch_size]]
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            yield [[data[i] for i in chunk[m : m + batch_size]] for m in range(0, len(chunk), batch_size)]
 
 
 def local_train(
@@ -83,14 +87,14 @@ def local_train(
         if objective.extra_loss(named) is not None:
             raise ValueError("record_dp: the strategy adds a loss on the weights, which DP-SGD cannot clip per example")
         return _dp_train(model, data, cfg, dp, pad_id, generator, steps, scheduler, desc)
-    batches = _batches(data, cfg.batch_size, generator)
+    windows = _windows(data, cfg.batch_size, cfg.grad_accum, generator)
     losses: list[float] = []
     examples = tokens = 0
     start = time.perf_counter()
     model.train()
     for _ in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0):
         step_loss = 0.0
-        window = [next(batches) for _ in range(cfg.grad_accum)]
+        window = next(windows)
         # The step's loss is the mean over all the window's units (label tokens; DPO's pairs), so
         # each micro-batch's mean weighs by its share of them: batch b x accumulation k is the step
         # of batch b*k, however unequal the micro-batches' answers are (transformers#24725).
@@ -99,7 +103,7 @@ def local_train(
         for examples_in_batch, share in zip(window, [n / max(sum(units), 1) for n in units], strict=True):
             loss, batch_tokens = task.loss(model, examples_in_batch, pad_id, cfg)
             extra = objective.extra_loss(named)  # a term of the step, added once over the window
-            total = loss * share if extra is None else loss * share + extra / cfg.grad_accum
+            total = loss * share if extra is None else loss * share + extra / len(window)
             total.backward()
             step_loss += loss.item() * share
             examples += len(examples_in_batch)

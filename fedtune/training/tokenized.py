@@ -20,7 +20,7 @@ from fedtune.core.catalog import OBJECTIVES
 from fedtune.core.errors import InputError
 from fedtune.data.loading import Record
 from fedtune.data.partition import Partitions, read_split, split_records, write_partitions
-from fedtune.data.prompts import DROPPED, KEPT, TRUNCATED
+from fedtune.data.prompts import DROPPED, KEPT, TRUNCATED, TemplateRefused
 from fedtune.model.loading import load_tokenizer
 
 Example = dict[str, list[int]]
@@ -39,7 +39,11 @@ def encode_counted(
     examples: list[Example] = []
     outcomes = Counter({KEPT: 0, TRUNCATED: 0, DROPPED: 0})
     for record in records:
-        encoded, outcome = objective.encode(tokenizer, record, cfg.data)
+        try:
+            encoded, outcome = objective.encode(tokenizer, record, cfg.data)
+        except TemplateRefused as error:  # name the record, so it can be found in a large file
+            start = str(record["messages"][0]["content"])[:60] if record.get("messages") else ""
+            raise TemplateRefused(f"{error} (the record that begins {start!r})") from None
         examples += encoded
         outcomes[outcome] += 1
     return examples, dict(outcomes)
