@@ -196,3 +196,9 @@ def test_json_values_stay_as_written_and_nan_is_refused(tmp_path) -> None:  # ty
     path.write_text('{"q": "a", "a": NaN, "t": "x"}\n')
     with pytest.raises(DataError, match="line 1 is not valid JSON \\(NaN is not a JSON value"):
         load_records(_data(path, columns={"instruction": "q", "response": "a", "label": "t"}))
+
+
+def test_a_folder_named_like_a_data_file_is_a_named_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "rows.csv").mkdir()
+    with pytest.raises(DataError, match=r"data.source: .*rows.csv is a folder, not a .csv file"):
+        load_records(_data(tmp_path / "rows.csv", columns={"instruction": "q", "response": "a", "label": "t"}))

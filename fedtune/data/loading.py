@@ -120,6 +120,8 @@ def _load_rows(section: DataSection) -> list[tuple[int, Row]]:
     if path.suffix in FILE_BUILDERS:
         if not path.exists():
             raise DataError(f"data.source: file {path} does not exist")
+        if path.is_dir():
+            raise DataError(f"data.source: {path} is a folder, not a {path.suffix} file")
         if path.suffix != ".parquet":
             return _read_text_file(path, section.encoding)
         try:
