@@ -36,7 +36,9 @@ def coordinator_config(config: FedConfig, layout: parties.Layout, mlflow_url: st
                 update={"output_dir": str(layout.coordinator / "runs" / "federated")}
             ),
             "tracking": config.tracking.model_copy(update={"tracking_uri": mlflow_url, "artifact_location": ""}),
-            "deployment": config.deployment.model_copy(update={"enabled": True, "exchange": str(layout.exchange)}),
+            "deployment": config.deployment.model_copy(
+                update={"enabled": True, "exchange": str(layout.exchange), "client_keys": str(layout.client_keys)}
+            ),
         }
     )
 

@@ -27,6 +27,7 @@ from deploy.servers import BIN, spawn
 from fedtune.core.faults import CRASH_AT
 from fedtune.data.partition import client_dir
 from fedtune.deployment.exchange import SERVER, outbox
+from fedtune.deployment.signing import provision_identity, write_public_keys
 
 COORDINATOR_POOL = "coordinator"
 
@@ -50,16 +51,25 @@ class Layout:
     def client_home(self, client: int) -> Path:
         return self.root / "clients" / f"client_{client}"
 
+    @property
+    def client_keys(self) -> Path:
+        """Every client's Ed25519 public key, which the coordinator verifies their messages with."""
+        return self.coordinator / "client_keys.json"
+
 
 def provision(partitions_dir: Path, root: Path, clients: int) -> Layout:
-    """Give each client its own partition and the coordinator the test set only."""
+    """Give each client its own partition and signing key, the coordinator the test set and the
+    clients' public keys only."""
     layout = Layout(root.resolve())
+    public_keys = {}
     for client in range(clients):
         home = layout.client_home(client)
         shutil.rmtree(home, ignore_errors=True)
         shutil.copytree(client_dir(partitions_dir, client), client_dir(home / "partitions", client))
-        (home / "private").mkdir(parents=True)
+        (home / "private").mkdir(parents=True, mode=0o700)
+        public_keys[client] = provision_identity(home / "private")
     (layout.coordinator / "partitions").mkdir(parents=True, exist_ok=True)
+    write_public_keys(public_keys, layout.client_keys)
     shutil.copy2(partitions_dir / "test.jsonl", layout.coordinator / "partitions" / "test.jsonl")
     for box in [SERVER, *(outbox(c) for c in range(clients))]:
         (layout.exchange / box).mkdir(parents=True, exist_ok=True)  # each hidden from the other clients

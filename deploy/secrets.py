@@ -10,8 +10,22 @@ PREFECT_AUTH = "FEDTUNE_PREFECT_AUTH"  # "user:password" the Prefect server dema
 MLFLOW_USER, MLFLOW_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
+MIN_PASSWORD = 12  # characters; a guessable password on an open port is no auth
+KNOWN_DEFAULTS = {"password1234", "password", "admin", "changeme"}  # password1234: MLflow's default admin
+
+
 class MissingSecret(InputError):
     pass
+
+
+def strong(name: str, user: str, password: str) -> str:
+    """`password`, refused (MissingSecret naming `name`) when empty, short, a known default or the user name."""
+    if len(password) < MIN_PASSWORD or password.lower() in KNOWN_DEFAULTS or password == user:
+        raise MissingSecret(
+            f"{name}: the password is weak (empty, under {MIN_PASSWORD} characters, a known default or the user "
+            "name); the deployment recipe refuses to guard its servers with it"
+        )
+    return password
 
 
 def required(name: str) -> str:
@@ -23,10 +37,13 @@ def required(name: str) -> str:
 
 def prefect_auth() -> str:
     value = required(PREFECT_AUTH)
-    if ":" not in value:
+    user, colon, password = value.partition(":")
+    if not colon or not user:
         raise MissingSecret(f"{PREFECT_AUTH} must look like user:password")
+    strong(PREFECT_AUTH, user, password)
     return value
 
 
 def mlflow_credentials() -> tuple[str, str]:
-    return required(MLFLOW_USER), required(MLFLOW_PASSWORD)
+    user = required(MLFLOW_USER)
+    return user, strong(MLFLOW_PASSWORD, user, required(MLFLOW_PASSWORD))

@@ -30,15 +30,16 @@ from fedtune.deployment.exchange import (
     REPORT,
     SERVER_VIEW,
     UPDATE,
-    Exchange,
     check_namespace,
+    client_exchange,
     client_file,
     server_file,
 )
 from fedtune.model.adapters import flatten, load_state
 from fedtune.privacy.secagg.remote import take_part
+from fedtune.privacy.secagg.settings import parameters
 from fedtune.round.client import train_client
-from fedtune.round.secure_round import client_input, parameters
+from fedtune.round.secure_round import client_input
 from mlflow_tracking.lineage import dvc_md5
 
 # what stays with the client: an owner's own watermark check (it would tell others about its key)
@@ -67,7 +68,7 @@ def client_round(config: FedConfig, round_: int, client: int, namespace: str) ->
     cfg = config.model_copy(
         update={"data": config.data.model_copy(update={"partitions_dir": str(home / "partitions")})}
     )
-    exchange = Exchange(config.deployment.exchange)
+    exchange = client_exchange(config.deployment, home / "private")
     deadline = time.monotonic() + config.federation.client_timeout_s
     private = home / "private"
     work = private / "rounds" / namespace.replace("/", "_")

@@ -20,7 +20,16 @@ from prefect.deployments import run_deployment
 
 from fedtune.config.schema import FedConfig
 from fedtune.core.atomic import atomic_write_bytes
-from fedtune.deployment.exchange import GLOBAL, REPORT, SERVER_VIEW, UPDATE, Exchange, client_file, server_file
+from fedtune.deployment.exchange import (
+    GLOBAL,
+    REPORT,
+    SERVER_VIEW,
+    UPDATE,
+    Exchange,
+    client_file,
+    coordinator_exchange,
+    server_file,
+)
 from fedtune.round.client_report import ClientReport, ReportRejected
 
 
@@ -72,7 +81,7 @@ def train_remotely(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Reports of the clients that delivered in time, and why the others dropped out."""
     logger = get_run_logger()
-    exchange = Exchange(config.deployment.exchange)
+    exchange = coordinator_exchange(config.deployment)
     masked = config.secagg.enabled
     exchange.put(server_file(namespace, SERVER_VIEW), view_path.read_bytes())  # before the global:
     exchange.put(server_file(namespace, GLOBAL), global_path.read_bytes())  # clients wait on that

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config.schema import ConfigError, build_config
-from fedtune.core.catalog import PEFT_METHODS, STRATEGIES
+from fedtune.core.catalog import CLIENT_FEATURES, PEFT_METHODS, STRATEGIES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "combinations.md"
 
@@ -26,16 +26,13 @@ METHODS: dict[str, dict[str, Any]] = {
     **{name: {"method": name} for name in PEFT_METHODS.names() if name != "lora"},
 }
 METHODS["ia3"] |= {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
-# client features and options that are not a strategy or a PEFT method, each at a working setting
+# every client feature's examples (`ClientFeature.examples`), and secure aggregation, the one round
+# protocol that is not a client feature
 FEATURES: dict[str, dict[str, Any]] = {
-    "heterogeneous ranks": {"peft": {"client_ranks": {0: 4}}},
-    "personalization": {"federation": {"personal_modules": ["layers\\.0\\."]}},
-    "watermark": {"watermark": {"clients": [0], "bits": 32, "coordinates": 8}},
-    "compression int8": {"compression": {"method": "int8"}},
-    "compression top-k": {"compression": {"method": "topk"}},
-    "record-level DP": {"record_dp": {"enabled": True}},
-    "secure aggregation": {"secagg": {"enabled": True}},
-}
+    label: overrides
+    for name in CLIENT_FEATURES.in_order()
+    for label, overrides in CLIENT_FEATURES.get(name).examples.items()
+} | {"secure aggregation": {"secagg": {"enabled": True}}}
 BASE: dict[str, Any] = {"data": {"partition": {"num_clients": 5}}, "federation": {"clients_per_round": 5}}
 
 

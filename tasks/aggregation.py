@@ -10,13 +10,13 @@ from prefect.cache_policies import NO_CACHE
 
 from fedtune.config.schema import FedConfig
 from fedtune.core.faults import crash_point
-from fedtune.deployment.exchange import Exchange
+from fedtune.deployment.exchange import coordinator_exchange
 from fedtune.model.adapters import load_state, save_state
 from fedtune.privacy.secagg.remote import RemoteRound
 from fedtune.round.secure_round import secure_aggregate
 from fedtune.round.server import aggregate_reports, state_metrics
 from fedtune.round.server import round_allowed as allowed
-from fedtune.strategies import build_strategy
+from fedtune.strategies.options import build_strategy
 
 
 @task(cache_policy=NO_CACHE, task_run_name="aggregate-r{round_}")
@@ -42,7 +42,7 @@ def aggregate(
     if config.secagg.enabled:
         remote = None
         if namespace is not None:
-            remote = RemoteRound(Exchange(config.deployment.exchange), namespace, config.deployment.poll_s)
+            remote = RemoteRound(coordinator_exchange(config.deployment), namespace, config.deployment.poll_s)
         new_global, new_server, left_out, extra["protocol_bytes_up"] = secure_aggregate(
             config, round_, global_state, server_state, reports, dropped, remote
         )

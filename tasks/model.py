@@ -13,7 +13,7 @@ from fedtune.hetero.offsite import build_emulator, distill_emulator
 from fedtune.model.adapters import num_parameters, save_state
 from fedtune.model.loading import ensure_model
 from fedtune.round.initial import initial_global
-from fedtune.strategies import build_strategy
+from fedtune.strategies.options import build_strategy
 
 FP32_BYTES = 4
 

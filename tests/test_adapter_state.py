@@ -11,7 +11,7 @@ from fedtune.config.schema import build_config
 from fedtune.data.loading import load_records
 from fedtune.model.adapters import get_adapter_state, to_bytes, trainable_parameters
 from fedtune.model.builder import build_peft_model, tokenizer_for
-from fedtune.strategies import build_strategy
+from fedtune.strategies.options import build_strategy
 from fedtune.training.loop import local_train
 from fedtune.training.tokenized import encode_records
 from tests.conftest import tiny_overrides

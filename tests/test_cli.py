@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -121,3 +122,27 @@ def test_the_documented_deploy_up_command_is_parsed_and_checks_its_credentials_f
         [sys.executable, "-m", "deploy", "up"], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2 and "FEDTUNE_PREFECT_AUTH is not set" in done.stdout + done.stderr, done.stderr[-800:]
+
+
+@pytest.mark.parametrize(
+    ("prefect", "mlflow_password", "named"),
+    [
+        ("admin:", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),  # empty password
+        ("admin:short", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),
+        ("admin:a-long-prefect-secret", "password1234", "MLFLOW_TRACKING_PASSWORD"),  # MLflow's default admin
+    ],
+)
+def test_weak_deployment_passwords_are_refused_before_any_server_starts(prefect, mlflow_password, named) -> None:  # type: ignore[no-untyped-def]
+    from deploy.secrets import MissingSecret, mlflow_credentials, prefect_auth
+
+    env = {
+        "FEDTUNE_PREFECT_AUTH": prefect,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": mlflow_password,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with pytest.raises(MissingSecret, match=f"{named}: the password is weak"):
+            prefect_auth()
+            mlflow_credentials()

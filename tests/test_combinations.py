@@ -20,7 +20,7 @@ from fedtune.model.builder import build_peft_model, initial_adapter_state
 from fedtune.round.client import train_client
 from fedtune.round.secure_round import secure_aggregate
 from fedtune.round.server import aggregate_reports
-from fedtune.strategies import build_strategy
+from fedtune.strategies.options import build_strategy
 from fedtune.training.tokenized import partition_records
 from tests.conftest import tiny_overrides
 
@@ -59,6 +59,11 @@ def partitions(tmp_path_factory, tiny_model_dir) -> dict[str, Any]:  # type: ign
 
 
 def _one_round(overrides: dict[str, Any], extra: dict[str, Any], root: Path) -> None:
+    if "distill" in extra:  # a teacher client's own model: the tiny model stands in
+        extra = merged(
+            extra,
+            {"distill": {"teachers": dict.fromkeys(extra["distill"]["teachers"], overrides["model"]["name_or_path"])}},
+        )
     try:
         config = build_config(merged(overrides, extra))
     except ConfigError:

@@ -23,6 +23,8 @@ from deploy import parties, servers
 from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH
 from fedtune.config.schema import build_config
 from fedtune.data.partition import client_dir
+from fedtune.deployment.exchange import REPORT, Exchange, client_file
+from fedtune.deployment.signing import Verifier
 from fedtune.model.adapters import load_state
 from mlflow_tracking.lineage import dvc_md5
 from tests.conftest import tiny_overrides
@@ -294,10 +296,8 @@ def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_k
         home = federation.layout.client_home(c)
         return load_state(home / "private" / "rounds" / namespace.replace("/", "_") / "update.safetensors")
 
-    examples = {
-        c: json.loads((exchange / f"client_{c}" / namespace / "report.json").read_text())["num_examples"]
-        for c in range(3)
-    }
+    verified = Exchange(str(exchange), verifier=Verifier.load(federation.layout.client_keys))  # each signed
+    examples = {c: json.loads(verified.get(client_file(c, namespace, REPORT)) or b"")["num_examples"] for c in range(3)}
     before = load_state(out / "checkpoints" / "round_0000" / "global.safetensors")
     after = load_state(out / "final_adapter.safetensors")
 

@@ -8,7 +8,8 @@ import torch
 from fedtune.config.schema import ConfigError, build_config
 from fedtune.model.adapters import clip_to_norm, l2_norm, load_state, save_state
 from fedtune.privacy.dp_fedavg import LEDGER, DPFedAvg, epsilon
-from fedtune.strategies import ClientUpdate, build_strategy
+from fedtune.strategies.base import ClientUpdate
+from fedtune.strategies.options import build_strategy
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,11 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
         }
     )
     strategy = build_strategy(config)
-    assert isinstance(strategy, DPFedAvg) and strategy.sample_rate == 1.0 and strategy.expected == 3
+    assert (
+        isinstance(strategy, DPFedAvg)
+        and strategy.options.sample_rate == 1.0
+        and strategy.options.expected_clients == 3
+    )
     start = strategy.init_state({})
     allowed = [r for r in range(30) if strategy.can_continue({**start, LEDGER: strategy.ledger(r)})]
     last = max(allowed) + 1  # rounds that can be completed
@@ -116,7 +121,10 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
                 }
             }
         )
-    with pytest.raises(ConfigError, match="clip_norm must be positive.*accountant must be one of"):
+    with pytest.raises(
+        ConfigError,
+        match=r"options.clip_norm: dp_fedavg: Input should be greater than 0\n.*options.accountant: dp_fedavg: .*'rdp' or 'prv'",
+    ):
         build_config(
             {
                 "federation": {
@@ -167,7 +175,7 @@ def test_adaptive_clipping_tracks_the_target_quantile_and_pays_for_the_count() -
         clip_learning_rate=0.5,
     )
     # the count's noise takes part of the budget: the update's multiplier grows, the accountant's z does not
-    assert strategy.update_multiplier == pytest.approx((1.0**-2 - (2 * 1.0) ** -2) ** -0.5)
+    assert strategy.options.update_multiplier == pytest.approx((1.0**-2 - (2 * 1.0) ** -2) ** -0.5)
     g = torch.Generator().manual_seed(0)
     norms = torch.linspace(1.0, 3.0, 20)  # median 2.0
     updates = [

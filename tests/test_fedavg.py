@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from fedtune.strategies import STRATEGIES, ClientUpdate, FedAvg, weighted_average
+from fedtune.core.catalog import STRATEGIES
+from fedtune.strategies.base import ClientUpdate
+from fedtune.strategies.fedavg import FedAvg, weighted_average
 
 
 def test_weighted_average_hand_computed() -> None:

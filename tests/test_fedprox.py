@@ -9,7 +9,6 @@ import torch
 
 from fedtune.config.schema import build_config
 from fedtune.model.adapters import l2_norm, load_state
-from fedtune.strategies import build_strategy
 from fedtune.strategies.fedprox import FedProx
 from tests.conftest import tiny_overrides
 
@@ -34,8 +33,10 @@ def test_weights_that_do_not_match_the_global_adapter_are_named() -> None:
 
 
 def test_mu_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="mu must be positive"):
-        build_strategy(build_config({"federation": {"strategy": "fedprox", "strategy_options": {"mu": 0}}}))
+    with pytest.raises(ValueError, match=r"federation.strategy_options.mu: fedprox: .*greater than 0"):
+        build_config({"federation": {"strategy": "fedprox", "strategy_options": {"mu": 0}}})
+    with pytest.raises(ValueError, match="greater than 0"):
+        FedProx(mu=0)
 
 
 def _update_norms(root: Path, model_dir: Path, **federation: object) -> list[float]:

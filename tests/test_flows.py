@@ -216,7 +216,7 @@ def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_di
 
 
 def test_secure_aggregation_gives_the_fedavg_adapter_within_the_quantization_error(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
-    from fedtune.round.secure_round import parameters
+    from fedtune.privacy.secagg.settings import parameters
 
     results = {}
     for secure in (False, True):

@@ -15,7 +15,8 @@ from fedtune.data.partition import read_split
 from fedtune.hetero.ranks import client_section, pad, truncate
 from fedtune.model.adapters import load_state
 from fedtune.model.builder import build_peft_model, initial_adapter_state
-from fedtune.strategies import ClientUpdate, FedAvg
+from fedtune.strategies.base import ClientUpdate
+from fedtune.strategies.fedavg import FedAvg
 from fedtune.strategies.flexlora import FlexLoRA
 from tests.conftest import tiny_overrides
 
@@ -56,7 +57,7 @@ def test_truncate_then_pad_keeps_the_leading_components_and_zeros_the_rest() -> 
 
 
 def test_ranks_are_checked_with_the_config() -> None:
-    with pytest.raises(ConfigError, match=r"client_ranks \{0: 9\}: each rank must be in 1..r \(8\)"):
+    with pytest.raises(ConfigError, match=r"peft.client_ranks: \{0: 9\}: each rank must be in 1..r \(8\)"):
         build_config({"peft": {"client_ranks": {0: 9}}})
     with pytest.raises(ConfigError, match=r"clients \[7\] are not among the 3 partitions"):
         build_config({"peft": {"client_ranks": {7: 2}}})

@@ -77,7 +77,7 @@ def test_a_federated_round_with_each_method_gives_an_adapter_peft_loads(
 
 
 def test_feedforward_modules_must_be_targets() -> None:
-    with pytest.raises(ConfigError, match=r"feedforward_modules \['down_proj'\] must also be in target_modules"):
+    with pytest.raises(ConfigError, match=r"peft.feedforward_modules: \['down_proj'\] must also be in target_modules"):
         build_config({"peft": {"method": "ia3", "feedforward_modules": ["down_proj"]}})
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fedtune.config.schema import ConfigError, build_config
-from fedtune.strategies import ClientUpdate, FedAvg
+from fedtune.strategies.base import ClientUpdate
+from fedtune.strategies.fedavg import FedAvg
 from fedtune.strategies.robust import (
     CoordinateMedian,
     Krum,
@@ -132,7 +133,7 @@ def test_cohorts_too_small_are_refused_when_the_config_is_built() -> None:
     krum = {"strategy": "krum", "strategy_options": {"f": 2}, "clients_per_round": 6}
     with pytest.raises(ConfigError, match=r"2f \+ 3 = 7, got 6"):
         build_config({"federation": krum, "data": {"partition": {"num_clients": 6}}})
-    with pytest.raises(ConfigError, match="strategy_options for median"):
+    with pytest.raises(ConfigError, match="strategy_options.beta: median: Extra inputs"):
         build_config({"federation": {"strategy": "median", "strategy_options": {"beta": 0.1}}})
     with pytest.raises(ValueError, match=r"2f \+ 3"):
         multi_krum([{"w": torch.zeros(1)}] * 4, f=1, m=1)

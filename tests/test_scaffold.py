@@ -11,7 +11,7 @@ import torch
 from fedtune.config.schema import ConfigError, build_config
 from fedtune.model.adapters import load_state, save_state
 from fedtune.round.envelope import UpdateRejected, UpdateValidator, write_update
-from fedtune.strategies import ClientUpdate
+from fedtune.strategies.base import ClientUpdate
 from fedtune.strategies.scaffold import CONTROL, Scaffold
 from fedtune.training.client_feature import own_state
 from tests.conftest import tiny_overrides

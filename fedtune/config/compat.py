@@ -3,10 +3,11 @@
 Each rule is owned by the feature it limits (`@rule("secagg")`): a function of the whole
 config that yields the problems it finds, each with the dotted field path to fix. All rules run
 on every config, so a config with four independent problems prints four lines. Rules read
-fields only; the few that need a strategy's own checks (its options, Krum's client count) or
-secure aggregation's parameter arithmetic reach them through the catalog (`FEATURE_CHECKS`), and
-only when that feature is chosen, so checking a config that uses neither imports no torch, and
-the config never imports an implementation (no import cycle; pyproject's import-linter contracts).
+fields only; those that need a strategy's options and limits or secure aggregation's parameter
+arithmetic reach them through the catalog (`STRATEGY_OPTIONS`, `FEATURE_CHECKS`): light modules
+without torch, so every config is checked in a fraction of a second (a DP `target_epsilon` alone
+prices a round with Opacus' accountant), and the config never imports an implementation (no
+import cycle; pyproject's import-linter contracts).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedtune.core.catalog import FEATURE_CHECKS, LABELLED_SCHEMES, STRATEGIES
+from fedtune.core.catalog import FEATURE_CHECKS, LABELLED_SCHEMES, STRATEGY_OPTIONS
 
 if TYPE_CHECKING:
     from fedtune.config.schema import FedConfig
@@ -58,8 +59,8 @@ def _outside(path: str, clients: Iterable[int], config: FedConfig, noun: str = "
 
 
 def _extras(config: FedConfig) -> tuple[str, ...]:
-    """What the strategy sends beside each update (SCAFFOLD's control variates); imports it."""
-    return tuple(STRATEGIES.get(config.federation.strategy).extras)
+    """What the strategy sends beside each update (SCAFFOLD's control variates)."""
+    return tuple(STRATEGY_OPTIONS.get(config.federation.strategy).extras)
 
 
 def _needs_plain_updates(path: str, config: FedConfig, under_secagg: str, with_extras: str) -> Iterator[Problem]:
@@ -71,6 +72,38 @@ def _needs_plain_updates(path: str, config: FedConfig, under_secagg: str, with_e
         yield Problem(path, with_extras.format(strategy=config.federation.strategy, extras=", ".join(extras)))
 
 
+@rule("peft")
+def _peft_fields(config: FedConfig) -> Iterator[Problem]:
+    peft = config.peft
+    if peft.client_ranks and peft.method != "lora":
+        yield Problem("peft.client_ranks", f"heterogeneous ranks are for lora, not {peft.method}")
+    wrong = {c: r for c, r in peft.client_ranks.items() if not 0 < r <= peft.r}
+    if wrong:
+        yield Problem("peft.client_ranks", f"{wrong}: each rank must be in 1..r ({peft.r})")
+    if peft.layers is not None and (peft.method != "lora" or not peft.layers):
+        yield Problem("peft.layers", "a non-empty list of decoder layer indices, for lora")
+    stray = sorted(set(peft.feedforward_modules) - set(peft.target_modules))
+    if stray:
+        yield Problem("peft.feedforward_modules", f"{stray} must also be in target_modules")
+
+
+@rule("data.columns")
+def _one_layout(config: FedConfig) -> Iterator[Problem]:
+    columns = config.data.columns
+    if columns.text is None and columns.messages is None and (columns.instruction is None or columns.response is None):
+        yield Problem("data.columns", "set either `messages` or both `instruction` and `response` (or `text`)")
+    if columns.text is not None and columns.rejected is not None:
+        yield Problem(
+            "data.columns", "`text` (raw text) and `rejected` (preference pairs) are different layouts; set one"
+        )
+
+
+@rule("train")
+def _one_budget(config: FedConfig) -> Iterator[Problem]:
+    if (config.train.steps_per_round is None) == (config.train.epochs_per_round is None):
+        yield Problem("train.steps_per_round", "set exactly one of steps_per_round and epochs_per_round")
+
+
 @rule("federation")
 def _sampling(config: FedConfig) -> Iterator[Problem]:
     n = config.data.partition.num_clients
@@ -79,17 +112,22 @@ def _sampling(config: FedConfig) -> Iterator[Problem]:
             "federation.clients_per_round",
             f"{config.federation.clients_per_round} exceeds data.partition.num_clients ({n})",
         )
+    federation = config.federation
+    if federation.min_fit_clients > federation.clients_per_round:
+        yield Problem(
+            "federation.min_fit_clients",
+            f"{federation.min_fit_clients} exceeds federation.clients_per_round ({federation.clients_per_round})",
+        )
+    if federation.cluster_address is not None and federation.runner == "threads":
+        yield Problem(
+            "federation.cluster_address", "the address of a Dask or Ray cluster: set federation.runner to dask or ray"
+        )
 
 
 @rule("federation.strategy")
 def _strategy_accepts(config: FedConfig) -> Iterator[Problem]:
     """The strategy's options and its own limits (Krum's client count, FlexLoRA's LoRA only)."""
-    if config.federation.strategy == "fedavg" and not config.federation.strategy_options:
-        return  # nothing to check, and no reason to import the strategies
-    try:
-        FEATURE_CHECKS.get("strategy")(config)
-    except (ValueError, TypeError, ArithmeticError) as error:  # e.g. Krum's f=.inf: OverflowError
-        yield Problem("federation.strategy", str(error))
+    yield from FEATURE_CHECKS.get("strategy")(config)
 
 
 @rule("data.partition")
@@ -107,7 +145,7 @@ def _record_dp(config: FedConfig) -> Iterator[Problem]:
         return
     if config.train.grad_accum != 1:
         yield Problem("train.grad_accum", "record_dp.enabled: each step is one Poisson-sampled batch, so it must be 1")
-    if STRATEGIES.get(config.federation.strategy).adds_loss_term:
+    if STRATEGY_OPTIONS.get(config.federation.strategy).adds_loss_term:
         yield Problem(
             "record_dp.enabled",
             f"{config.federation.strategy} adds a loss on the weights, which DP-SGD cannot clip per example",
@@ -158,12 +196,8 @@ def _secure_aggregation(config: FedConfig) -> Iterator[Problem]:
             "secure aggregation encodes each update itself (fixed point inside the masked vector); set it to none",
         )
     if any(True for _ in _strategy_accepts(config)):
-        return  # its checks build the strategy: the strategy's own rule reports what is wrong with it
-    try:
-        FEATURE_CHECKS.get("secagg")(config)
-    except ValueError as error:
-        path, _, message = str(error).partition(": ")
-        yield Problem(path if path.startswith("secagg") else "secagg", message if message else str(error))
+        return  # its checks need valid options: the strategy's own rule reports what is wrong with them
+    yield from FEATURE_CHECKS.get("secagg")(config)
 
 
 @rule("watermark")

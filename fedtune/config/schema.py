@@ -111,28 +111,6 @@ class PeftSection(Section):
     def _known_method(cls, value: str) -> str:
         return PEFT_METHODS.check(value)
 
-    @model_validator(mode="after")
-    def _ranks_below_r(self) -> PeftSection:
-        if self.client_ranks and self.method != "lora":
-            raise ValueError("client_ranks: heterogeneous ranks are for lora")
-        wrong = {c: r for c, r in self.client_ranks.items() if not 0 < r <= self.r}
-        if wrong:
-            raise ValueError(f"client_ranks {wrong}: each rank must be in 1..r ({self.r})")
-        return self
-
-    @model_validator(mode="after")
-    def _layers_for_weight_methods(self) -> PeftSection:
-        if self.layers is not None and (self.method != "lora" or not self.layers):
-            raise ValueError("layers: a non-empty list of decoder layer indices, for lora")
-        return self
-
-    @model_validator(mode="after")
-    def _feedforward_among_targets(self) -> PeftSection:
-        stray = sorted(set(self.feedforward_modules) - set(self.target_modules))
-        if stray:
-            raise ValueError(f"feedforward_modules {stray} must also be in target_modules")
-        return self
-
 
 class ColumnMapping(Section):
     """Which source columns hold the prompt parts; either instruction/response or messages."""
@@ -148,14 +126,6 @@ class ColumnMapping(Section):
     text: str | None = Field(
         None, description="Continued pre-training: a column of raw text (the prompt columns are then unused)."
     )
-
-    @model_validator(mode="after")
-    def _one_layout(self) -> ColumnMapping:
-        if self.text is None and self.messages is None and (self.instruction is None or self.response is None):
-            raise ValueError("set either `messages` or both `instruction` and `response` (or `text`)")
-        if self.text is not None and self.rejected is not None:
-            raise ValueError("`text` (raw text) and `rejected` (preference pairs) are different layouts; set one")
-        return self
 
 
 class SyntheticSection(Section):
@@ -284,26 +254,12 @@ class FederationSection(Section):
                 raise ValueError(f"{', '.join(bad)}: every option must be a finite number")
         return value
 
-    @model_validator(mode="after")
-    def _enough_clients(self) -> FederationSection:
-        if self.min_fit_clients > self.clients_per_round:
-            raise ValueError(
-                f"min_fit_clients ({self.min_fit_clients}) exceeds clients_per_round ({self.clients_per_round})"
-            )
-        return self
-
     @field_validator("personal_modules")
     @classmethod
     def _patterns(cls, value: list[str]) -> list[str]:
         for pattern in value:
             _regex(pattern)
         return value
-
-    @model_validator(mode="after")
-    def _address_of_a_cluster(self) -> FederationSection:
-        if self.cluster_address is not None and self.runner == "threads":
-            raise ValueError("cluster_address is the address of a Dask or Ray cluster: set runner to dask or ray")
-        return self
 
 
 class SecAggSection(Section):
@@ -361,12 +317,6 @@ class TrainSection(Section):
     @classmethod
     def _known_objective(cls, value: str) -> str:
         return OBJECTIVES.check(value)
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> TrainSection:
-        if (self.steps_per_round is None) == (self.epochs_per_round is None):
-            raise ValueError("set exactly one of steps_per_round and epochs_per_round")
-        return self
 
 
 class EvalSection(Section):
@@ -482,6 +432,11 @@ class DeploymentSection(Section):
         "fedtune-client/client-{client}", description="Deployment that trains client {client} (its work pool)."
     )
     poll_s: float = Field(1.0, gt=0.0, description="How often the coordinator looks for replies.")
+    client_keys: str | None = Field(
+        None,
+        description="JSON file of each client's Ed25519 public key (written by deploy). When set, the coordinator "
+        "accepts a report, update or protocol message from client c only if c's key signed it.",
+    )
 
     @field_validator("client_deployment")
     @classmethod
@@ -562,7 +517,7 @@ def _cross_feature_problems(data: dict[str, Any], bad: list[tuple[Any, ...]]) ->
     """The compat rules' findings on `data` with its `bad` fields at their defaults (a section that
     still fails is taken whole at its defaults), so cross-feature problems are reported beside
     the field errors; a problem at a field that is itself invalid is left out."""
-    from fedtune.config.compat import problems
+    from fedtune.config.compat import RULES
 
     for loc in bad:
         data = _without(data, loc)
@@ -572,10 +527,13 @@ def _cross_feature_problems(data: dict[str, Any], bad: list[tuple[Any, ...]]) ->
             sections[name] = field.annotation.model_validate(data.get(name, {}))  # type: ignore[union-attr]
         except ValidationError:
             sections[name] = getattr(defaults, name)
-    try:
-        found = problems(FedConfig.model_construct(**sections))
-    except Exception:  # noqa: BLE001 (a rule that trips over a defaulted section adds nothing to report)
-        return []
+    config, found = FedConfig.model_construct(**sections), []
+    for checks in RULES.values():
+        for check in checks:
+            try:
+                found += list(check(config))
+            except Exception:  # noqa: BLE001,S112 (a rule that trips over a defaulted section adds nothing to report)
+                continue
     invalid = {".".join(str(part) for part in loc) for loc in bad}
     # a problem at or about an invalid field was computed from its default: leave it out
     return [str(p) for p in found if not any(field in str(p) for field in invalid)]

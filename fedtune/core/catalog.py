@@ -31,6 +31,27 @@ STRATEGIES: Registry[Any] = Registry(
         "dp_fedavg": "fedtune.privacy.dp_fedavg:DPFedAvg",
     },
 )
+# Each strategy's options, traits and the federations it refuses, under the same names: light models
+# (no torch), so the config checks every strategy without importing it (fedtune/strategies/options.py).
+STRATEGY_OPTIONS: Registry[Any] = Registry(
+    "strategy",
+    {
+        "fedavg": "fedtune.strategies.options:StrategyOptions",
+        "fedprox": "fedtune.strategies.options:FedProxOptions",
+        "scaffold": "fedtune.strategies.options:ScaffoldOptions",
+        "fedavgm": "fedtune.strategies.options:FedAvgMOptions",
+        "fedadagrad": "fedtune.strategies.options:FedAdagradOptions",
+        "fedyogi": "fedtune.strategies.options:FedYogiOptions",
+        "fedadam": "fedtune.strategies.options:FedAdamOptions",
+        "flexlora": "fedtune.strategies.options:FlexLoRAOptions",
+        "median": "fedtune.strategies.options:RobustOptions",
+        "trimmed_mean": "fedtune.strategies.options:TrimmedMeanOptions",
+        "krum": "fedtune.strategies.options:KrumOptions",
+        "multi_krum": "fedtune.strategies.options:MultiKrumOptions",
+        "norm_bound": "fedtune.strategies.options:NormBoundOptions",
+        "dp_fedavg": "fedtune.privacy.dp_options:DPFedAvgOptions",
+    },
+)
 PEFT_METHODS: Registry[Any] = Registry(
     "PEFT method",
     {
@@ -67,13 +88,13 @@ OBJECTIVES: Registry[Any] = Registry(
         "dpo": "fedtune.training.objectives:PREFERENCE_OPTIMIZATION",
     },
 )
-# Checks that need their feature's own arithmetic, run by `fedtune.config.compat` only when the feature is
-# on; reached through the catalog like every implementation, so the config never imports them.
+# Checks that need their feature's own arithmetic (light modules: no torch), run by `fedtune.config.compat`,
+# each yielding Problems; reached through the catalog, so the config never imports them (no import cycle).
 FEATURE_CHECKS: Registry[Any] = Registry(
     "feature check",
     {
-        "strategy": "fedtune.strategies:check_config",
-        "secagg": "fedtune.round.secure_round:check_secure_aggregation",
+        "strategy": "fedtune.strategies.options:problems",
+        "secagg": "fedtune.privacy.secagg.settings:problems",
     },
 )
 # The optional parts of a client's round (`fedtune.training.client_feature`), in the order their hooks run:

@@ -10,6 +10,9 @@ The root is a local folder (one machine, or a shared mount) or any fsspec URL (s
 abfs:// with that backend installed). In the one-machine recipe (`deploy/parties.py`) each
 client's worker runs in a mount namespace where the other clients' outboxes are hidden, so clients
 cannot read each other's messages; on an object store, per-prefix IAM policies play that role.
+Where `deploy` provisioned identities, a client's `Exchange` signs what it puts and the
+coordinator's verifies every file of a client's outbox with that client's key (`signing.py`), so
+where a file lies says nothing about who wrote it unless the signature agrees.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from fedtune.deployment.signing import Signer, Verifier
 
 SERVER = "server"
 # the files of one round (a namespace: run and round); secure aggregation's messages go under secagg/
@@ -31,6 +38,7 @@ def outbox(client: int) -> str:
     return f"client_{client}"
 
 
+OUTBOX = re.compile(r"client_(\d+)/")
 NAMESPACE = re.compile(r"[0-9a-f]{32}/round_\d{4}-[0-9a-f]{8}")  # an MLflow run id, the round, an attempt
 
 
@@ -66,9 +74,13 @@ class ExchangeAborted(RuntimeError):
 
 
 class Exchange:
-    def __init__(self, root: str):
+    """The store at `root`; with a `signer` (a client's) every put is signed, with a `verifier` (the
+    coordinator's) every get from a client's outbox is verified (ForgedMessage otherwise)."""
+
+    def __init__(self, root: str, signer: Signer | None = None, verifier: Verifier | None = None):
         self.root = root.rstrip("/")
         self.fs: fsspec.AbstractFileSystem = url_to_fs(self.root)[0]
+        self.signer, self.verifier = signer, verifier
 
     def _path(self, key: str) -> str:
         """The key under the root; a key that could leave it (.., an absolute path) is refused."""
@@ -80,6 +92,8 @@ class Exchange:
     def put(self, key: str, data: bytes) -> int:
         """Publish `data` under `key` in one step; returns its size (the bytes sent)."""
         final = self._path(key)
+        if self.signer is not None:
+            data = self.signer.seal(key, data)
         parent, name = final.rsplit("/", 1)
         self.fs.makedirs(parent, exist_ok=True)
         staging = f"{parent}/.{name}.{uuid.uuid4().hex}"
@@ -88,11 +102,16 @@ class Exchange:
         return len(data)
 
     def get(self, key: str) -> bytes | None:
-        """The file's bytes, or None while it has not been published."""
+        """The file's bytes, or None while it has not been published; from a client's outbox, its
+        verified payload (ForgedMessage unless that client's key signed it) when verifying."""
         try:
-            return bytes(self.fs.cat_file(self._path(key)))
+            data = bytes(self.fs.cat_file(self._path(key)))
         except FileNotFoundError:
             return None
+        owner = OUTBOX.match(key)
+        if self.verifier is not None and owner:
+            return self.verifier.open(int(owner.group(1)), key, data)
+        return data
 
     def wait(self, key: str, deadline: float, poll_s: float = 0.5, abort: str | None = None) -> bytes:
         """Poll until `key` appears or `deadline` (time.monotonic()) passes; raise at once when
@@ -107,3 +126,14 @@ class Exchange:
             if time.monotonic() >= deadline:
                 raise ExchangeTimeout(f"{self._path(key)} did not appear in time")
             time.sleep(poll_s)
+
+
+def coordinator_exchange(deployment: Any) -> Exchange:
+    """The coordinator's view of the exchange: verifying every client file where keys were provisioned."""
+    keys = deployment.client_keys
+    return Exchange(deployment.exchange, verifier=Verifier.load(keys) if keys else None)
+
+
+def client_exchange(deployment: Any, private_dir: str | Path) -> Exchange:
+    """A client's view of the exchange: signing what it puts where its identity was provisioned."""
+    return Exchange(deployment.exchange, signer=Signer.of(private_dir))

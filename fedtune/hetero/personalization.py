@@ -54,6 +54,8 @@ class Personalization(ClientFeature):
     its update, and are kept in its folder; before training its validation loss is measured with
     the personalized and with the plain global adapter."""
 
+    examples = {"personalization": {"federation": {"personal_modules": ["layers\\.0\\."]}}}
+
     @classmethod
     def enabled(cls, cfg: Any, client: int) -> bool:
         return bool(cfg.federation.personal_modules)

@@ -69,6 +69,8 @@ class HeterogeneousRank(ClientFeature):
     """HetLoRA: a client with a lower rank trains the global adapter's leading components only, at
     the global scale; the server pads its update back (`pad`)."""
 
+    examples = {"heterogeneous ranks": {"peft": {"client_ranks": {0: 4}}}}
+
     @classmethod
     def enabled(cls, cfg: Any, client: int) -> bool:
         return rank_of(cfg.peft, client) < cfg.peft.r

@@ -75,6 +75,9 @@ class TeacherTargets(ClientFeature):
     """The mentee route: a teacher client's own model labels its train examples with its top-k
     next-token probabilities, which the shared mentee learns from beside the cross-entropy."""
 
+    # the teacher is a model folder, which tests/test_combinations.py fills with the tiny model
+    examples = {"teacher targets": {"distill": {"teachers": {0: "<teacher model folder>"}}}}
+
     @classmethod
     def enabled(cls, cfg: FedConfig, client: int) -> bool:
         return client in cfg.distill.teachers

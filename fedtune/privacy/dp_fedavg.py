@@ -41,8 +41,8 @@ import secrets
 import torch
 
 from fedtune.model.adapters import AdapterState, add, clip_to_norm, l2_norm
-from fedtune.privacy.accounting import ACCOUNTANTS, epsilon_of
-from fedtune.privacy.secagg.skellam import skellam_epsilon
+from fedtune.privacy.accounting import epsilon_of
+from fedtune.privacy.dp_options import DPFedAvgOptions, epsilon_spent
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 
 SECRET, LEDGER, CLIP = "dp.noise_secret", "dp.ledger", "dp.clip_norm"
@@ -78,67 +78,10 @@ def _round_generator(secret: torch.Tensor, round_: int) -> torch.Generator:
 
 
 class DPFedAvg(Strategy):
-    """Options: clip_norm, noise_multiplier, delta, target_epsilon (0 = none), accountant, and for
-    adaptive clipping target_quantile (0 = off), clip_learning_rate, count_noise_std.
+    """Options: `DPFedAvgOptions` (fedtune/privacy/dp_options.py), checked when the config is built."""
 
-    expected_clients and sample_rate default to the config's clients_per_round and
-    clients_per_round / num_clients; distributed to secagg.enabled.
-    """
-
-    def __init__(
-        self,
-        *,
-        clip_norm: float,
-        noise_multiplier: float,
-        expected_clients: int,
-        sample_rate: float,
-        delta: float = 1e-5,
-        target_epsilon: float = 0.0,
-        accountant: str = "rdp",
-        target_quantile: float = 0.0,
-        clip_learning_rate: float = 0.2,
-        count_noise_std: float = 0.0,
-        distributed: bool = False,
-    ) -> None:
-        problems = []
-        if clip_norm <= 0:
-            problems.append(f"clip_norm must be positive, got {clip_norm}")
-        if noise_multiplier <= 0:
-            problems.append(f"noise_multiplier must be positive, got {noise_multiplier}")
-        if not 0 < sample_rate <= 1 or expected_clients < 1:
-            problems.append(f"sample_rate {sample_rate} / expected_clients {expected_clients} out of range")
-        if not 0 < delta < 1:
-            problems.append(f"delta must be in (0, 1), got {delta}")
-        if accountant not in ACCOUNTANTS:
-            problems.append(f"accountant must be one of {sorted(ACCOUNTANTS)}, got {accountant!r}")
-        count_std = count_noise_std or expected_clients / 20  # the paper's default, sigma_b = m / 20
-        if target_quantile and not (0 < target_quantile < 1 and 2 * count_std > noise_multiplier):
-            problems.append(
-                f"adaptive clipping needs 0 < target_quantile < 1 and count_noise_std > noise_multiplier / 2 "
-                f"(got {target_quantile}, {count_std})"
-            )
-        if distributed and (target_quantile or accountant != "rdp"):
-            problems.append(
-                "with secure aggregation (distributed noise) adaptive clipping is unavailable (the server sees "
-                "no individual norm) and the accountant is the Skellam RDP bound: leave target_quantile and "
-                "accountant unset"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.distributed = distributed
-        self.clip_norm, self.noise_multiplier = float(clip_norm), float(noise_multiplier)
-        self.expected, self.sample_rate = int(expected_clients), float(sample_rate)
-        self.delta, self.target, self.accountant = float(delta), float(target_epsilon), accountant
-        self.quantile, self.clip_rate, self.count_std = float(target_quantile), float(clip_learning_rate), count_std
-        # with adaptive clipping part of the budget pays for the count (Andrew et al. 2021, Thm. 1)
-        self.update_multiplier = (
-            (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5 if self.quantile else self.noise_multiplier
-        )
-        if self.target > 0 and self.epsilon_after(1) > self.target:
-            raise ValueError(
-                f"target_epsilon {self.target} cannot afford a single round "
-                f"(one round spends {self.epsilon_after(1):.3f}); raise noise_multiplier or the target"
-            )
+    Options = DPFedAvgOptions
+    options: DPFedAvgOptions
 
     def epsilon_after(self, rounds: int) -> float:
         """Epsilon after `rounds` releases at this strategy's settings (planning; the run's own
@@ -148,10 +91,10 @@ class DPFedAvg(Strategy):
     def ledger(self, rounds: int, clip: float | None = None, clients: int | None = None) -> torch.Tensor:
         """`rounds` ledger rows at this strategy's settings: shape (rounds, 4), float64."""
         row = [
-            self.noise_multiplier,
-            self.sample_rate,
-            self.clip_norm if clip is None else clip,
-            self.expected if clients is None else clients,
+            self.options.noise_multiplier,
+            self.options.sample_rate,
+            self.options.clip_norm if clip is None else clip,
+            self.options.expected_clients if clients is None else clients,
         ]
         return torch.tensor([row] * rounds, dtype=torch.float64).reshape(rounds, 4)
 
@@ -163,18 +106,15 @@ class DPFedAvg(Strategy):
                 phases[-1][2] += 1
             else:
                 phases.append([z, q, 1])
-        if self.distributed:
-            if len({z for z, _, _ in phases}) > 1:
-                raise ValueError("the Skellam accountant composes releases of one noise multiplier only")
-            return skellam_epsilon(phases[0][0], int(phases[0][2]), self.delta) if phases else 0.0
-        return epsilon_of([(z, q, int(n)) for z, q, n in phases], self.delta, self.accountant)
+        o = self.options
+        return epsilon_spent([(z, q, int(n)) for z, q, n in phases], o.delta, o.accountant, o.distributed)
 
     def init_state(self, global_state: AdapterState) -> ServerState:
         secret = torch.tensor(list(secrets.token_bytes(32)), dtype=torch.uint8)
         return {
             SECRET: secret,
             LEDGER: self.ledger(0),
-            CLIP: torch.tensor([self.clip_norm], dtype=torch.float64),
+            CLIP: torch.tensor([self.options.clip_norm], dtype=torch.float64),
         }
 
     def aggregate(
@@ -184,14 +124,15 @@ class DPFedAvg(Strategy):
         clip = float(server_state[CLIP])
         generator = _round_generator(server_state[SECRET], rounds)
         deltas = [u.delta for u in updates]
-        mean = noised_mean(deltas, clip, self.update_multiplier, self.expected, generator)
+        mean = noised_mean(deltas, clip, self.options.update_multiplier, self.options.expected_clients, generator)
         new_state = self.released(server_state, len(updates))
-        if self.quantile:
+        o = self.options
+        if o.target_quantile:
             # centred bits (b - 1/2) have sensitivity 1/2, which is where the 2 sigma_b above comes from
             centred = sum(float(l2_norm(d) <= clip) - 0.5 for d in deltas)
-            noise = float(torch.normal(0.0, self.count_std, size=(1,), generator=generator))
-            noisy = (centred + noise) / self.expected + 0.5
-            new_state[CLIP] = torch.tensor([clip * math.exp(-self.clip_rate * (noisy - self.quantile))])
+            noise = float(torch.normal(0.0, o.count_std, size=(1,), generator=generator))
+            noisy = (centred + noise) / o.expected_clients + 0.5
+            new_state[CLIP] = torch.tensor([clip * math.exp(-o.clip_learning_rate * (noisy - o.target_quantile))])
         return add(global_state, mean), new_state
 
     def released(self, server_state: ServerState, clients: int) -> ServerState:
@@ -202,10 +143,11 @@ class DPFedAvg(Strategy):
     def state_metrics(self, server_state: ServerState) -> dict[str, float]:
         return {
             "dp_epsilon": self.spent(server_state[LEDGER]),
-            "dp_delta": self.delta,
+            "dp_delta": self.options.delta,
             "dp_clip_norm": float(server_state[CLIP]),
         }
 
     def can_continue(self, server_state: ServerState) -> bool:
         planned = torch.cat([server_state[LEDGER], self.ledger(1)])
-        return self.target <= 0 or self.spent(planned) <= self.target
+        target = self.options.target_epsilon
+        return target <= 0 or self.spent(planned) <= target

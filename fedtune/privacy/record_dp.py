@@ -65,6 +65,8 @@ class RecordDP(ClientFeature):
     """Record-level DP: the round's DP-SGD steps are charged to the client's own ledger first (a
     round it cannot afford is refused), then trained with per-example clipping and noise."""
 
+    examples = {"record-level DP": {"record_dp": {"enabled": True}}}
+
     @classmethod
     def enabled(cls, cfg: Any, client: int) -> bool:
         return bool(cfg.record_dp.enabled)

@@ -131,6 +131,8 @@ class Watermark(ClientFeature):
     """An owner signs what it trains: its secret's sign pattern is pushed into the adapter by a
     hinge term, and the bit-error rate of its local adapter is reported."""
 
+    examples = {"watermark": {"watermark": {"clients": [0], "bits": 32, "coordinates": 8}}}
+
     @classmethod
     def enabled(cls, cfg: Any, client: int) -> bool:
         return client in cfg.watermark.clients

@@ -122,6 +122,11 @@ class Compression(ClientFeature):
     """The update travels compressed; top-k's left-out part waits in the client's folder and joins
     its next update (error feedback)."""
 
+    examples = {
+        "compression int8": {"compression": {"method": "int8"}},
+        "compression top-k": {"compression": {"method": "topk"}},
+    }
+
     @classmethod
     def enabled(cls, cfg: Any, client: int) -> bool:
         return cfg.compression.method != "none"

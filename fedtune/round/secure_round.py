@@ -29,56 +29,16 @@ import torch
 from fedtune.core.client_secret import private_seed
 from fedtune.model.adapters import AdapterState, Spec, add, flatten, load_state, unflatten
 from fedtune.privacy.dp_fedavg import DPFedAvg
-from fedtune.privacy.secagg.protocol import ProtocolViolation, SecAggAborted, SecAggParams
+from fedtune.privacy.secagg.protocol import ProtocolViolation, SecAggAborted
 from fedtune.privacy.secagg.quantize import FixedPoint
 from fedtune.privacy.secagg.remote import RemoteRound
+from fedtune.privacy.secagg.settings import parameters, skellam_encoder
 from fedtune.privacy.secagg.simulation import Encoded, run_round
 from fedtune.privacy.secagg.skellam import SkellamEncoder
 from fedtune.round.envelope import RoundAborted
-from fedtune.strategies import ServerState, build_strategy
+from fedtune.strategies.base import ServerState
 from fedtune.strategies.fedavg import FedAvg
-
-LARGEST_ADAPTER = 1 << 34  # coordinates assumed when the config is checked, before the adapter exists
-
-
-def parameters(cfg: Any) -> tuple[SecAggParams, FixedPoint]:
-    section, k = cfg.secagg, cfg.federation.clients_per_round
-    threshold = section.threshold if section.threshold is not None else max(2, k // 2 + 1)
-    params = SecAggParams(threshold=threshold, modulus_bits=section.modulus_bits, neighbours=section.neighbours)
-    return params, FixedPoint(clip=section.clip, level_bits=section.level_bits, modulus_bits=section.modulus_bits)
-
-
-def skellam_encoder(cfg: Any, strategy: DPFedAvg, dim: int) -> SkellamEncoder:
-    """Noise shares calibrated for the fewest clients a round can aggregate (see skellam.py)."""
-    params, _ = parameters(cfg)
-    fewest = max(params.threshold, cfg.federation.min_fit_clients)
-    return SkellamEncoder(strategy.clip_norm, strategy.noise_multiplier, fewest, params.modulus_bits, dim)
-
-
-def check_secure_aggregation(cfg: Any) -> None:
-    """Refuse combinations that cannot be correct or cannot work, naming the fields."""
-    strategy = build_strategy(cfg)
-    if strategy.extras:
-        raise ValueError(
-            f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} sends {', '.join(strategy.extras)} "
-            "beside each update, which secure aggregation does not mask yet"
-        )
-    if not isinstance(strategy, FedAvg | DPFedAvg):
-        raise ValueError(
-            f"secagg.enabled: federation.strategy {cfg.federation.strategy!r} needs each client's update, "
-            "which secure aggregation hides; use fedavg, a server optimizer (fedavgm, fedadagrad, fedyogi, "
-            "fedadam) or dp_fedavg (norm bounding belongs on the clients then)"
-        )
-    params, point = parameters(cfg)
-    k = cfg.federation.clients_per_round
-    try:
-        params.check(k)
-        if isinstance(strategy, DPFedAvg):
-            skellam_encoder(cfg, strategy, LARGEST_ADAPTER).check(k)
-        else:
-            point.check(k, cfg.federation.max_client_examples)
-    except ValueError as error:
-        raise ValueError(f"secagg: {error}") from None
+from fedtune.strategies.options import build_strategy
 
 
 def _client_rng(secret_dir: str | Path, round_: int) -> np.random.Generator:
@@ -123,7 +83,7 @@ def client_input(
     strategy = build_strategy(cfg)
     secret = partial(_client_rng, secret_dir, round_)
     if isinstance(strategy, DPFedAvg):
-        encoder = skellam_encoder(cfg, strategy, _dimension(spec))
+        encoder = skellam_encoder(cfg, strategy.options, _dimension(spec))
         return lambda: _noised_encode(update_path, spec, encoder, secret())
     _, point = parameters(cfg)
     return lambda: _weighted_encode(update_path, num_examples, spec, point, secret())
@@ -168,7 +128,8 @@ def secure_aggregate(
     if len(result.aggregated) < cfg.federation.min_fit_clients:
         raise RoundAborted(f"round {round_}: {len(result.aggregated)} aggregated; left out: {left_out}")
     if isinstance(strategy, DPFedAvg):
-        mean = skellam_encoder(cfg, strategy, _dimension(spec)).decode(result.total, strategy.expected)
+        encoder = skellam_encoder(cfg, strategy.options, _dimension(spec))
+        mean = encoder.decode(result.total, strategy.options.expected_clients)
         new_global = add(global_state, unflatten(torch.from_numpy(mean), spec))
         server_state = strategy.released(server_state, len(result.aggregated))
     else:  # FedAvg or a server optimizer: its step with the mean update, the only thing unmasked

@@ -16,7 +16,8 @@ from fedtune.hetero.personalization import shared
 from fedtune.hetero.ranks import pad
 from fedtune.model.adapters import AdapterState, to_bytes
 from fedtune.round.envelope import RoundAborted, UpdateRejected, UpdateValidator
-from fedtune.strategies import ClientUpdate, ServerState, build_strategy
+from fedtune.strategies.base import ClientUpdate, ServerState
+from fedtune.strategies.options import build_strategy
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedtune.model.adapters import AdapterState
+from fedtune.strategies.options import StrategyOptions
 from fedtune.training.loss_terms import LocalObjective
 
 ServerState = dict[str, torch.Tensor]
@@ -31,18 +32,26 @@ class ClientUpdate:
 
 
 class Strategy(ABC):
-    """Options are keyword-only constructor arguments, given as `federation.strategy_options`.
+    """Options are a pydantic model (`Options`, in fedtune/strategies/options.py, with the strategy's
+    traits and the federations it refuses), given as `federation.strategy_options`; a strategy is
+    built from a validated model, or from keyword arguments validated here (ValueError).
 
     A client sees `client_view(server_state)` (never the whole server state, which may hold
     secrets such as DP's noise seed), keeps a private state of its own between rounds (SCAFFOLD's
     control variate), and may send adapter-shaped `extras` beside its update."""
 
-    extras: tuple[str, ...] = ()
-    adds_loss_term = False  # its `local_objective` adds a term on the weights (FedProx, SCAFFOLD)
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    options: StrategyOptions
 
-    def check_config(self, config: Any) -> None:  # noqa: B027 (optional hook, no-op by default)
-        """Refuse a federation (`FedConfig`) the strategy cannot aggregate correctly: raise
-        ValueError naming the field. Called when the config is built, before any work."""
+    def __init__(self, options: StrategyOptions | None = None, /, **values: Any) -> None:
+        if options is not None and (values or not isinstance(options, self.Options)):
+            raise TypeError(f"{type(self).__name__} takes a {self.Options.__name__} or keyword options, not both")
+        self.options = options if options is not None else self.Options.model_validate(values)
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """What each client sends beside its update, per adapter tensor (SCAFFOLD's control variates)."""
+        return self.Options.extras
 
     def init_state(self, global_state: AdapterState) -> ServerState:
         return {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedtune.model.adapters import AdapterState
-from fedtune.strategies import build_strategy
+from fedtune.strategies.options import build_strategy
 from fedtune.training.client_feature import ClientFeature, ClientRound
 
 

@@ -13,6 +13,7 @@ import torch
 
 from fedtune.model.adapters import AdapterState, check_keys
 from fedtune.strategies.fedavg import FedAvg
+from fedtune.strategies.options import FedProxOptions
 from fedtune.training.loss_terms import LocalObjective
 
 
@@ -27,14 +28,10 @@ class ProximalTerm(LocalObjective):
 
 
 class FedProx(FedAvg):
-    adds_loss_term = True
-
-    def __init__(self, *, mu: float = 0.01) -> None:
-        if mu <= 0:
-            raise ValueError(f"mu must be positive (mu = 0 is fedavg), got {mu}")
-        self.mu = mu
+    Options = FedProxOptions
+    options: FedProxOptions
 
     def local_objective(
         self, global_state: AdapterState, server_view: AdapterState, client_state: AdapterState | None = None
     ) -> LocalObjective:
-        return ProximalTerm(global_state, self.mu)
+        return ProximalTerm(global_state, self.options.mu)

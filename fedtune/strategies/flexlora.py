@@ -18,7 +18,6 @@ example is a script, not a package).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
@@ -26,6 +25,7 @@ from fedtune.hetero.ranks import pad, truncate
 from fedtune.model.adapters import AdapterState
 from fedtune.strategies.base import ClientUpdate, ServerState, StreamingStrategy
 from fedtune.strategies.fedavg import WeightedSum
+from fedtune.strategies.options import FlexLoRAOptions
 
 
 def lora_pairs(state: AdapterState) -> dict[str, str]:
@@ -44,16 +44,8 @@ def factor(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class FlexLoRA(StreamingStrategy):
-    def __init__(self, *, client_ranks: dict[int, int] | None = None) -> None:
-        self.client_ranks = dict(client_ranks or {})
-
-    def check_config(self, config: Any) -> None:
-        if config.peft.method != "lora":
-            raise ValueError(f"flexlora aggregates LoRA factor products; peft.method is {config.peft.method!r}")
-        if config.federation.personal_modules:
-            raise ValueError("flexlora refactors every LoRA module; federation.personal_modules would split pairs")
-        if config.watermark.clients:
-            raise ValueError("flexlora re-factors the adapter by SVD each round, which erases sign watermarks")
+    Options = FlexLoRAOptions
+    options: FlexLoRAOptions
 
     def aggregate_stream(
         self, global_state: AdapterState, updates: Iterable[ClientUpdate], server_state: ServerState
@@ -76,6 +68,6 @@ class FlexLoRA(StreamingStrategy):
     def _trained_factors(self, global_state: AdapterState, update: ClientUpdate, keys: set[str]) -> AdapterState:
         """The client's factors after training, zero-padded to the global rank (the padding adds
         nothing to B @ A): the global's first r_c components it started from, plus its update."""
-        rank = self.client_ranks.get(update.client)
+        rank = self.options.client_ranks.get(update.client)
         start = global_state if rank is None else pad(truncate(global_state, rank), global_state)
         return {k: start[k].to(torch.float64) + update.delta[k].to(torch.float64) for k in keys}

@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import ClassVar
 
 import torch
 
 from fedtune.model.adapters import AdapterState, Spec, add, clip_to_norm, flatten, unflatten
 from fedtune.strategies.base import ClientUpdate, ServerState, Strategy
 from fedtune.strategies.fedavg import weighted_average
+from fedtune.strategies.options import (
+    KrumOptions,
+    MultiKrumOptions,
+    NormBoundOptions,
+    RobustOptions,
+    TrimmedMeanOptions,
+)
 
 
 def stack_updates(states: Sequence[AdapterState]) -> tuple[torch.Tensor, Spec]:
@@ -66,13 +73,9 @@ def multi_krum(states: Sequence[AdapterState], f: int, m: int) -> tuple[AdapterS
     return unflatten(matrix[chosen].mean(dim=0), spec), sorted(chosen)
 
 
-def _integer(name: str, value: float) -> int:
-    if int(value) != value or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value}")
-    return int(value)
-
-
 class CoordinateMedian(Strategy):
+    Options = RobustOptions
+
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
@@ -80,57 +83,36 @@ class CoordinateMedian(Strategy):
 
 
 class TrimmedMean(Strategy):
-    def __init__(self, *, beta: float = 0.1) -> None:
-        if not 0 <= beta < 0.5:
-            raise ValueError(f"beta must be in [0, 0.5), got {beta}")
-        self.beta = beta
-
-    def check_config(self, config: Any) -> None:
-        clients_per_round = config.federation.clients_per_round
-        if clients_per_round - 2 * math.floor(self.beta * clients_per_round) < 1:
-            raise ValueError(f"trimmed mean with beta={self.beta} leaves nothing of {clients_per_round} clients")
+    Options = TrimmedMeanOptions
+    options: TrimmedMeanOptions
 
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
-        return add(global_state, trimmed_mean([u.delta for u in updates], self.beta)), dict(server_state)
+        return add(global_state, trimmed_mean([u.delta for u in updates], self.options.beta)), dict(server_state)
 
 
 class MultiKrum(Strategy):
-    def __init__(self, *, f: float = 1, m: float = 1) -> None:
-        self.f, self.m = _integer("f", f), _integer("m", m)
-        if self.m < 1:
-            raise ValueError("m must be at least 1")
-
-    def check_config(self, config: Any) -> None:
-        clients_per_round = config.federation.clients_per_round
-        if clients_per_round < 2 * self.f + 3:
-            raise ValueError(
-                f"Krum with f={self.f} needs clients_per_round >= 2f + 3 = {2 * self.f + 3}, got {clients_per_round}"
-            )
-        if self.m > clients_per_round - self.f:
-            raise ValueError(f"Multi-Krum m={self.m} exceeds clients_per_round - f = {clients_per_round - self.f}")
+    Options: ClassVar[type[MultiKrumOptions]] = MultiKrumOptions
+    options: MultiKrumOptions
 
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
-        mean, _ = multi_krum([u.delta for u in updates], self.f, self.m)
+        mean, _ = multi_krum([u.delta for u in updates], self.options.f, self.options.m)
         return add(global_state, mean), dict(server_state)
 
 
 class Krum(MultiKrum):
-    def __init__(self, *, f: float = 1) -> None:
-        super().__init__(f=f, m=1)
+    Options = KrumOptions
 
 
 class NormBoundedFedAvg(Strategy):
-    def __init__(self, *, max_norm: float = 1.0) -> None:
-        if max_norm <= 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm}")
-        self.max_norm = max_norm
+    Options = NormBoundOptions
+    options: NormBoundOptions
 
     def aggregate(
         self, global_state: AdapterState, updates: list[ClientUpdate], server_state: ServerState
     ) -> tuple[AdapterState, ServerState]:
-        clipped = [clip_to_norm(u.delta, self.max_norm) for u in updates]
+        clipped = [clip_to_norm(u.delta, self.options.max_norm) for u in updates]
         return add(global_state, weighted_average(clipped, [u.num_examples for u in updates])), dict(server_state)

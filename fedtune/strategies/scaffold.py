@@ -23,8 +23,8 @@ import torch
 
 from fedtune.model.adapters import AdapterState, check_keys
 from fedtune.strategies.base import ClientUpdate, LocalObjective, ServerState, Strategy
+from fedtune.strategies.options import CONTROL, ScaffoldOptions
 
-CONTROL = "control"
 C = "scaffold.c."
 
 
@@ -41,13 +41,8 @@ class Correction(LocalObjective):
 
 
 class Scaffold(Strategy):
-    extras = (CONTROL,)
-    adds_loss_term = True
-
-    def __init__(self, *, num_clients: int, server_lr: float = 1.0) -> None:
-        if server_lr <= 0:
-            raise ValueError(f"server_lr must be positive, got {server_lr}")
-        self.num_clients, self.server_lr = num_clients, server_lr
+    Options = ScaffoldOptions
+    options: ScaffoldOptions
 
     def init_state(self, global_state: AdapterState) -> ServerState:
         return {C + key: torch.zeros_like(tensor) for key, tensor in global_state.items()}
@@ -83,7 +78,7 @@ class Scaffold(Strategy):
         new_global, new_state = {}, dict(server_state)
         for key, x in global_state.items():
             step = sum(u.delta[key].to(torch.float64) for u in updates) / len(updates)
-            drift = sum(u.extras[CONTROL][key].to(torch.float64) for u in updates) / self.num_clients
-            new_global[key] = (x.to(torch.float64) + self.server_lr * step).to(x.dtype)
+            drift = sum(u.extras[CONTROL][key].to(torch.float64) for u in updates) / self.options.num_clients
+            new_global[key] = (x.to(torch.float64) + self.options.server_lr * step).to(x.dtype)
             new_state[C + key] = (server_state[C + key].to(torch.float64) + drift).to(x.dtype)
         return new_global, new_state

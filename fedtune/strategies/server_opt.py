@@ -28,6 +28,7 @@ import torch
 from fedtune.model.adapters import AdapterState
 from fedtune.strategies.base import ClientUpdate, ServerState
 from fedtune.strategies.fedavg import FedAvg, mean_update
+from fedtune.strategies.options import FedAdagradOptions, FedAdamOptions, FedAvgMOptions, FedYogiOptions
 
 STEP, FIRST, SECOND = "opt.step", "opt.m.", "opt.v."
 
@@ -36,18 +37,7 @@ class ServerOptimizer(FedAvg):
     """FedAvg's mean update, then a step of a server optimizer with moments in the server state."""
 
     second_moment = True
-
-    def __init__(self, *, eta: float, beta_1: float, tau: float = 1e-3) -> None:
-        problems = []
-        if eta <= 0:
-            problems.append(f"eta must be positive, got {eta}")
-        if not 0 <= beta_1 < 1:
-            problems.append(f"beta_1 must be in [0, 1), got {beta_1}")
-        if tau <= 0:
-            problems.append(f"tau must be positive, got {tau}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.eta, self.beta_1, self.tau = eta, beta_1, tau
+    options: FedAvgMOptions | FedAdagradOptions  # eta, beta_1, tau
 
     def init_state(self, global_state: AdapterState) -> ServerState:
         state: ServerState = {STEP: torch.tensor([0])}
@@ -68,7 +58,7 @@ class ServerOptimizer(FedAvg):
         step = int(server_state[STEP]) + 1
         new_state: ServerState = {STEP: torch.tensor([step])}
         new_global: AdapterState = {}
-        rate = self.eta * self.correction(step)
+        rate = self.options.eta * self.correction(step)
         for key, x in global_state.items():
             d = delta[key].to(torch.float64)
             m = self.first(server_state[FIRST + key], d)
@@ -76,7 +66,7 @@ class ServerOptimizer(FedAvg):
             if self.second_moment:
                 v = self.second(server_state[SECOND + key], d)
                 new_state[SECOND + key] = v
-                direction = m / (v.sqrt() + self.tau)
+                direction = m / (v.sqrt() + self.options.tau)
             else:
                 direction = m
             new_global[key] = (x.to(torch.float64) + rate * direction).to(x.dtype)
@@ -86,7 +76,8 @@ class ServerOptimizer(FedAvg):
         return {"server_opt_step": float(server_state[STEP])}
 
     def first(self, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.beta_1 * m + (1 - self.beta_1) * delta
+        beta_1 = self.options.beta_1
+        return beta_1 * m + (1 - beta_1) * delta
 
     def second(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,52 +91,40 @@ class FedAvgM(ServerOptimizer):
 
     second_moment = False
 
-    def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9) -> None:
-        super().__init__(eta=server_lr, beta_1=momentum)
+    Options = FedAvgMOptions
+    options: FedAvgMOptions
 
     def first(self, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.beta_1 * m + delta
+        return self.options.beta_1 * m + delta
 
 
 class FedAdagrad(ServerOptimizer):
-    def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.0, tau: float = 1e-3) -> None:
-        super().__init__(eta=eta, beta_1=beta_1, tau=tau)
+    Options = FedAdagradOptions
+    options: FedAdagradOptions
 
     def second(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return v + delta.square()
 
 
-class _TwoBetas(ServerOptimizer):
-    def __init__(self, *, eta: float = 1e-2, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> None:
-        if not 0 <= beta_2 < 1:
-            raise ValueError(f"beta_2 must be in [0, 1), got {beta_2}")
-        super().__init__(eta=eta, beta_1=beta_1, tau=tau)
-        self.beta_2 = beta_2
+class FedYogi(ServerOptimizer):
+    Options = FedYogiOptions
+    options: FedYogiOptions
 
-
-class FedYogi(_TwoBetas):
     def second(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         squared = delta.square()
-        return v - (1 - self.beta_2) * squared * torch.sign(v - squared)
+        return v - (1 - self.options.beta_2) * squared * torch.sign(v - squared)
 
 
-class FedAdam(_TwoBetas):
-    def __init__(
-        self,
-        *,
-        eta: float = 1e-2,
-        beta_1: float = 0.9,
-        beta_2: float = 0.99,
-        tau: float = 1e-3,
-        bias_correction: bool = False,
-    ) -> None:
-        super().__init__(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
-        self.bias_correction = bias_correction
+class FedAdam(ServerOptimizer):
+    Options = FedAdamOptions
+    options: FedAdamOptions
 
     def second(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self.beta_2 * v + (1 - self.beta_2) * delta.square()
+        beta_2 = self.options.beta_2
+        return beta_2 * v + (1 - beta_2) * delta.square()
 
     def correction(self, step: int) -> float:
-        if not self.bias_correction:
+        o = self.options
+        if not o.bias_correction:
             return 1.0
-        return float((1 - self.beta_2**step) ** 0.5 / (1 - self.beta_1**step))
+        return float((1 - o.beta_2**step) ** 0.5 / (1 - o.beta_1**step))

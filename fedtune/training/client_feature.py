@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedtune.model.adapters import AdapterState, load_state, save_state
 from fedtune.training.loss_terms import LocalObjective, Terms
@@ -69,7 +69,12 @@ def own_state(private_dir: str | Path, round_: int, kind: str = "strategy") -> A
 
 class ClientFeature:
     """One optional part of a client's round. Every hook does nothing by default; `train_client`
-    calls each enabled feature's hooks in `CLIENT_FEATURES` order at each stage."""
+    calls each enabled feature's hooks in `CLIENT_FEATURES` order at each stage. Its limits on
+    other features are rules of `fedtune.config.compat` under its name (checked without torch)."""
+
+    # settings that turn the feature on ({label: config overrides}): docs/combinations.md and
+    # tests/test_combinations.py try each against every strategy and PEFT method
+    examples: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
     def enabled(cls, cfg: FedConfig, client: int) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 
 from fedtune.core.faults import crash_point
 from fedtune.deployment.exchange import Exchange, client_file, server_file
+from fedtune.deployment.signing import ForgedMessage
 from fedtune.privacy.secagg import wire
 from fedtune.privacy.secagg.protocol import (
     AdvertiseKeys,
@@ -119,7 +120,12 @@ class RemoteRound:
             deadline, pending, messages = time.monotonic() + stage_timeout, set(expected), []
             while pending:
                 for c in sorted(pending):
-                    data = self.exchange.get(client_key(c, self.namespace, CLIENT_FILES[stage]))
+                    try:
+                        data = self.exchange.get(client_key(c, self.namespace, CLIENT_FILES[stage]))
+                    except ForgedMessage as error:  # not the client's: as if it sent nothing valid
+                        pending.discard(c)
+                        left_out.append(f"client {c}: {error}")
+                        continue
                     if data is None:
                         continue
                     pending.discard(c)

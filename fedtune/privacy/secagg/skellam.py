@@ -35,7 +35,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants.analysis.rdp import get_privacy_spent
 
 MIN_UNITS = 1 << 10  # the fewest integer units the clip norm C is ever scaled to
 MAX_RATE = 1e11  # largest Poisson rate drawn in one go (NumPy's sampler is accurate there)
@@ -60,6 +59,9 @@ def skellam_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float
     """(eps, delta) after `rounds` releases of the distributed Skellam sum."""
     if rounds == 0:
         return 0.0
+    # imported here: opacus imports torch, and the encoder's arithmetic (checked with the config) needs neither
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     rdp = np.array([rounds * skellam_rdp(order, noise_multiplier) for order in ORDERS])
     with warnings.catch_warnings():  # "optimal order is the smallest": 2 is the smallest the bound allows
         warnings.simplefilter("ignore", UserWarning)
