@@ -29,7 +29,8 @@ console = Console()
 
 @app.callback()
 def main() -> None:
-    """Operate a real multi-party federation (`up` starts one on this machine)."""
+    """Operate a real multi-party federation (`up` starts one on this machine; `identity` makes a
+    client's signing key on its own machine)."""
     # a callback keeps `up` a named subcommand: with one command and no callback, Typer makes the
     # command the app itself and `python -m deploy up` is refused (rel-15)
 
@@ -74,6 +75,24 @@ def up(
                         raise RuntimeError(f"the {name} worker exited with {worker.returncode}; see {logs}")
         except KeyboardInterrupt:
             pass
+
+
+@app.command()
+def identity(
+    private_dir: Annotated[Path, typer.Argument(help="The client organization's private folder.")],
+) -> None:
+    """A client's signing key on separate machines: writes it into PRIVATE_DIR (mode 0600) and prints
+    the public key (base64), which the coordinator adds to its deployment.client_keys file as
+    {"<client id>": "<public key>"}. `up` does this for every client on one machine."""
+    import base64
+
+    from fedtune.deployment.signing import IDENTITY, provision_identity
+
+    if (private_dir / IDENTITY).exists():  # a new key would orphan the one the coordinator holds
+        console.print(f"[red]{private_dir / IDENTITY} exists; move it away to make a new key[/red]")
+        raise typer.Exit(2)
+    private_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(base64.b64encode(provision_identity(private_dir)).decode())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from fedtune.deployment.exchange import SERVER, outbox
 from fedtune.deployment.signing import provision_identity, write_public_keys
 
 COORDINATOR_POOL = "coordinator"
+HEARTBEAT_S = 5
 
 
 def client_pool(client: int) -> str:
@@ -159,7 +160,9 @@ def start_worker(
     api_url: str, layout: Layout, pool: str, env_extra: dict[str, str], hidden: list[Path], log: Path
 ) -> subprocess.Popen[bytes]:
     home = Path(env_extra.get("FEDTUNE_CLIENT_HOME", layout.coordinator))
-    env = {**prefect_env(api_url, home), **env_extra}
+    # a heartbeat every HEARTBEAT_S: the coordinator drops a client whose workers all missed three
+    # (flows/remote_clients.py) instead of waiting for its deadline; Prefect's default is 30 s
+    env = {**prefect_env(api_url, home), "PREFECT_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S), **env_extra}
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
     return spawn(pool, confined(command, hidden), env, log)
 

@@ -1,5 +1,6 @@
 """The coordinator's side of a deployed round: trigger each sampled client's deployment, collect
-what comes back through the exchange, and drop whoever fails or misses the deadline.
+what comes back through the exchange, and drop whoever fails, whose worker is gone, or who misses
+the deadline.
 
 The coordinator reads only the exchange (updates and reports) and flow-run states from the
 Prefect API; a client's data directory is never opened here.
@@ -7,6 +8,7 @@ Prefect API; a client's data directory is never opened here.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -43,6 +45,29 @@ def _trigger(config: FedConfig, round_: int, clients: list[int], namespace: str)
             timeout=0,  # returns once the run is scheduled; the replies come through the exchange
         )
     return runs
+
+
+# Prefect's own rule for a worker gone offline (server.services.foreman.inactivity_heartbeat_multiple)
+MISSED_HEARTBEATS = 3
+
+
+def _worker_gone(api: Any, run: FlowRun) -> str | None:
+    """Why the client's run cannot finish though its state says it may: every worker of its work pool
+    has missed MISSED_HEARTBEATS heartbeats (killed, or its machine gone), so nobody will run it or
+    report it crashed. None while a worker is alive, or where the pool has no worker on record yet."""
+    if run.work_pool_name is None:
+        return None
+    workers = api.read_workers_for_work_pool(run.work_pool_name)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def silent_for(worker: Any) -> float:
+        last = worker.last_heartbeat_time
+        return float("inf") if last is None else (now - last).total_seconds()
+
+    stale = [silent_for(w) > MISSED_HEARTBEATS * (w.heartbeat_interval_seconds or 30) for w in workers]
+    if workers and all(stale):
+        return f"every worker of its pool {run.work_pool_name} stopped sending heartbeats"
+    return None
 
 
 def _collect(
@@ -97,13 +122,18 @@ def train_remotely(
                     report = _collect(exchange, client, round_, namespace, round_dir, masked)
                     if report is None:
                         state = api.read_flow_run(runs[client].id).state
-                        if state is None or not state.is_final():
+                        ended = f"{state.name} ({state.message})" if state is not None and state.is_final() else None
+                        gone = None if ended else _worker_gone(api, runs[client])
+                        if ended is None and gone is None:
                             continue
                         report = _collect(
                             exchange, client, round_, namespace, round_dir, masked
                         )  # it may have just arrived
+                        if report is None and gone is not None:
+                            _cancel(api, runs[client].id)  # a worker that comes back must not start it late
+                            raise RuntimeError(gone)
                         if report is None:
-                            raise RuntimeError(f"its flow run ended {state.name} ({state.message})")
+                            raise RuntimeError(f"its flow run ended {ended}")
                     reports.append(report)
                 except (RuntimeError, ValueError) as error:
                     dropped.append(f"client {client}: {error}")

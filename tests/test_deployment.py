@@ -319,14 +319,17 @@ def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_k
 def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(federation: Federation) -> None:
     """Round 1 with all three clients; in round 2 client 1's organization dies mid-training (its flow
     run SIGKILLs itself after its optimizer steps, before its update exists, and the test SIGKILLs its
-    worker): the round completes with the other two (min_fit_clients 2) at the deadline."""
+    worker): the round completes with the other two (min_fit_clients 2) as soon as its worker is seen gone."""
     from prefect.deployments import run_deployment
 
     coordinator = federation.running.workers[parties.COORDINATOR_POOL]
     mounts = Path(f"/proc/{coordinator.pid}/mountinfo").read_text()
     for client in range(3):  # the kernel hides every client's home from the coordinator's worker
         assert f" {federation.layout.client_home(client)} " in mounts
-    config = federation.coordinator_config(rounds=2, clients_per_round=3, min_fit_clients=2, client_timeout_s=90)
+    out = federation.layout.coordinator / "runs" / "killed"
+    config = federation.coordinator_config(
+        rounds=2, clients_per_round=3, min_fit_clients=2, client_timeout_s=90, output_dir=str(out)
+    )
     flow_run = run_deployment(
         "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
     )
@@ -343,6 +346,10 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     assert run.info.status == "FINISHED"
     aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
     assert [(m.step, m.value) for m in aggregated] == [(1, 3.0), (2, 2.0)]
+    # dropped once its worker missed three heartbeats, not at the 90 s client deadline (issue 15)
+    (second,) = json.loads((out / "checkpoints" / "round_0002" / "checkpoint.json").read_text())["history"][-1:]
+    assert second["left_out"] == ["client 1: every worker of its pool client-1 stopped sending heartbeats"]
+    assert second["round_seconds"] < 45, second["round_seconds"]
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert loss[2] < loss[0]
     outboxes = sorted(p.name for p in federation.layout.exchange.iterdir())

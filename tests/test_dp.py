@@ -123,7 +123,7 @@ def test_budget_stops_before_the_target_and_bad_options_are_refused() -> None:
         )
     with pytest.raises(
         ConfigError,
-        match=r"options.clip_norm: dp_fedavg: Input should be greater than 0\n.*options.accountant: dp_fedavg: .*'rdp' or 'prv'",
+        match=r"clip_norm: dp_fedavg: Input should be greater than 0\n.*accountant: dp_fedavg: .*'rdp' or 'prv'",
     ):
         build_config(
             {

@@ -143,6 +143,12 @@ def test_robust_strategies_and_overflowing_parameters_are_refused_with_secure_ag
         build_config({"secagg": {"enabled": True, "modulus_bits": 32, "level_bits": 24}})
     with pytest.raises(ConfigError, match="threshold 4 exceeds the 3 clients"):
         build_config({"secagg": {"enabled": True, "threshold": 4}})
+    with pytest.raises(ConfigError, match="secagg.threshold: 3 of 3 leaves no dropout tolerance"):
+        build_config({"secagg": {"enabled": True, "threshold": 3}})
+    five = {"clients_per_round": 5}
+    with pytest.raises(ConfigError, match="secagg.threshold: 3 of 3 leaves no dropout tolerance"):  # SecAgg+ ring
+        build_config({"secagg": {"enabled": True, "threshold": 3, "neighbours": 2}, "federation": five})
+    build_config({"secagg": {"enabled": True, "threshold": 2}})
     build_config({"secagg": {"enabled": True}})
 
 

@@ -6,6 +6,7 @@ outbox. Where a file lies, and what it says about its sender, are not evidence."
 
 from __future__ import annotations
 
+import base64
 import json
 import stat
 import threading
@@ -44,7 +45,7 @@ def _report(client: int) -> bytes:
     return json.dumps(row | dict.fromkeys(numbers, 1)).encode()
 
 
-def test_only_the_outboxs_own_key_makes_a_file_that_clients(parties, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_file_is_a_clients_only_if_its_own_key_signed_it(parties, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     clients, coordinator = parties
     key = client_file(0, NAMESPACE, REPORT)
     clients[0].put(key, _report(0))
@@ -120,3 +121,18 @@ def test_deploy_gives_each_client_its_own_key_and_the_coordinator_the_public_one
     signed.put(client_file(1, NAMESPACE, REPORT), _report(1))
     verifying = Exchange(str(layout.exchange), verifier=Verifier.load(layout.client_keys))
     assert verifying.get(client_file(1, NAMESPACE, REPORT)) == _report(1)
+
+
+def test_a_client_on_its_own_machine_makes_its_key_and_prints_the_public_half(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deploy.__main__ import app
+
+    private = tmp_path / "private"
+    made = CliRunner().invoke(app, ["identity", str(private)])
+    assert made.exit_code == 0, made.output
+    verifier = Verifier.load(write_public_keys({4: base64.b64decode(made.output.strip())}, tmp_path / "keys.json"))
+    key = client_file(4, NAMESPACE, REPORT)
+    assert verifier.open(4, key, Signer(private).seal(key, b"{}")) == b"{}"
+    again = CliRunner().invoke(app, ["identity", str(private)])  # never overwrites the key the coordinator holds
+    assert again.exit_code == 2 and "exists" in again.output

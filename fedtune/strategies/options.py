@@ -92,12 +92,15 @@ class FlexLoRAOptions(StrategyOptions):
     client_ranks: dict[int, int] = Field(default_factory=dict)
 
     def check_config(self, config: Any) -> None:
+        problems = []
         if config.peft.method != "lora":
-            raise ValueError(f"flexlora aggregates LoRA factor products; peft.method is {config.peft.method!r}")
+            problems.append(f"flexlora aggregates LoRA factor products; peft.method is {config.peft.method!r}")
         if config.federation.personal_modules:
-            raise ValueError("flexlora refactors every LoRA module; federation.personal_modules would split pairs")
+            problems.append("flexlora refactors every LoRA module; federation.personal_modules would split pairs")
         if config.watermark.clients:
-            raise ValueError("flexlora re-factors the adapter by SVD each round, which erases sign watermarks")
+            problems.append("flexlora re-factors the adapter by SVD each round, which erases sign watermarks")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 class RobustOptions(StrategyOptions):
@@ -120,13 +123,15 @@ class MultiKrumOptions(RobustOptions):
     m: int = Field(1, ge=1, description="updates averaged")
 
     def check_config(self, config: Any) -> None:
-        clients_per_round = config.federation.clients_per_round
+        clients_per_round, problems = config.federation.clients_per_round, []
         if clients_per_round < 2 * self.f + 3:
-            raise ValueError(
+            problems.append(
                 f"Krum with f={self.f} needs clients_per_round >= 2f + 3 = {2 * self.f + 3}, got {clients_per_round}"
             )
         if self.m > clients_per_round - self.f:
-            raise ValueError(f"Multi-Krum m={self.m} exceeds clients_per_round - f = {clients_per_round - self.f}")
+            problems.append(f"Multi-Krum m={self.m} exceeds clients_per_round - f = {clients_per_round - self.f}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 class KrumOptions(MultiKrumOptions):

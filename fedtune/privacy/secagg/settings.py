@@ -58,6 +58,13 @@ def problems(cfg: Any) -> Iterator[Problem]:
         return
     params, point = parameters(cfg)
     k = cfg.federation.clients_per_round
+    peers = k if params.neighbours is None else min(k, params.neighbours + 1)  # who share each client's masks
+    if cfg.secagg.threshold == peers and peers > 2:
+        yield Problem(
+            "secagg.threshold",
+            f"{peers} of {peers} leaves no dropout tolerance: one client that drops out after sharing its keys "
+            f"aborts the round; set at most {peers - 1} (the default is a majority)",
+        )
     try:
         params.check(k)
         if options.adds_noise:
