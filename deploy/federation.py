@@ -3,6 +3,10 @@ runs for a person, and what the deployment tests and benchmark run for themselve
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +31,12 @@ class Federation:
     config: FedConfig  # the coordinator deployment's default parameters
 
 
-def coordinator_config(config: FedConfig, layout: parties.Layout, mlflow_url: str) -> FedConfig:
-    """The user's config, pointed at the coordinator's folders, the tracking server and the exchange."""
+def coordinator_config(config: FedConfig, layout: parties.Layout, mlflow_url: str, model_dir: Path) -> FedConfig:
+    """The user's config, pointed at the coordinator's folders, the tracking server, the exchange and
+    the parties' copy of the model."""
     return config.model_copy(
         update={
+            "model": config.model.model_copy(update={"name_or_path": str(model_dir)}),
             "data": config.data.model_copy(update={"partitions_dir": str(layout.coordinator / "partitions")}),
             "federation": config.federation.model_copy(
                 update={"output_dir": str(layout.coordinator / "runs" / "federated")}
@@ -41,6 +47,22 @@ def coordinator_config(config: FedConfig, layout: parties.Layout, mlflow_url: st
             ),
         }
     )
+
+
+def shared_model(model_dir: Path, copy: Path) -> Path:
+    """The model where every party's user can read it: a copy (hard links where the file system
+    allows) with world-readable modes, since `model_dir` may sit in a folder only root can enter."""
+    if not copy.exists():
+        try:
+            shutil.copytree(model_dir, copy, copy_function=os.link)
+        except OSError:  # another file system
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(model_dir, copy)
+    for folder, _, files in os.walk(copy):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return copy
 
 
 def distribute_from(config: FedConfig) -> list[Path]:
@@ -76,12 +98,19 @@ def running(
     prefect = servers.start_prefect(root / "prefect", prefect_port or servers.free_port(host), host)
     mlflow = servers.start_mlflow(root / "mlflow", mlflow_port or servers.free_port(host), host)
     workers: dict[str, Popen[bytes]] = {}
+    stage = tempfile.TemporaryDirectory(prefix="fedtune-exposed-")  # mount points, outside everything exposed
     try:
         layout = parties.provision(Path(config.data.partitions_dir), root / "parties", clients)
+        model = shared_model(model_dir, root / "model")
         parties.create_pools(prefect.url, clients)
-        deployed = coordinator_config(config, layout, mlflow.url)
-        parties.deploy_all(prefect.url, REPO, layout, clients, mlflow.url, model_dir, deployed.model_dump(mode="json"))
-        workers = parties.start_workers(prefect.url, layout, clients, source, drills)
+        deployed = coordinator_config(config, layout, mlflow.url, model)
+        parties.deploy_all(prefect.url, REPO, layout, clients, mlflow.url, model, deployed.model_dump(mode="json"))
+        stores = [prefect.log.parent, root / "mlflow", layout.root / "logs"]
+        parties.hand_over(layout, clients, prefect.url, stores)
+        # what every party's user must reach: the interpreter, the environment, the code, the federation
+        needed = [Path(sys.base_prefix), Path(sys.prefix), REPO, root]
+        exposed = parties.exposing(needed, Path(stage.name))
+        workers = parties.start_workers(prefect.url, layout, clients, source, stores, exposed, drills)
         with temporary_settings(updates={PREFECT_API_URL: prefect.url, PREFECT_API_AUTH_STRING: prefect_auth()}):
             yield Federation(prefect, mlflow, layout, workers, deployed)
     finally:
@@ -89,3 +118,4 @@ def running(
             parties.stop(worker)
         prefect.stop()
         mlflow.stop()
+        stage.cleanup()

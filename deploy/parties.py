@@ -1,11 +1,17 @@
 """The parties of a one-machine federation: their folders, work pools, deployments and workers.
 
-Each client organization gets a home holding only its own partition and a private folder; the
-coordinator gets only the held-out test set. Every worker runs in a mount namespace where the
-other parties' folders (and the undistributed source data) are covered by an empty, unreadable
-tmpfs, so the isolation is enforced by the kernel, not by our code's good behaviour. On separate
-machines (docs/deployment.md) the same roles need no namespaces: each party simply has only its
-own disk.
+Each client organization gets a home holding only its own partition, a private folder and its
+signing key; the coordinator gets only the held-out test set and the clients' public keys. Every
+worker runs as its party's own unprivileged user (uid `PARTY_UID` + n, no other groups, no new
+privileges), in its own PID namespace with its own /proc (no other party's process, environment
+or root directory is visible) and in a mount namespace where the other parties' folders, the
+servers' stores and the undistributed data are covered by an empty, unreadable tmpfs. Files are
+owned per party (homes 0700; client c's outbox writable by c and readable by the coordinator's
+group only; the server's readable by all, writable by the coordinator only), and secrets reach a
+worker as files only it can read (its Prefect profile, the coordinator's MLflow credentials file),
+never in its environment. So the kernel enforces the isolation through permissions a party's own
+code cannot drop (rel-16). On separate machines (docs/deployment.md) each party simply has only
+its own disk.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, prefect_auth
+from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, mlflow_credentials, prefect_auth
 from deploy.servers import BIN, spawn
 from fedtune.core.faults import CRASH_AT
 from fedtune.data.partition import client_dir
@@ -31,6 +38,14 @@ from fedtune.deployment.signing import provision_identity, write_public_keys
 
 COORDINATOR_POOL = "coordinator"
 HEARTBEAT_S = 5
+# the parties' users: the coordinator PARTY_UID, client c PARTY_UID + 1 + c (uid = gid; ids no account
+# on a normal machine uses, so no passwd entry is needed or touched)
+PARTY_UID = 61000
+
+
+def party_id(client: int | None) -> int:
+    """The uid (and gid) of client `client`'s worker, or of the coordinator's (None)."""
+    return PARTY_UID if client is None else PARTY_UID + 1 + client
 
 
 def client_pool(client: int) -> str:
@@ -77,16 +92,94 @@ def provision(partitions_dir: Path, root: Path, clients: int) -> Layout:
     return layout
 
 
-def confined(command: list[str], hidden: list[Path]) -> list[str]:
-    """`command` in a private mount namespace where every folder in `hidden` looks empty."""
+def exposing(needed: list[Path], stage: Path) -> list[str]:
+    """Shell commands that make each folder of `needed` reachable by an unprivileged user although an
+    ancestor is not (the interpreter under root's 0700 home, say): in the worker's own mount namespace
+    that ancestor is covered by an empty tmpfs and only the needed folders are bound back into it,
+    so nothing else of it shows. `stage` is an empty folder outside every such ancestor."""
+    blocked: dict[Path, list[Path]] = {}
+    for path in {p.resolve() for p in needed}:
+        stop = next((a for a in reversed(path.parents) if not a.stat().st_mode & stat.S_IXOTH), None)
+        if stop is not None:
+            blocked.setdefault(stop, []).append(path)
+    q, commands = shlex.quote, []
+    for n, (ancestor, paths) in enumerate(sorted(blocked.items())):
+        kept = [stage / f"{n}-{m}" for m in range(len(paths))]
+        for path, keep in zip(sorted(paths), kept, strict=True):
+            commands += [f"mkdir -p {q(str(keep))}", f"mount --bind {q(str(path))} {q(str(keep))}"]
+        commands.append(f"mount -t tmpfs -o mode=0755,size=64k exposed {q(str(ancestor))}")
+        for path, keep in zip(sorted(paths), kept, strict=True):
+            commands += [f"mkdir -p {q(str(path))}", f"mount --bind {q(str(keep))} {q(str(path))}"]
+    return commands
+
+
+def confined(command: list[str], hidden: list[Path], uid: int, exposed: list[str] | None = None) -> list[str]:
+    """`command` as user `uid` (gid `uid`, no other group, no new privileges) in its own PID namespace
+    with its own /proc, and a private mount namespace where the `exposed` commands have run (see
+    `exposing`) and every folder in `hidden` looks empty."""
     if os.geteuid() != 0:
         raise PermissionError(
-            "isolating the parties on one machine needs root (mount namespaces); use one machine "
-            "per party, or run as root"
+            "isolating the parties on one machine needs root (namespaces, a user per party); use one "
+            "machine per party, or run as root"
         )
     hidden = [p for p in hidden if not any(p != q and p.is_relative_to(q) for q in hidden)]  # covered already
-    mounts = " && ".join(f"mount -t tmpfs -o ro,mode=000,size=4k hidden {shlex.quote(str(p))}" for p in hidden)
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *command]
+    # a hidden folder that an exposure's cover already took out of sight needs no cover of its own
+    covers = [
+        f"{{ [ ! -e {q} ] || mount -t tmpfs -o ro,mode=000,size=4k hidden {q}; }}"
+        for q in map(shlex.quote, map(str, hidden))
+    ]
+    mounts = " && ".join([*(exposed or []), *covers])
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+    namespaces = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
+    return [*namespaces, "sh", "-c", f'{mounts or "true"} && exec "$@"', "sh", *drop, *command]
+
+
+def _own(path: Path, uid: int, gid: int | None = None, mode: int = 0o700) -> None:
+    """`path` and everything under it owned by `uid` (group `gid`, default `uid`); `path` gets `mode`."""
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, d) for d in dirs), *(os.path.join(folder, f) for f in files)]:
+            os.chown(name, uid, uid if gid is None else gid, follow_symlinks=False)
+    os.chmod(path, mode)
+
+
+def _secret_file(path: Path, text: str, uid: int) -> None:
+    """`text` in a file only `uid` can read (created 0600 before anything is written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chown(path.parent, uid, uid)
+    os.chown(path, uid, uid)
+
+
+def hand_over(layout: Layout, clients: int, api_url: str, stores: list[Path]) -> None:
+    """Give every party its files and secrets (see the module docstring); the servers' `stores` and
+    the federation's root stay root's. Runs after `deploy_all`, which writes as root."""
+    coordinator = party_id(None)
+    for folder in {layout.root.parent, layout.root, layout.root / "clients", layout.exchange}:
+        os.chmod(folder, 0o711)  # traversable, not listable, by the parties
+    for store in stores:
+        store.mkdir(parents=True, exist_ok=True)
+        os.chmod(store, 0o700)
+    _own(layout.coordinator, coordinator)
+    _own(layout.exchange / SERVER, coordinator, mode=0o755)
+    user, password = mlflow_credentials()
+    _secret_file(
+        layout.coordinator / ".mlflow" / "credentials",  # MLflow's own credentials file, read through HOME
+        f"[mlflow]\n{MLFLOW_USER.lower()} = {user}\n{MLFLOW_PASSWORD.lower()} = {password}\n",
+        coordinator,
+    )
+    for client in range(clients):
+        _own(layout.client_home(client), party_id(client))
+        # setgid: what the client writes stays readable by the coordinator's group, by nobody else
+        _own(layout.exchange / outbox(client), party_id(client), coordinator, mode=0o2750)
+    for party, home in [
+        (coordinator, layout.coordinator),
+        *((party_id(c), layout.client_home(c)) for c in range(clients)),
+    ]:
+        profile = f'active = "fedtune"\n\n[profiles.fedtune]\nPREFECT_API_URL = "{api_url}"\n'
+        profile += f'PREFECT_API_AUTH_STRING = "{prefect_auth()}"\n'
+        _secret_file(home / ".prefect" / "profiles.toml", profile, party)
 
 
 def prefect_env(api_url: str, home: Path) -> dict[str, str]:
@@ -157,20 +250,42 @@ def deploy_all(
 
 
 def start_worker(
-    api_url: str, layout: Layout, pool: str, env_extra: dict[str, str], hidden: list[Path], log: Path
+    api_url: str,
+    layout: Layout,
+    pool: str,
+    env_extra: dict[str, str],
+    hidden: list[Path],
+    log: Path,
+    uid: int,
+    exposed: list[str],
 ) -> subprocess.Popen[bytes]:
     home = Path(env_extra.get("FEDTUNE_CLIENT_HOME", layout.coordinator))
-    # a heartbeat every HEARTBEAT_S: the coordinator drops a client whose workers all missed three
-    # (flows/remote_clients.py) instead of waiting for its deadline; Prefect's default is 30 s
-    env = {**prefect_env(api_url, home), "PREFECT_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S), **env_extra}
+    env = {
+        **prefect_env(api_url, home),
+        # a heartbeat every HEARTBEAT_S: the coordinator drops a client whose workers all missed three
+        # (flows/remote_clients.py) instead of waiting for its deadline; Prefect's default is 30 s
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S),
+        "HOME": str(home),  # caches, and the coordinator's ~/.mlflow/credentials
+        "USER": pool,
+        "LOGNAME": pool,
+        **env_extra,
+    }
+    del env["PREFECT_API_AUTH_STRING"]  # in the party's own profile (`hand_over`), not in its environment
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
-    return spawn(pool, confined(command, hidden), env, log)
+    return spawn(pool, confined(command, hidden, uid, exposed), env, log)
 
 
 def start_workers(
-    api_url: str, layout: Layout, clients: int, source_data: list[Path], drills: dict[int, str] | None = None
+    api_url: str,
+    layout: Layout,
+    clients: int,
+    source_data: list[Path],
+    stores: list[Path],
+    exposed: list[str],
+    drills: dict[int, str] | None = None,
 ) -> dict[str, subprocess.Popen[bytes]]:
-    """One worker per party; each sees its own folder, the model and the exchange, nothing else.
+    """One worker per party; each sees its own folder, the model and the exchange, nothing else (not
+    the undistributed `source_data`, not the servers' `stores`); `exposed`: see `exposing`.
 
     `drills` maps a client to a crash point (`fedtune.core.faults`, e.g. `secagg-shared:1`) at which
     its flow runs kill themselves: a fault drill for the federation's dropout handling."""
@@ -180,9 +295,11 @@ def start_workers(
             api_url,
             layout,
             COORDINATOR_POOL,
-            {MLFLOW_USER: os.environ.get(MLFLOW_USER, ""), MLFLOW_PASSWORD: os.environ.get(MLFLOW_PASSWORD, "")},
-            [*homes, *source_data],
+            {},
+            [*homes, *source_data, *stores],
             layout.root / "logs" / "coordinator.log",
+            party_id(None),
+            exposed,
         )
     }
     for client, home in enumerate(homes):
@@ -200,8 +317,11 @@ def start_workers(
                 *(layout.exchange / outbox(c) for c in range(clients) if c != client),
                 layout.coordinator,
                 *source_data,
+                *stores,
             ],
             layout.root / "logs" / f"client-{client}.log",
+            party_id(client),
+            exposed,
         )
     return workers
 

@@ -126,6 +126,71 @@ def test_unauthenticated_requests_are_refused(federation: Federation) -> None:
     assert servers.status_of(experiments, mlflow_auth) == 200
 
 
+PROBE = """
+import json, os, sys
+paths = json.loads(sys.argv[1])
+found = {}
+for name, path in paths.items():
+    try:
+        if name.startswith("write"):
+            open(path, "w").close()
+        elif os.path.isdir(path):
+            found[name] = "listed " + ",".join(os.listdir(path))
+            continue
+        else:
+            open(path, "rb").read(64)
+        found[name] = "read"
+    except OSError as error:
+        found[name] = type(error).__name__
+print(json.dumps(found))
+"""
+
+
+def _inside(worker: Any, uid: int, paths: dict[str, str]) -> dict[str, str]:
+    """What `PROBE` can do with `paths` from inside `worker`'s namespaces, as its party's user."""
+    import subprocess
+    import sys
+
+    (first,) = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()  # the namespace's init
+    ids = next(line for line in Path(f"/proc/{first}/status").read_text().splitlines() if line.startswith("Uid:"))
+    assert ids.split()[1:] == [str(uid)] * 4, ids  # the worker itself runs as its party's user, not root
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+    command = ["nsenter", "--target", first, "--mount", "--pid", *drop, sys.executable, "-c", PROBE, json.dumps(paths)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    return dict(json.loads(done.stdout))
+
+
+def test_a_partys_own_code_cannot_reach_another_partys_files_or_secrets(federation: Federation) -> None:
+    """rel-16: from inside client 1's worker, as its user: its own partition is readable; client 0's
+    partition (directly and through /proc/<server>/root), the coordinator's environment and MLflow
+    credentials, client 0's key, the MLflow and Prefect stores are not, and server/ is not writable.
+    No worker's environment holds a password."""
+    layout, running = federation.layout, federation.running
+    partition = "partitions/client_{c}/train.jsonl"
+    coordinator = running.workers[parties.COORDINATOR_POOL]
+    found = _inside(
+        running.workers[parties.client_pool(1)],
+        parties.party_id(1),
+        {
+            "own partition": str(layout.client_home(1) / partition.format(c=1)),
+            "client 0 partition": str(layout.client_home(0) / partition.format(c=0)),
+            "client 0 partition via the Prefect server's root": f"/proc/{federation.prefect.process.pid}/root"
+            + str(layout.client_home(0) / partition.format(c=0)),
+            "the coordinator worker's environment": f"/proc/{coordinator.pid}/environ",
+            "the coordinator's MLflow credentials": str(layout.coordinator / ".mlflow" / "credentials"),
+            "client 0's signing key": str(layout.client_home(0) / "private" / "identity.ed25519.pem"),
+            "the MLflow store": str(federation.mlflow.log.parent),
+            "the Prefect store": str(federation.prefect.log.parent),
+            "write the server's outbox": str(layout.exchange / "server" / "forged.json"),
+        },
+    )
+    assert found.pop("own partition") == "read", found
+    assert all(outcome in ("FileNotFoundError", "PermissionError") for outcome in found.values()), found
+    for worker in running.workers.values():  # secrets travel as files only their party can read
+        environment = Path(f"/proc/{worker.pid}/environ").read_bytes()
+        assert b"PREFECT_API_AUTH_STRING" not in environment and SECRETS[MLFLOW_PASSWORD].encode() not in environment
+
+
 def test_deploy_all_puts_every_party_on_its_own_pool_and_the_nightly_schedule_paused(federation: Federation) -> None:
     from prefect.client.orchestration import get_client
 

@@ -163,5 +163,5 @@ def test_ray_without_prefect_ray_is_refused_before_any_work(tmp_path, tiny_model
 
 
 def test_a_cluster_address_needs_a_cluster_runner() -> None:
-    with pytest.raises(ConfigError, match="cluster_address .* set runner to dask or ray"):
+    with pytest.raises(ConfigError, match="federation.cluster_address: .* set federation.runner to dask or ray"):
         build_config({"federation": {"cluster_address": "tcp://127.0.0.1:8786"}})
