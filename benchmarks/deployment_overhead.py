@@ -31,9 +31,9 @@ from deploy.federation import distribute_from
 from fedtune.config.schema import FedConfig, load_config
 
 SECRETS = {
-    "FEDTUNE_PREFECT_AUTH": "bench:bench-prefect-secret",
+    "FEDTUNE_PREFECT_AUTH": "bench:overhead-prefect-s3cret",
     "MLFLOW_TRACKING_USERNAME": "bench",
-    "MLFLOW_TRACKING_PASSWORD": "bench-mlflow-secret",
+    "MLFLOW_TRACKING_PASSWORD": "overhead-mlflow-s3cret",
 }
 
 

@@ -49,6 +49,16 @@ def coordinator_config(config: FedConfig, layout: parties.Layout, mlflow_url: st
     )
 
 
+def _raw_data(config: FedConfig, needed: list[Path]) -> list[Path]:
+    """The folder of the undistributed data file (`data.source`), hidden from every party unless it
+    holds something every party needs (the checkout itself, say: then keep raw data outside it)."""
+    raw = Path(config.data.source)
+    if not raw.exists():
+        return []  # a generated or hub data set
+    folder = (raw if raw.is_dir() else raw.parent).resolve()
+    return [] if any(p.resolve().is_relative_to(folder) for p in needed) else [folder]
+
+
 def shared_model(model_dir: Path, copy: Path) -> Path:
     """The model where every party's user can read it: a copy (hard links where the file system
     allows) with world-readable modes, since `model_dir` may sit in a folder only root can enter."""
@@ -107,10 +117,11 @@ def running(
         parties.deploy_all(prefect.url, REPO, layout, clients, mlflow.url, model, deployed.model_dump(mode="json"))
         stores = [prefect.log.parent, root / "mlflow", layout.root / "logs"]
         parties.hand_over(layout, clients, prefect.url, stores)
-        # what every party's user must reach: the interpreter, the environment, the code, the federation
-        needed = [Path(sys.base_prefix), Path(sys.prefix), REPO, root]
+        # what every party's user must reach: the interpreter, the environment, the code, the parties, the model
+        needed = [Path(sys.base_prefix), Path(sys.prefix), REPO, layout.root, model]
         exposed = parties.exposing(needed, Path(stage.name))
-        workers = parties.start_workers(prefect.url, layout, clients, source, stores, exposed, drills)
+        hidden = [*source, *_raw_data(config, needed)]
+        workers = parties.start_workers(prefect.url, layout, clients, hidden, stores, exposed, drills)
         with temporary_settings(updates={PREFECT_API_URL: prefect.url, PREFECT_API_AUTH_STRING: prefect_auth()}):
             yield Federation(prefect, mlflow, layout, workers, deployed)
     finally:

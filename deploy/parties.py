@@ -43,6 +43,11 @@ HEARTBEAT_S = 5
 PARTY_UID = 61000
 
 
+# what a worker inherits of the operator's environment: nothing else (no cloud or hub token, no secret)
+WORKER_ENV = {"PATH", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
+WORKER_ENV |= {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM"}
+
+
 def party_id(client: int | None) -> int:
     """The uid (and gid) of client `client`'s worker, or of the coordinator's (None)."""
     return PARTY_UID if client is None else PARTY_UID + 1 + client
@@ -84,9 +89,12 @@ def provision(partitions_dir: Path, root: Path, clients: int) -> Layout:
         shutil.copytree(client_dir(partitions_dir, client), client_dir(home / "partitions", client))
         (home / "private").mkdir(parents=True, mode=0o700)
         public_keys[client] = provision_identity(home / "private")
-    (layout.coordinator / "partitions").mkdir(parents=True, exist_ok=True)
-    write_public_keys(public_keys, layout.client_keys)
-    shutil.copy2(partitions_dir / "test.jsonl", layout.coordinator / "partitions" / "test.jsonl")
+    # the coordinator's home outlives a restart (its runs resume from it) and its party could have left
+    # links there: what root writes into it replaces such a link instead of writing through it
+    partitions = _unlinked(layout.coordinator / "partitions")
+    partitions.mkdir(parents=True, exist_ok=True)
+    write_public_keys(public_keys, _unlinked(layout.client_keys))
+    shutil.copy2(partitions_dir / "test.jsonl", _unlinked(partitions / "test.jsonl"))
     for box in [SERVER, *(outbox(c) for c in range(clients))]:
         (layout.exchange / box).mkdir(parents=True, exist_ok=True)  # each hidden from the other clients
     return layout
@@ -142,21 +150,29 @@ def _own(path: Path, uid: int, gid: int | None = None, mode: int = 0o700) -> Non
     os.chmod(path, mode)
 
 
+def _unlinked(path: Path) -> Path:
+    """`path` with whatever link or file stood there removed (never followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    return path
+
+
 def _secret_file(path: Path, text: str, uid: int) -> None:
-    """`text` in a file only `uid` can read (created 0600 before anything is written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """`text` in a new file only `uid` can read (created 0600 before anything is written; a link a
+    party left at its place, or at its folder's, is removed, not followed)."""
+    _unlinked(path.parent).mkdir(parents=True, exist_ok=True)
+    fd = os.open(_unlinked(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
-    os.chown(path.parent, uid, uid)
-    os.chown(path, uid, uid)
+    os.chown(path.parent, uid, uid, follow_symlinks=False)
+    os.chown(path, uid, uid, follow_symlinks=False)
 
 
 def hand_over(layout: Layout, clients: int, api_url: str, stores: list[Path]) -> None:
     """Give every party its files and secrets (see the module docstring); the servers' `stores` and
     the federation's root stay root's. Runs after `deploy_all`, which writes as root."""
     coordinator = party_id(None)
-    for folder in {layout.root.parent, layout.root, layout.root / "clients", layout.exchange}:
+    for folder in (layout.root, layout.root / "clients", layout.exchange):  # ours; never the user's --root
         os.chmod(folder, 0o711)  # traversable, not listable, by the parties
     for store in stores:
         store.mkdir(parents=True, exist_ok=True)
@@ -260,8 +276,9 @@ def start_worker(
     exposed: list[str],
 ) -> subprocess.Popen[bytes]:
     home = Path(env_extra.get("FEDTUNE_CLIENT_HOME", layout.coordinator))
+    kept = {k: v for k, v in prefect_env(api_url, home).items() if k in WORKER_ENV or k.startswith(("LC_", "PREFECT_"))}
     env = {
-        **prefect_env(api_url, home),
+        **kept,
         # a heartbeat every HEARTBEAT_S: the coordinator drops a client whose workers all missed three
         # (flows/remote_clients.py) instead of waiting for its deadline; Prefect's default is 30 s
         "PREFECT_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S),

@@ -11,7 +11,9 @@ MLFLOW_USER, MLFLOW_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASS
 
 
 MIN_PASSWORD = 12  # characters; a guessable password on an open port is no auth
-KNOWN_DEFAULTS = {"password1234", "password", "admin", "changeme"}  # password1234: MLflow's default admin
+# the stems of the defaults and favourites that guessing starts with (MLflow's default admin password is password1234)
+GUESSED = ("password", "changeme", "letmein", "qwerty", "123456", "admin", "secret123")
+MIN_DISTINCT = 6  # characters; "aaaaaaaaaaaa" is 12 long and guessed first
 
 
 class MissingSecret(InputError):
@@ -19,11 +21,20 @@ class MissingSecret(InputError):
 
 
 def strong(name: str, user: str, password: str) -> str:
-    """`password`, refused (MissingSecret naming `name`) when empty, short, a known default or the user name."""
-    if len(password) < MIN_PASSWORD or password.lower() in KNOWN_DEFAULTS or password == user:
+    """`password`, refused (MissingSecret naming `name`) when it is short, has few distinct characters,
+    contains the user name or a commonly guessed stem. A floor against the first guesses, not a
+    strength meter: use a generated secret (`python -c "import secrets; print(secrets.token_urlsafe())"`)."""
+    lowered = password.lower()
+    if (
+        len(password) < MIN_PASSWORD
+        or len(set(password)) < MIN_DISTINCT
+        or (user and user.lower() in lowered)
+        or any(stem in lowered for stem in GUESSED)
+    ):
         raise MissingSecret(
-            f"{name}: the password is weak (empty, under {MIN_PASSWORD} characters, a known default or the user "
-            "name); the deployment recipe refuses to guard its servers with it"
+            f"{name}: the password is weak (under {MIN_PASSWORD} characters, under {MIN_DISTINCT} distinct ones, "
+            "the user name or a commonly guessed word in it); the deployment recipe refuses to guard its servers "
+            "with it"
         )
     return password
 

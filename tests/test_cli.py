@@ -130,6 +130,9 @@ def test_the_documented_deploy_up_command_is_parsed_and_checks_its_credentials_f
         ("admin:", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),  # empty password
         ("admin:short", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),
         ("admin:a-long-prefect-secret", "password1234", "MLFLOW_TRACKING_PASSWORD"),  # MLflow's default admin
+        ("admin:aaaaaaaaaaaaaaaa", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),
+        ("admin:adminadminadmin", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),
+        ("admin:changeme1234", "a-long-mlflow-secret", "FEDTUNE_PREFECT_AUTH"),
     ],
 )
 def test_weak_deployment_passwords_are_refused_before_any_server_starts(prefect, mlflow_password, named) -> None:  # type: ignore[no-untyped-def]

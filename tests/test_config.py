@@ -121,6 +121,33 @@ def test_a_sections_own_rule_does_not_hide_the_others() -> None:
     ], info.value.problems
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (  # a bad list item
+            {"federation": {"clients_per_round": 10, "personal_modules": [None]}},
+            ["federation.personal_modules.0", "federation.clients_per_round"],
+        ),
+        (  # an option that is not a number or a string
+            {"federation": {"min_fit_clients": 5, "strategy_options": {"a": None}}},
+            ["federation.strategy_options", "federation.min_fit_clients"],
+        ),
+        (  # a derived option beside two other bad ones
+            {"federation": {"strategy": "fedprox", "strategy_options": {"sample_rate": 0.5, "mu": -1, "bogus": 2}}},
+            ["federation.strategy_options", "federation.strategy_options.mu", "federation.strategy_options.bogus"],
+        ),
+        (  # the strategy's own limit and secure aggregation's, which does not depend on it
+            {"federation": {"strategy": "krum", "clients_per_round": 3}, "secagg": {"enabled": True}},
+            ["federation.strategy", "secagg.enabled"],
+        ),
+    ],
+)
+def test_no_problem_hides_another(overrides: dict, expected: list[str]) -> None:  # review findings, issue 12
+    with pytest.raises(ConfigError) as info:
+        build_config(overrides)
+    assert [line.split(":")[0] for line in info.value.problems] == expected, info.value.problems
+
+
 def test_each_strategy_has_options_under_the_same_name() -> None:
     assert STRATEGY_OPTIONS.names() == STRATEGIES.names()
     for name in STRATEGIES.names():

@@ -22,6 +22,7 @@ from deploy import federation as running_federation
 from deploy import parties, servers
 from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH
 from fedtune.config.schema import build_config
+from fedtune.core.faults import CRASH_AT
 from fedtune.data.partition import client_dir
 from fedtune.deployment.exchange import REPORT, Exchange, client_file
 from fedtune.deployment.signing import Verifier
@@ -186,9 +187,13 @@ def test_a_partys_own_code_cannot_reach_another_partys_files_or_secrets(federati
     )
     assert found.pop("own partition") == "read", found
     assert all(outcome in ("FileNotFoundError", "PermissionError") for outcome in found.values()), found
+    own = {"HOME", "USER", "LOGNAME", "FEDTUNE_CLIENT_ID", "FEDTUNE_CLIENT_HOME", CRASH_AT}
     for worker in running.workers.values():  # secrets travel as files only their party can read
         environment = Path(f"/proc/{worker.pid}/environ").read_bytes()
         assert b"PREFECT_API_AUTH_STRING" not in environment and SECRETS[MLFLOW_PASSWORD].encode() not in environment
+        names = {item.split(b"=", 1)[0].decode() for item in environment.split(b"\0") if item}
+        stray = {n for n in names - own - parties.WORKER_ENV if not n.startswith(("LC_", "PREFECT_"))}
+        assert not stray, stray  # nothing else of the operator's environment (no hub or cloud token)
 
 
 def test_deploy_all_puts_every_party_on_its_own_pool_and_the_nightly_schedule_paused(federation: Federation) -> None:

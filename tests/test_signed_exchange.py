@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 import threading
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from deploy.parties import provision
-from fedtune.deployment.exchange import REPORT, Exchange, client_file
+from fedtune.deployment.exchange import REPORT, Exchange, UnreadableMessage, client_file
 from fedtune.deployment.signing import IDENTITY, ForgedMessage, Signer, Verifier, provision_identity, write_public_keys
 from fedtune.privacy.secagg.protocol import SecAggParams
 from fedtune.privacy.secagg.remote import RemoteRound, take_part
@@ -136,3 +137,36 @@ def test_a_client_on_its_own_machine_makes_its_key_and_prints_the_public_half(tm
     assert verifier.open(4, key, Signer(private).seal(key, b"{}")) == b"{}"
     again = CliRunner().invoke(app, ["identity", str(private)])  # never overwrites the key the coordinator holds
     assert again.exit_code == 2 and "exists" in again.output
+
+
+@pytest.mark.parametrize("plant", ["folder", "fifo", "link to /dev/zero"])
+def test_what_a_party_plants_in_its_outbox_drops_it_instead_of_stalling_the_coordinator(
+    parties, tmp_path: Path, plant: str
+) -> None:
+    """A client owns its outbox: a folder, a FIFO or a link where its report should be must be a
+    clean drop of that client (a ValueError, which `train_remotely` records), not an
+    IsADirectoryError, a read that blocks forever or one that fills the coordinator's memory."""
+    _, coordinator = parties
+    path = tmp_path / "exchange" / client_file(0, NAMESPACE, REPORT)
+    path.parent.mkdir(parents=True)
+    {"folder": path.mkdir, "fifo": lambda: os.mkfifo(path), "link to /dev/zero": lambda: path.symlink_to("/dev/zero")}[
+        plant
+    ]()
+    with pytest.raises(UnreadableMessage, match="report.json is not a readable file"):
+        _collect(coordinator, 0, 1, NAMESPACE, tmp_path, masked=True)
+
+
+@pytest.mark.parametrize("table", ['{"0": 5}', '{"0": null}', '{"0": ["x"]}', "[1]", '{"0": "%%%"}', "[" * 100000])
+def test_a_malformed_keys_file_is_one_named_error(tmp_path: Path, table: str) -> None:
+    path = tmp_path / "client_keys.json"
+    path.write_text(table)
+    with pytest.raises(ValueError, match="deployment.client_keys .*: not a table of Ed25519 public keys"):
+        Verifier.load(path)
+
+
+def test_a_client_listed_twice_in_the_keys_file_is_refused(tmp_path: Path) -> None:
+    raw = provision_identity(tmp_path)
+    path = write_public_keys({1: raw}, tmp_path / "client_keys.json")
+    path.write_text(path.read_text().replace("}", ', "01": ' + json.dumps(json.loads(path.read_text())["1"]) + "}"))
+    with pytest.raises(ValueError, match="listed twice"):
+        Verifier.load(path)

@@ -252,6 +252,9 @@ class FederationSection(Section):
             bad = [f"{k}={v}" for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 raise ValueError(f"{', '.join(bad)}: every option must be a finite number")
+            odd = [f"{k}={v!r}" for k, v in value.items() if not isinstance(v, int | float | str)]
+            if odd:
+                raise ValueError(f"{', '.join(odd)}: every option is a number, a string or a boolean")
         return value
 
     @field_validator("personal_modules")
@@ -508,7 +511,7 @@ def _without(data: Any, loc: tuple[Any, ...]) -> Any:
     """`data` with the value at `loc` removed (so that the field takes its default)."""
     if not loc or not isinstance(data, dict) or loc[0] not in data:
         return data
-    if len(loc) == 1:
+    if len(loc) == 1 or not isinstance(data[loc[0]], dict):  # an item of a list, a member of a union: the whole field
         return {k: v for k, v in data.items() if k != loc[0]}
     return {**data, loc[0]: _without(data[loc[0]], loc[1:])}
 

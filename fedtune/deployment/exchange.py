@@ -17,7 +17,9 @@ where a file lies says nothing about who wrote it unless the signature agrees.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from fedtune.deployment.signing import Signer, Verifier
 
@@ -38,6 +41,7 @@ def outbox(client: int) -> str:
     return f"client_{client}"
 
 
+MAX_MESSAGE_BYTES = 4 << 30  # an adapter update is megabytes; nothing legitimate comes near 4 GiB
 OUTBOX = re.compile(r"client_(\d+)/")
 NAMESPACE = re.compile(r"[0-9a-f]{32}/round_\d{4}-[0-9a-f]{8}")  # an MLflow run id, the round, an attempt
 
@@ -63,6 +67,10 @@ def server_file(namespace: str, name: str) -> str:
 def client_file(client: int, namespace: str, name: str) -> str:
     """The key of a file client `client` publishes for the round `namespace`."""
     return f"{outbox(client)}/{namespace}/{name}"
+
+
+class UnreadableMessage(ValueError):
+    """A published key that is not a plain file of bounded size (the receiver drops its sender)."""
 
 
 class ExchangeTimeout(TimeoutError):
@@ -105,13 +113,32 @@ class Exchange:
         """The file's bytes, or None while it has not been published; from a client's outbox, its
         verified payload (ForgedMessage unless that client's key signed it) when verifying."""
         try:
-            data = bytes(self.fs.cat_file(self._path(key)))
+            data = self._read(self._path(key))
         except FileNotFoundError:
             return None
+        except OSError as error:  # a folder, a FIFO, a link, no permission: what a party may plant in its outbox
+            raise UnreadableMessage(f"{key} is not a readable file ({error.strerror or error})") from None
         owner = OUTBOX.match(key)
         if self.verifier is not None and owner:
             return self.verifier.open(int(owner.group(1)), key, data)
         return data
+
+    def _read(self, path: str) -> bytes:
+        """The file at `path`, refused unless it is a regular file of at most MAX_MESSAGE_BYTES. On a
+        local folder it is opened without following a link and without blocking (a FIFO or a link to
+        /dev/zero cannot stall or flood the reader), then checked on the open descriptor."""
+        if not isinstance(self.fs, LocalFileSystem):  # an object store holds plain objects only
+            if self.fs.size(path) > MAX_MESSAGE_BYTES:
+                raise OSError(f"larger than {MAX_MESSAGE_BYTES} bytes")
+            return bytes(self.fs.cat_file(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as file:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise OSError("not a regular file")
+            if status.st_size > MAX_MESSAGE_BYTES:
+                raise OSError(f"larger than {MAX_MESSAGE_BYTES} bytes")
+            return file.read(MAX_MESSAGE_BYTES + 1)
 
     def wait(self, key: str, deadline: float, poll_s: float = 0.5, abort: str | None = None) -> bytes:
         """Poll until `key` appears or `deadline` (time.monotonic()) passes; raise at once when

@@ -65,8 +65,11 @@ class Verifier:
         """Read `{client: base64 raw public key}` (JSON), as `provision_identity` writes it."""
         try:
             table = json.loads(Path(path).read_text())
-            return cls({int(client): base64.b64decode(raw, validate=True) for client, raw in table.items()})
-        except (OSError, ValueError, AttributeError) as error:
+            keys = {int(client): base64.b64decode(raw, validate=True) for client, raw in table.items()}
+            if len(keys) != len(table):  # "1" and "01" would name one client twice
+                raise ValueError("a client is listed twice")
+            return cls(keys)
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as error:
             raise ValueError(f"deployment.client_keys {path}: not a table of Ed25519 public keys ({error})") from None
 
     def open(self, client: int, key: str, sealed: bytes) -> bytes:

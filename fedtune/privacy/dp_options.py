@@ -7,6 +7,7 @@ imports torch); the import happens there and only then. The mechanism is in `dp_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -81,12 +82,20 @@ class DPFedAvgOptions(StrategyOptions):
             )
         if problems:
             raise ValueError("; ".join(problems))
-        if self.target_epsilon > 0:
+        try:  # the accountants' arithmetic overflows far outside any useful setting: a problem, not a crash
+            multiplier = self.update_multiplier
             one_round = [(self.noise_multiplier, self.sample_rate, 1)]
-            one = epsilon_spent(one_round, self.delta, self.accountant, self.distributed)
-            if one > self.target_epsilon:
-                raise ValueError(
-                    f"target_epsilon {self.target_epsilon} cannot afford a single round (one round spends "
-                    f"{one:.3f}); raise noise_multiplier or the target"
-                )
+            one = epsilon_spent(one_round, self.delta, self.accountant, self.distributed) if self.target_epsilon else 0
+        except ArithmeticError as error:
+            raise ValueError(
+                f"noise_multiplier {self.noise_multiplier} (clip_norm {self.clip_norm}) is outside what the privacy "
+                f"arithmetic can represent ({type(error).__name__})"
+            ) from None
+        if not math.isfinite(multiplier) or multiplier <= 0:
+            raise ValueError(f"the update's noise multiplier {multiplier} is not a positive finite number")
+        if one > self.target_epsilon:
+            raise ValueError(
+                f"target_epsilon {self.target_epsilon} cannot afford a single round (one round spends "
+                f"{one:.4g}); raise noise_multiplier or the target"
+            )
         return self

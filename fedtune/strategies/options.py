@@ -11,7 +11,7 @@ implementation class names its model (`Strategy.Options`) and reads `self.option
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -162,9 +162,8 @@ def option_problems(config: Any) -> Iterator[Problem]:
             f"{', '.join(fixed)}: derived from the federation's shape (clients_per_round, num_clients, "
             "secagg.enabled, peft.client_ranks), never set as an option",
         )
-        return
     try:
-        _validated(config)
+        _validated(config, without=fixed)
     except ValidationError as error:
         for found in error.errors():
             where = ".".join(str(part) for part in found["loc"])
@@ -172,7 +171,7 @@ def option_problems(config: Any) -> Iterator[Problem]:
             yield Problem(f"{path}.{where}" if where else path, f"{federation.strategy}: {message}")
 
 
-def _validated(config: Any) -> StrategyOptions:
+def _validated(config: Any, without: Iterable[str] = ()) -> StrategyOptions:
     federation = config.federation
     model = STRATEGY_OPTIONS.get(federation.strategy)
     derived = {
@@ -182,7 +181,8 @@ def _validated(config: Any) -> StrategyOptions:
         "distributed": config.secagg.enabled,
         "client_ranks": config.peft.client_ranks,
     }
-    values = {k: v for k, v in derived.items() if k in model.model_fields} | dict(federation.strategy_options)
+    given = {k: v for k, v in federation.strategy_options.items() if k not in without}
+    values = {k: v for k, v in derived.items() if k in model.model_fields} | given
     return model.model_validate(values)
 
 

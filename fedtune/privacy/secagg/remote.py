@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.core.faults import crash_point
-from fedtune.deployment.exchange import Exchange, client_file, server_file
+from fedtune.deployment.exchange import Exchange, UnreadableMessage, client_file, server_file
 from fedtune.deployment.signing import ForgedMessage
 from fedtune.privacy.secagg import wire
 from fedtune.privacy.secagg.protocol import (
@@ -122,7 +122,7 @@ class RemoteRound:
                 for c in sorted(pending):
                     try:
                         data = self.exchange.get(client_key(c, self.namespace, CLIENT_FILES[stage]))
-                    except ForgedMessage as error:  # not the client's: as if it sent nothing valid
+                    except (ForgedMessage, UnreadableMessage) as error:  # as if it sent nothing valid
                         pending.discard(c)
                         left_out.append(f"client {c}: {error}")
                         continue

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from fedtune.config.compat import Problem
+from fedtune.core.catalog import STRATEGY_OPTIONS
 from fedtune.privacy.secagg.protocol import SecAggParams
 from fedtune.privacy.secagg.quantize import FixedPoint
 from fedtune.privacy.secagg.skellam import SkellamEncoder
@@ -38,9 +39,10 @@ def skellam_encoder(cfg: Any, options: DPFedAvgOptions, dim: int) -> SkellamEnco
 
 
 def problems(cfg: Any) -> Iterator[Problem]:
-    """Combinations that cannot be correct or cannot work, each at its field path (the strategy's
-    options are valid: `fedtune.config.compat` asks only then)."""
-    options, name = options_for(cfg), cfg.federation.strategy
+    """Combinations that cannot be correct or cannot work, each at its field path. What depends on the
+    strategy's options is checked only when they are valid (the strategy's own rule reports them)."""
+    name = cfg.federation.strategy
+    options = STRATEGY_OPTIONS.get(name)  # its traits need no valid options
     if options.extras:
         yield Problem(
             "secagg.enabled",
@@ -56,6 +58,10 @@ def problems(cfg: Any) -> Iterator[Problem]:
             "bounding belongs on the clients then)",
         )
         return
+    try:
+        valid = options_for(cfg)
+    except ValueError:
+        return
     params, point = parameters(cfg)
     k = cfg.federation.clients_per_round
     peers = k if params.neighbours is None else min(k, params.neighbours + 1)  # who share each client's masks
@@ -67,9 +73,11 @@ def problems(cfg: Any) -> Iterator[Problem]:
         )
     try:
         params.check(k)
-        if options.adds_noise:
-            skellam_encoder(cfg, cast("DPFedAvgOptions", options), LARGEST_ADAPTER).check(k)
+        if valid.adds_noise:
+            skellam_encoder(cfg, cast("DPFedAvgOptions", valid), LARGEST_ADAPTER).check(k)
         else:
             point.check(k, cfg.federation.max_client_examples)
     except ValueError as error:
         yield Problem("secagg", str(error))
+    except ArithmeticError as error:  # a clip norm or noise far outside any useful setting
+        yield Problem("secagg", f"the encoding's arithmetic overflows with these settings ({type(error).__name__})")
