@@ -31,6 +31,7 @@ import yaml
 
 from deploy.secrets import MLFLOW_PASSWORD, MLFLOW_USER, mlflow_credentials, prefect_auth
 from deploy.servers import BIN, spawn
+from fedtune.core.atomic import write_private
 from fedtune.core.faults import CRASH_AT
 from fedtune.data.partition import client_dir
 from fedtune.deployment.exchange import SERVER, outbox
@@ -158,12 +159,8 @@ def _unlinked(path: Path) -> Path:
 
 
 def _secret_file(path: Path, text: str, uid: int) -> None:
-    """`text` in a new file only `uid` can read (created 0600 before anything is written; a link a
-    party left at its place, or at its folder's, is removed, not followed)."""
-    _unlinked(path.parent).mkdir(parents=True, exist_ok=True)
-    fd = os.open(_unlinked(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
+    """`text` in a new file only `uid` can read (`write_private`: a link its party left is not followed)."""
+    write_private(text.encode(), path)
     os.chown(path.parent, uid, uid, follow_symlinks=False)
     os.chown(path, uid, uid, follow_symlinks=False)
 

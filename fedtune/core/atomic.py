@@ -39,6 +39,21 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     return path
 
 
+def write_private(data: bytes, path: str | Path) -> Path:
+    """`data` in a new file that only its owner can read: created 0600 before anything is written,
+    replacing (never following) a link or file that stood at `path` or at its folder's place, which
+    someone else may have planted there."""
+    path = Path(path)
+    for stale in (path.parent, path):
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path
+
+
 @contextmanager
 def staged_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty sibling directory to fill; when the block succeeds it replaces `target`.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedtune.core.atomic import write_private
 
 IDENTITY = "identity.ed25519.pem"  # in the client's private folder
 DOMAIN = b"fedtune-exchange-v1\x00"
@@ -90,10 +91,7 @@ def provision_identity(private_dir: Path) -> bytes:
     """A new Ed25519 key in `private_dir` (readable by its owner only); returns the raw public key."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path = private_dir / IDENTITY
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+    write_private(pem, private_dir / IDENTITY)
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 

@@ -146,29 +146,33 @@ class NormBoundOptions(StrategyOptions):
 def options_for(config: Any) -> StrategyOptions:
     """The configured strategy's options from `federation.strategy_options` and the federation's
     shape; ValueError naming every field that is wrong."""
-    problems = list(option_problems(config))
-    if problems:
-        raise ValueError("; ".join(map(str, problems)))
-    return _validated(config)
+    options, found = _checked(config)
+    if options is None:
+        raise ValueError("; ".join(map(str, found)))
+    return options
 
 
-def option_problems(config: Any) -> Iterator[Problem]:
-    """Every problem of the configured strategy's options, each at its field path."""
-    federation, path = config.federation, "federation.strategy_options"
+def _checked(config: Any) -> tuple[StrategyOptions | None, list[Problem]]:
+    """The options, validated once, and every problem with them at its field path (None if any)."""
+    federation, path, found = config.federation, "federation.strategy_options", []
     fixed = sorted(set(federation.strategy_options) & set(DERIVED))
     if fixed:
-        yield Problem(
-            path,
-            f"{', '.join(fixed)}: derived from the federation's shape (clients_per_round, num_clients, "
-            "secagg.enabled, peft.client_ranks), never set as an option",
+        found.append(
+            Problem(
+                path,
+                f"{', '.join(fixed)}: derived from the federation's shape (clients_per_round, num_clients, "
+                "secagg.enabled, peft.client_ranks), never set as an option",
+            )
         )
     try:
-        _validated(config, without=fixed)
+        options = _validated(config, without=fixed)
     except ValidationError as error:
-        for found in error.errors():
-            where = ".".join(str(part) for part in found["loc"])
-            message = found["msg"].removeprefix("Value error, ")
-            yield Problem(f"{path}.{where}" if where else path, f"{federation.strategy}: {message}")
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"])
+            message = item["msg"].removeprefix("Value error, ")
+            found.append(Problem(f"{path}.{where}" if where else path, f"{federation.strategy}: {message}"))
+        return None, found
+    return (None if found else options), found
 
 
 def _validated(config: Any, without: Iterable[str] = ()) -> StrategyOptions:
@@ -188,12 +192,12 @@ def _validated(config: Any, without: Iterable[str] = ()) -> StrategyOptions:
 
 def problems(config: Any) -> Iterator[Problem]:
     """What is wrong with the configured strategy: its options, then the federations it refuses."""
-    found = list(option_problems(config))
-    if found:
-        yield from found
+    options, found = _checked(config)
+    yield from found
+    if options is None:
         return
     try:
-        _validated(config).check_config(config)
+        options.check_config(config)
     except ValueError as error:
         yield Problem("federation.strategy", str(error))
 
