@@ -20,6 +20,7 @@ from mlflow_tracking.lineage import dvc_data_version, git_commit
 from mlflow_tracking.plots import plot_rounds
 
 log = logging.getLogger(__name__)
+ROUND_STARTED, ROUND_LOGGED = "fedtune.round_started", "fedtune.round_logged"  # see RunTracker.log_rounds
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -90,13 +91,20 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int | None = None, tags: Mapping[str, str] | None = None
+    ) -> None:
+        """`metrics` at `step`, in batches of 500; `tags` go with the last batch."""
         items = [
             mlflow.entities.Metric(k, v, int(mlflow.utils.time.get_current_time_millis()), step or 0)
             for k, v in _numeric(metrics).items()
         ]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+        if not items and not tags:
+            return
+        starts = range(0, max(len(items), 1), 500)
+        for start in starts:
+            last = [mlflow.entities.RunTag(k, v) for k, v in (tags or {}).items()] if start == starts[-1] else []
+            self.client.log_batch(self.run_id, metrics=items[start : start + 500], tags=last)
 
     def log_round(self, round_: int, global_metrics: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> None:
         """Global metrics plus one `client_<id>/<metric>` series per client, at step=round."""
@@ -106,12 +114,24 @@ class RunTracker:
         """Log (round, global metrics, client reports) triples, skipping every (metric, step) the run
         already has: a round logged again (a retried task, a resumed run catching up, a round recomputed
         from an earlier checkpoint) keeps exactly one value per step. A report's `data_version`
-        becomes the run's `lineage.data.client_<c>` tag."""
-        per_round = {round_: _round_metrics(metrics, clients) for round_, metrics, clients in rounds}
-        keys = {key for metrics in per_round.values() for key in metrics}
-        logged = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in keys}
-        for round_, metrics in per_round.items():
-            self.log_metrics({k: v for k, v in metrics.items() if round_ not in logged[k]}, step=round_)
+        becomes the run's `lineage.data.client_<c>` tag.
+
+        Two tags make this a few requests per round, not one per metric (each costs a password
+        check on an authenticated server): `ROUND_STARTED` is set before a round's metrics are
+        sent and `ROUND_LOGGED` with its last batch. A round at most ROUND_LOGGED is skipped; only
+        the round a crash interrupted (ROUND_STARTED past ROUND_LOGGED), or a run without the tags,
+        is compared metric by metric with what the run holds."""
+        run = self.client.get_run(self.run_id).data
+        logged, started = int(run.tags.get(ROUND_LOGGED, -1)), int(run.tags.get(ROUND_STARTED, -1))
+        unsure = ROUND_LOGGED not in run.tags and bool(run.metrics)
+        for round_, metrics in sorted((r, _round_metrics(m, c)) for r, m, c in rounds):
+            if round_ <= logged:
+                continue
+            if unsure or round_ == started:
+                metrics = {k: v for k, v in metrics.items() if round_ not in self.metric_history(k)}
+            self.set_tags({ROUND_STARTED: str(round_)})
+            self.log_metrics(metrics, step=round_, tags={ROUND_LOGGED: str(round_)})
+            logged = round_
         versions = {  # a deployed client reports the DVC md5 of the data it trained on
             f"lineage.data.client_{report['client']}": str(report["data_version"])
             for _, _, clients in rounds

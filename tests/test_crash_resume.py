@@ -12,11 +12,9 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,59 +82,20 @@ class Launcher:
         self.proc.wait(timeout=30)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
-def cli(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    """One Prefect server and one CLI launcher for the module, starting while the tiny model is built."""
-    home = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",  # the tiny model gains nothing from a second thread, and loses a lot on a busy CPU
-    }
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=(home / "server.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def cli(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, prefect_api: str
+) -> Iterator[Launcher]:
+    """One CLI launcher for the module, on the session's Prefect server."""
+    home = tmp_path_factory.mktemp("launcher")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     launcher = Launcher(env, home)
     try:
         launcher.model_dir = request.getfixturevalue("tiny_model_dir")
         assert launcher.line(timeout=180) == "ready"
-        _wait_healthy(env["PREFECT_API_URL"], timeout=120)
         yield launcher
     finally:
         launcher.close()
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 def _sha(path: Path) -> str:
@@ -224,6 +183,7 @@ def test_a_crash_point_kills_only_at_its_name_and_round() -> None:
 
 def test_a_round_logged_again_keeps_its_first_value_at_its_step(cli: Launcher, tmp_path: Path) -> None:
     from mlflow_tracking import RunTracker
+    from mlflow_tracking.runs import ROUND_STARTED
 
     shutil.copy(cli.template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -238,7 +198,11 @@ def test_a_round_logged_again_keeps_its_first_value_at_its_step(cli: Launcher, t
         run.log_round(row["round"], row, row["reports"])
     run.log_rounds([(row["round"], row, row["reports"]) for row in history])  # the resumed run catching up
     run.log_round(2, {"round": 2, "test_loss": 9.0}, [])  # round 2 recomputed from an earlier checkpoint
+    # a crash while round 3 was being sent: its start is marked and only part of it arrived
+    run.set_tags({ROUND_STARTED: "3"})
+    run.log_metrics({"test_loss": 0.25}, step=3)
+    run.log_round(3, {"round": 3, "test_loss": 0.25}, [{"client": 0, "round": 3, "train_loss": 3.5}])
     client = MlflowClient(uri)
-    for key, values in (("test_loss", [1.0, 0.5, 1.0 / 3]), ("client_0/train_loss", [0.5, 1.5, 2.5])):
+    for key, values in (("test_loss", [1.0, 0.5, 1.0 / 3, 0.25]), ("client_0/train_loss", [0.5, 1.5, 2.5, 3.5])):
         history_ = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, key))
         assert history_ == list(enumerate(values)), key
