@@ -39,6 +39,7 @@ from fedtune.deployment.signing import provision_identity, write_public_keys
 
 COORDINATOR_POOL = "coordinator"
 HEARTBEAT_S = 5
+QUERY_S = 1
 # the parties' users: the coordinator PARTY_UID, client c PARTY_UID + 1 + c (uid = gid; ids no account
 # on a normal machine uses, so no passwd entry is needed or touched)
 PARTY_UID = 61000
@@ -279,6 +280,9 @@ def start_worker(
         # a heartbeat every HEARTBEAT_S: the coordinator drops a client whose workers all missed three
         # (flows/remote_clients.py) instead of waiting for its deadline; Prefect's default is 30 s
         "PREFECT_WORKER_HEARTBEAT_SECONDS": str(HEARTBEAT_S),
+        # each round's client flow runs start within QUERY_S of being created (Prefect's default, 10 s,
+        # added up to 10 s of idle waiting to every round); a handful of workers polling is no load
+        "PREFECT_WORKER_QUERY_SECONDS": str(QUERY_S),
         "HOME": str(home),  # caches, and the coordinator's ~/.mlflow/credentials
         "USER": pool,
         "LOGNAME": pool,
