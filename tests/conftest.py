@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +17,83 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread per torch process (this one and every child): the tiny models gain nothing from a
+# second thread, and two processes with two threads each on two cores stall each other (the
+# session model took 8 s with one thread and 191 s with two on a loaded machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_process(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`args` in a session of its own (so `stop_process` reaches its children), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Interrupt the process group `start_process` started, then kill it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the whole session (per xdist worker), on a free port with its own
+    home. This process and every child (the CLI, DVC's stages, served deployments) talk to it, instead
+    of each starting a temporary server of its own (about 10 s each). Its scheduler looks for due
+    runs every second, so a schedule fires in seconds. Tests that need a server configured otherwise
+    (authentication, a server they kill) start their own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    port = url.split(":")[2].split("/")[0]
+    args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
+    server = start_process(args, env, home, home / "server.log")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the session's Prefect server did not start"
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+            time.sleep(0.5)
+        with pytest.MonkeyPatch.context() as patch, temporary_settings(updates={PREFECT_API_URL: url}):
+            patch.setenv("PREFECT_API_URL", url)
+            patch.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # a served deployment picks up its run at once
+            yield url
+            # send what Prefect's log and event workers still hold while the server is up (after it
+            # stops, they retry for minutes at exit), as prefect_test_harness does
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
+    finally:
+        stop_process(server)
+
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -143,3 +227,21 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untype
     from fedtune.config.schema import build_config
 
     return build_config(tiny_overrides(tmp_path, tiny_model_dir))
+
+
+SLOW_FILES = ("test_dvc_pipeline.py", "test_scale.py", "test_continual.py", "test_crash_resume.py", "test_flows.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the files for `make test`'s two workers (xdist's loadfile hands files out in turn):
+    the deployment file, the longest and mostly waiting on its parties, first; then the other slow
+    files at every other place, so that they go to the other worker while the deployment runs."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.path.name, []).append(item)
+    slow = [name for name in SLOW_FILES if name in files]
+    rest = [name for name in files if name not in slow and name != "test_deployment.py"]
+    order = ["test_deployment.py"] if "test_deployment.py" in files else []
+    while slow or rest:
+        order += [queue.pop(0) for queue in (slow, rest) if queue]
+    items[:] = [item for name in order for item in files[name]]

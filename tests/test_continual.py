@@ -3,14 +3,8 @@ fires twice, and the second run continues from the adapter the first one registe
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,96 +15,47 @@ from mlflow import MlflowClient
 from fedtune.config.schema import build_config
 from fedtune.data.partition import client_dir, split_path
 from mlflow_tracking.lineage import dvc_md5
-from tests.conftest import tiny_overrides
+from tests.conftest import BIN, start_process, stop_process, tiny_overrides
 
-BIN = Path(sys.executable).parent
 DEADLINE_S = 240.0  # generous for a loaded 2-core machine; about 90 s when it is idle
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Interrupt the process group this test started (the served flow runs are children), then kill it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-def _start(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-@pytest.fixture
-def prefect_api(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A real Prefect server (its scheduler is what fires the schedule) on a free port, with its own home."""
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+def _flow_runs(url: str, states: list[str], deployment: str) -> list[dict]:
+    """The continual-learning flow's runs of `deployment` (the session's server also holds others)."""
+    query = {
+        "flows": {"name": {"any_": ["continual-learning"]}},
+        "deployments": {"name": {"any_": [deployment]}},
+        "flow_runs": {"state": {"type": {"any_": states}}},
     }
-    env.pop("PREFECT_API_URL", None)
-    port = url.split(":")[2].split("/")[0]
-    server = _start(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"],
-        env,
-        tmp_path,
-        tmp_path / "server.log",
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        else:
-            pytest.fail("the Prefect server did not start")
-        yield url, {**env, "PREFECT_API_URL": url}
-    finally:
-        _stop(server)
-
-
-def _flow_runs(url: str, states: list[str]) -> list[dict]:
-    query = {"flows": {"name": {"any_": ["continual-learning"]}}, "flow_runs": {"state": {"type": {"any_": states}}}}
     return httpx.post(f"{url}/flow_runs/filter", json=query, timeout=10).json()
 
 
 def test_an_interval_schedule_fires_twice_and_the_second_run_starts_from_the_first(  # type: ignore[no-untyped-def]
     tmp_path, tiny_model_dir, prefect_api
 ) -> None:
-    url, env = prefect_api
+    url, name = prefect_api, "interval-test"
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
     overrides["federation"]["rounds"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(overrides))
     config = build_config(overrides)
 
     serve_log = tmp_path / "serve.log"
-    serve = _start(
-        [str(BIN / "fedtune"), "serve-continual", "-c", "params.yaml", "--interval", "4"], env, tmp_path, serve_log
+    serve = start_process(
+        [str(BIN / "fedtune"), "serve-continual", "-c", "params.yaml", "--interval", "4", "--name", name],
+        dict(os.environ),
+        tmp_path,
+        serve_log,
     )
     try:
         deadline = time.monotonic() + DEADLINE_S
-        while len(_flow_runs(url, ["COMPLETED"])) < 2:
-            failed = _flow_runs(url, ["FAILED", "CRASHED"])
+        while len(_flow_runs(url, ["COMPLETED"], name)) < 2:
+            failed = _flow_runs(url, ["FAILED", "CRASHED"], name)
             assert not failed and serve.poll() is None, serve_log.read_text()[-5000:]
             assert time.monotonic() < deadline, "two scheduled runs did not complete in time"
             time.sleep(1)
     finally:
-        _stop(serve)
-    completed = sorted(_flow_runs(url, ["COMPLETED"]), key=lambda r: r["start_time"])
+        stop_process(serve)
+    completed = sorted(_flow_runs(url, ["COMPLETED"], name), key=lambda r: r["start_time"])
     assert all(r["deployment_id"] and r["auto_scheduled"] for r in completed)  # fired by the schedule
 
     mlflow = MlflowClient(config.tracking.tracking_uri)

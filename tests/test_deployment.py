@@ -416,10 +416,12 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     assert run.info.status == "FINISHED"
     aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
     assert [(m.step, m.value) for m in aggregated] == [(1, 3.0), (2, 2.0)]
-    # dropped once its worker missed three heartbeats, not at the 90 s client deadline (issue 15)
+    # dropped as soon as the coordinator sees it gone, not at the 90 s client deadline (issue 15): its
+    # flow run ended Crashed (Prefect saw the process die), or its worker missed three heartbeats
     (second,) = json.loads((out / "checkpoints" / "round_0002" / "checkpoint.json").read_text())["history"][-1:]
-    assert second["left_out"] == ["client 1: every worker of its pool client-1 stopped sending heartbeats"]
-    assert second["round_seconds"] < 45, second["round_seconds"]
+    (reason,) = second["left_out"]
+    assert reason.startswith(("client 1: its flow run ended Crashed", "client 1: every worker of its pool")), reason
+    assert second["round_seconds"] < config["federation"]["client_timeout_s"], second["round_seconds"]
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert loss[2] < loss[0]
     outboxes = sorted(p.name for p in federation.layout.exchange.iterdir())

@@ -1,4 +1,4 @@
-"""End-to-end flows under a real (temporary) Prefect server with a temporary MLflow store."""
+"""End-to-end flows under the session's real Prefect server with a temporary MLflow store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from peft import PeftModel
-from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoModelForCausalLM
 
 import tasks.training
@@ -27,12 +26,6 @@ from flows.centralized import centralized
 from flows.federated_finetune import federated_finetune
 from flows.local_only import local_only
 from tests.conftest import tiny_overrides
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():  # type: ignore[no-untyped-def]
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _config(root: Path, model_dir: Path):  # type: ignore[no-untyped-def]
@@ -280,3 +273,36 @@ def test_record_level_dp_sgd_run_logs_each_clients_epsilon_and_stops_at_the_targ
         )
     ledgers = list(Path(config.federation.output_dir).glob("clients/client_*/record_dp_ledger.json"))
     assert len(ledgers) == 3 and all(len(json.loads(p.read_text())) == 2 for p in ledgers)
+
+
+def test_a_secure_aggregation_abort_fails_the_round_and_keeps_the_last_checkpoint(  # type: ignore[no-untyped-def]
+    tmp_path, tiny_model_dir, monkeypatch
+) -> None:
+    """In round 2 all but one client go silent after sharing their keys, so fewer than the
+    threshold send masked inputs and the real protocol aborts: the flow fails naming the round and
+    the reason, nothing of round 2 is checkpointed, the MLflow run is FAILED, and a resume with the
+    clients back finishes from round 1's checkpoint."""
+    import fedtune.round.secure_round as secure_round
+
+    real = secure_round.run_round
+
+    def silent_in_round_2(inputs, length, params, round_, **options):  # type: ignore[no-untyped-def]
+        if round_ == 2:
+            options["silent"] = {"masked": set(sorted(inputs)[1:])}
+        return real(inputs, length, params, round_, **options)
+
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["federation"] |= {"rounds": 2, "clients_per_round": 3, "min_fit_clients": 2}
+    overrides["secagg"] = {"enabled": True}
+    config = build_config(overrides)
+    monkeypatch.setattr(secure_round, "run_round", silent_in_round_2)
+    with pytest.raises(Exception, match=r"round 2: secure aggregation aborted .*left out"):
+        federated_finetune(config=config)
+    out = Path(config.federation.output_dir)
+    kept = latest_checkpoint(out)
+    assert kept is not None and kept.round == 1 and not (out / "final_adapter.safetensors").exists()
+    client = MlflowClient(config.tracking.tracking_uri)
+    assert client.get_run(kept.meta["mlflow_run_id"]).info.status == "FAILED"
+    monkeypatch.setattr(secure_round, "run_round", real)
+    resumed = federated_finetune(config=config, resume=True)
+    assert resumed["rounds"] == 2 and latest_checkpoint(out).round == 2

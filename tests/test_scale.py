@@ -12,7 +12,6 @@ import pytest
 import torch
 from distributed import Client, LocalCluster, get_task_stream
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 import tasks.training
 from fedtune.config.schema import ConfigError, build_config
@@ -24,12 +23,6 @@ from flows.federated_finetune import federated_finetune
 from tests.conftest import tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def prefect_server():  # type: ignore[no-untyped-def]
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _one_round(root: Path, model_dir: Path, **federation: object):  # type: ignore[no-untyped-def]
     overrides = tiny_overrides(root, model_dir)
     overrides["federation"] |= {"rounds": 1, **federation}
@@ -39,7 +32,7 @@ def _one_round(root: Path, model_dir: Path, **federation: object):  # type: igno
 
 
 def test_fifty_clients_aggregate_to_the_example_weighted_mean_one_update_at_a_time(
-    prefect_server, tmp_path, tiny_model_dir, monkeypatch
+    tmp_path, tiny_model_dir, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     overrides = _one_round(tmp_path, tiny_model_dir, clients_per_round=50, max_parallel_clients=2)
     overrides["train"] |= {"steps_per_round": 1}
@@ -90,7 +83,7 @@ def _adapter_hash(config) -> str:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def threads_adapter(prefect_server, tmp_path_factory, tiny_model_dir) -> str:  # type: ignore[no-untyped-def]
+def threads_adapter(tmp_path_factory, tiny_model_dir) -> str:  # type: ignore[no-untyped-def]
     """SHA-256 of the global adapter of a 2-client round trained in threads.
 
     Runs on Dask must give the same bytes, not merely close values: the same seeds, partitions and
