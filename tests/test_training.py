@@ -44,13 +44,32 @@ def test_grad_accumulation_and_epoch_budget(tiny_config) -> None:  # type: ignor
     assert result.examples == steps * cfg.batch_size * 2
 
 
-def test_exact_match_scores_generated_answers(tiny_config) -> None:  # type: ignore[no-untyped-def]
+def test_exact_match_scores_each_batched_answer_as_if_generated_alone(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    """References set to the model's own greedy answers (each generated alone) score 1, others 0,
+    in left-padded batches of prompts of different lengths: 3 of 5 right is accuracy 0.6, and the
+    per-label split says which."""
     tokenizer, records, _ = _setup(tiny_config)
     model = build_peft_model(tiny_config)
-    result = exact_match(model, tokenizer, records[:6], system_prompt=None, max_new_tokens=3, batch_size=4)
-    assert 0.0 <= result["accuracy"] <= 1.0
-    assert sum(len(v) for v in [result["per_label"]]) >= 1 and result["samples"]
-    assert tokenizer.padding_side == "right"
+
+    def score(chosen, batch_size):  # type: ignore[no-untyped-def]
+        return exact_match(model, tokenizer, chosen, system_prompt=None, max_new_tokens=3, batch_size=batch_size)
+
+    by_length = sorted(records, key=lambda r: len(r["messages"][-2]["content"]))
+    chosen = [by_length[i * (len(by_length) - 1) // 4] for i in range(5)]
+    assert len({len(r["messages"][-2]["content"]) for r in chosen}) > 1  # the batch needs padding
+    alone = [score([r], 1)["samples"][0]["answer"] for r in chosen]
+
+    def answered(record, answer, label):  # type: ignore[no-untyped-def]
+        messages = [*record["messages"][:-1], {"role": "assistant", "content": answer}]
+        return {**record, "messages": messages, "label": label}
+
+    mixed = [answered(r, a, "right") for r, a in zip(chosen[:3], alone, strict=False)]
+    mixed += [answered(r, a + " 9", "wrong") for r, a in zip(chosen[3:], alone[3:], strict=True)]
+    result = score(mixed, 4)
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["per_label"] == {"right": 1.0, "wrong": 0.0}
+    assert [s["answer"] for s in result["samples"]] == alone
+    assert tokenizer.padding_side == "right"  # restored for training
 
 
 def test_an_answer_pattern_compares_only_the_final_answers() -> None:

@@ -19,7 +19,7 @@ Sensitivity: rounding moves each coordinate by less than one unit, so one client
 has L2 norm at most units(d) + sqrt(d), and (integers) L1 norm at most its squared L2 norm. The noise
 multiplier z is applied to that bound. The accountant charges, per round, the Skellam RDP bound
 (the paper's Theorem 3.5): eps(a) <= a D2^2 / (2 mu) + min(((2a - 1) D2^2 + 6 D1) / (4 mu^2),
-3 D1 / (2 mu)), at the lower bound D2 = 2^30 (the bound decreases in D2 at fixed z = sqrt(mu) / D2,
+3 D1 / (2 mu)), at the lower bound D2 = MIN_UNITS = 2^10 (the bound decreases in D2 at fixed z = sqrt(mu) / D2,
 so this over-charges), converted to (eps, delta) by Opacus. No amplification by sampling is
 claimed: every round is charged as if every client took part (an upper bound when q < 1).
 
