@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,18 @@ def running(
 
     root = root.resolve()
     clients = config.data.partition.num_clients
-    prefect = servers.start_prefect(root / "prefect", prefect_port or servers.free_port(host), host)
-    mlflow = servers.start_mlflow(root / "mlflow", mlflow_port or servers.free_port(host), host)
+    prefect_port = prefect_port or servers.free_port(host)
+    while not mlflow_port or mlflow_port == prefect_port:  # both are picked before either server binds
+        mlflow_port = servers.free_port(host)
+    with ThreadPoolExecutor(2) as starting:  # both servers start at once: each mostly waits to answer
+        prefect_up = starting.submit(servers.start_prefect, root / "prefect", prefect_port, host)
+        mlflow_up = starting.submit(servers.start_mlflow, root / "mlflow", mlflow_port, host)
+    failed = [error for f in (prefect_up, mlflow_up) if (error := f.exception()) is not None]
+    if failed:  # the one that started does not outlive the failure
+        for up in (f for f in (prefect_up, mlflow_up) if f.exception() is None):
+            up.result().stop()
+        raise failed[0]
+    prefect, mlflow = prefect_up.result(), mlflow_up.result()
     workers: dict[str, Popen[bytes]] = {}
     stage = tempfile.TemporaryDirectory(prefix="fedtune-exposed-")  # mount points, outside everything exposed
     try:
