@@ -72,6 +72,7 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
         ({"data": {"truncation": "drop"}}, "partition"),
         ({"data": {"encoding": "latin-1"}}, "prepare_data"),
         ("fedtune/round/client.py", "train"),
+        ("fedtune/model/loading.py", "base_model"),
         ("fedtune/training/objectives.py", "partition"),
         ("tasks/training.py", "train"),
         ("mlflow_tracking/runs.py", "train"),
