@@ -13,8 +13,8 @@ from fedtune.privacy.secagg.skellam import SkellamEncoder, skellam_epsilon, skel
 
 
 # reference: the Gaussian mechanism's epsilon at delta 1e-5 without sampling, R * a / (2 z^2) at each
-# order (Mironov 2017, Prop. 7) converted as Balle et al. 2020, Thm. 21 (Opacus 1.5's RDPAccountant
-# gives 30.1266 and 12.3017); at D2 = 2^10 the Skellam bound is within 1% of it
+# order (Mironov 2017, Prop. 7) converted as Balle et al. 2020, Thm. 21; Google's dp-accounting 0.6
+# RdpAccountant gives 30.127 and 12.302; at D2 = 2^10 the Skellam bound is within 1% of it
 @pytest.mark.parametrize(("z", "rounds", "reference"), [(1.0, 20, 30.13), (2.0, 20, 12.30), (3.0, 200, None)])
 def test_skellam_epsilon_matches_the_gaussian_reference_and_never_undercharges(z, rounds, reference) -> None:  # type: ignore[no-untyped-def]
     gaussian = RDPAccountant()

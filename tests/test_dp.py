@@ -12,8 +12,10 @@ from fedtune.strategies.base import ClientUpdate
 from fedtune.strategies.options import build_strategy
 
 
+# references at delta 1e-5 from an accountant independent of the one fedtune uses (Opacus): Google's
+# dp-accounting 0.6, RdpAccountant over SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), rounds)
 @pytest.mark.parametrize(
-    ("z", "q", "rounds", "reference"), [(1.0, 0.1, 200, 11.016), (1.0, 1.0, 20, 30.13), (2.0, 1.0, 20, 12.30)]
+    ("z", "q", "rounds", "reference"), [(1.0, 0.1, 200, 11.063), (1.0, 1.0, 20, 30.127), (2.0, 1.0, 20, 12.302)]
 )
 def test_epsilon_matches_reference_values_within_one_percent(z, q, rounds, reference) -> None:  # type: ignore[no-untyped-def]
     assert epsilon(z, q, rounds, 1e-5) == pytest.approx(reference, rel=0.01)
