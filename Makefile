@@ -15,7 +15,7 @@ demo: setup
 # one worker per core, a test file per worker at a time (module fixtures are built once); coverage
 # of fedtune/, flows/, tasks/ and mlflow_tracking/ printed at the end
 test: setup .venv-flower/bin/flwr
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --cov --cov-report=term
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --cov --cov-report=term
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/mypy

@@ -124,7 +124,7 @@ class RunTracker:
         run = self.client.get_run(self.run_id).data
         logged, started = int(run.tags.get(ROUND_LOGGED, -1)), int(run.tags.get(ROUND_STARTED, -1))
         unsure = ROUND_LOGGED not in run.tags and bool(run.metrics)
-        for round_, metrics in sorted((r, _round_metrics(m, c)) for r, m, c in rounds):
+        for round_, metrics in sorted(((r, _round_metrics(m, c)) for r, m, c in rounds), key=lambda item: item[0]):
             if round_ <= logged:
                 continue
             if unsure or round_ == started:
