@@ -102,8 +102,9 @@ class RunTracker:
         if not items and not tags:
             return
         starts = range(0, max(len(items), 1), 500)
+        marks = [mlflow.entities.RunTag(k, v) for k, v in (tags or {}).items()]
         for start in starts:
-            last = [mlflow.entities.RunTag(k, v) for k, v in (tags or {}).items()] if start == starts[-1] else []
+            last = marks if start == starts[-1] else []
             self.client.log_batch(self.run_id, metrics=items[start : start + 500], tags=last)
 
     def log_round(self, round_: int, global_metrics: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> None:

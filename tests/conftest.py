@@ -25,14 +25,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_process(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """`args` in a session of its own (so `stop_process` reaches its children), output to `log`."""
     with log.open("wb") as out:
@@ -59,8 +51,11 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (authentication, a server they kill) start their own."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from deploy.servers import free_port
+
     home = tmp_path_factory.mktemp("prefect")
-    url = f"http://127.0.0.1:{free_port()}/api"
+    port = str(free_port())
+    url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -68,7 +63,6 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
     }
     env.pop("PREFECT_API_URL", None)
-    port = url.split(":")[2].split("/")[0]
     args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
     server = start_process(args, env, home, home / "server.log")
     try:
