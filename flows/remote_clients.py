@@ -115,6 +115,11 @@ def train_remotely(
     reports: list[dict[str, Any]] = []
     dropped: list[str] = []
     pending = set(clients)
+
+    def drop(client: int, why: str) -> None:  # logged at once: the log's time is when it dropped
+        dropped.append(f"client {client}: {why}")
+        logger.warning("round %d: %s", round_, dropped[-1])
+
     with get_client(sync_client=True) as api:
         while pending:
             for client in sorted(pending):
@@ -136,17 +141,15 @@ def train_remotely(
                             raise RuntimeError(f"its flow run ended {ended}")
                     reports.append(report)
                 except (RuntimeError, ValueError) as error:
-                    dropped.append(f"client {client}: {error}")
+                    drop(client, str(error))
                 pending.discard(client)
             if pending and time.monotonic() >= deadline:
                 for client in sorted(pending):
-                    dropped.append(f"client {client}: missed the {config.federation.client_timeout_s:g} s deadline")
+                    drop(client, f"missed the {config.federation.client_timeout_s:g} s deadline")
                     _cancel(api, runs[client].id)
                 break
             if pending:
                 time.sleep(config.deployment.poll_s)
-    for reason in dropped:
-        logger.warning("round %d: %s", round_, reason)
     return sorted(reports, key=lambda r: r["client"]), dropped
 
 

@@ -119,7 +119,9 @@ class RunTracker:
 
         Two tags make this a few requests per round, not one per metric (each costs a password
         check on an authenticated server): `ROUND_STARTED` is set before a round's metrics are
-        sent and `ROUND_LOGGED` with its last batch. A round at most ROUND_LOGGED is skipped; only
+        sent and `ROUND_LOGGED` with its last batch. Rounds reach a run in increasing order (every
+        flow logs round r after round r - 1; one call sorts its rounds), so a round at most
+        ROUND_LOGGED is already there and skipped; only
         the round a crash interrupted (ROUND_STARTED past ROUND_LOGGED), or a run without the tags,
         is compared metric by metric with what the run holds."""
         run = self.client.get_run(self.run_id).data

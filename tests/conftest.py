@@ -63,6 +63,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
     }
     env.pop("PREFECT_API_URL", None)
+    env.pop("COVERAGE_PROCESS_CONFIG", None)  # it runs no fedtune code: coverage tracing only slows it
     args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
     server = start_process(args, env, home, home / "server.log")
     try:

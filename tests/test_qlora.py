@@ -17,6 +17,8 @@ def test_the_frozen_base_is_stored_quantized_and_only_lora_trains(tiny_config, b
     bases = {name: m for name, m in model.named_modules() if name.endswith("_proj.base_layer")}
     assert bases and {type(m).__name__ for m in bases.values()} == {layer}
     assert all(m.weight.dtype == stored and not m.weight.requires_grad for m in bases.values())
+    if bits == "4bit":  # NF4, the QLoRA paper's data type (Dettmers et al. 2023, sec. 3), not FP4
+        assert {m.weight.quant_type for m in bases.values()} == {"nf4"}
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name and p.dtype == torch.float32 for name, p in trainable.items())
     linear = sum(m.weight.numel() for name, m in full.named_modules() if name.endswith("_proj.base_layer"))
