@@ -29,7 +29,7 @@ from fedtune.config.schema import FedConfig
 from fedtune.core.catalog import PEFT_METHODS
 from fedtune.data.partition import read_split
 from fedtune.model.builder import tokenizer_for
-from fedtune.model.loading import DTYPES, quantization_config, resolve_device
+from fedtune.model.loading import compute_dtype, quantization_config, resolve_device
 from fedtune.training.tokenized import encode_records
 
 
@@ -45,7 +45,7 @@ def plain_peft_loop(
     placement = {} if device.type == "cpu" else {"device_map": {"": device}}
     quantization = quantization_config(config.model)
     model = AutoModelForCausalLM.from_pretrained(
-        config.model.name_or_path, dtype=DTYPES[config.model.dtype], quantization_config=quantization, **placement
+        config.model.name_or_path, dtype=compute_dtype(config.model), quantization_config=quantization, **placement
     )
     if quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -91,13 +91,15 @@ def framework_round(config: FedConfig) -> dict[str, float]:
     start = time.perf_counter()
     summary = federated_finetune(config=config, prepare_data=False)
     wall = time.perf_counter() - start
-    eval_seconds, _ = evaluation_seconds(config.federation.output_dir)
+    eval_seconds, rows = evaluation_seconds(config.federation.output_dir)
     metrics = MlflowClient(config.tracking.tracking_uri).get_run(summary["mlflow_run_id"]).data.metrics
     clients = range(config.federation.clients_per_round)
     return {
         "wall": wall,
         "eval": eval_seconds,
         "seconds": wall - eval_seconds,
+        "last_round_eval": float(rows[-1]["eval_seconds"]),
+        "last_round": float(rows[-1]["round_seconds"]),
         "train_seconds": sum(metrics[f"client_{c}/seconds"] for c in clients),
         "tokens": sum(metrics[f"client_{c}/tokens"] for c in clients),
     }
@@ -114,7 +116,6 @@ def measure(root: Path, steps: int, clients: int, overrides: list[str]) -> dict[
             f"data.partition.num_clients={clients}",
             "data.partition.scheme=iid",
             f"train.steps_per_round={steps}",
-            "eval.generation_samples=0",
             *overrides,
         ],
     )
@@ -137,7 +138,7 @@ def measure(root: Path, steps: int, clients: int, overrides: list[str]) -> dict[
         "clients": clients,
         "steps": steps,
         "batch_size": config.train.batch_size,
-        "dtype": config.model.dtype,
+        "dtype": str(compute_dtype(config.model)).removeprefix("torch."),
         "device": str(resolve_device(config.model.device)),
         "plain_seconds": plain_seconds,
         "plain_loop_seconds": plain_loop_seconds,
@@ -147,6 +148,11 @@ def measure(root: Path, steps: int, clients: int, overrides: list[str]) -> dict[
         "framework_loop_seconds": framework["train_seconds"],
         "framework_train_tokens_per_s": framework["tokens"] / framework["train_seconds"],
         "overhead_ratio": framework["seconds"] / plain_seconds,
+        # the default evaluation (global test loss, each client's validation loss, generation on
+        # eval.generation_samples rows) over the round it ends, as a round with eval.every_rounds=1 runs it
+        "round_eval_seconds": framework["last_round_eval"],
+        "round_seconds": framework["last_round"],
+        "eval_share_of_round": framework["last_round_eval"] / framework["last_round"],
         # what the framework adds around an equally fast loop: Prefect tasks, model loads,
         # serialization, aggregation, checkpoint, MLflow logging
         "orchestration_seconds": framework["seconds"] - framework["train_seconds"],

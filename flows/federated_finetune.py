@@ -51,7 +51,7 @@ def _start(config: FedConfig, run: Path, init_adapter: str | None) -> tuple[list
     init = initial_adapter(config, str(_round_dir(run, 0)), init_adapter)
     run_id = start_tracking(config, "federated")
     tick = time.perf_counter()
-    metrics = evaluate(config, init["global_path"], "round-0", client_val=not config.deployment.enabled)
+    metrics = _evaluate_global(config, init["global_path"], 0)
     history = [{"round": 0, **metrics, "eval_seconds": time.perf_counter() - tick}]
     meta = {
         "mlflow_run_id": run_id,
@@ -74,6 +74,11 @@ def _reopen(config: FedConfig, run: Path, done: Checkpoint, changes: dict[str, t
     start_tracking(config, "federated", resume_run_id=meta["mlflow_run_id"], resume_tags=tags)
     log_history(config, str(run), meta["mlflow_run_id"], list(done.history))
     return meta
+
+
+def _evaluate_global(config: FedConfig, global_path: str | Path, round_: int) -> dict[str, Any]:
+    """The global adapter's test metrics (and, simulated, every client's validation loss on it)."""
+    return evaluate(config, str(global_path), f"round-{round_}", client_val=not config.deployment.enabled)
 
 
 def _round_dir(run: Path, round_: int) -> Path:
@@ -159,7 +164,8 @@ def _round(
     cotuned = co_tune_round(config, str(run), round_, paths["global_path"]) if config.distill.server_model else {}
     marks = {} if config.deployment.enabled else _watermarks(config, run, paths["global_path"])
     eval_tick = time.perf_counter()
-    metrics = evaluate(config, paths["global_path"], f"round-{round_}", client_val=not config.deployment.enabled)
+    due = round_ % config.eval.every_rounds == 0 or round_ == config.federation.rounds
+    metrics = _evaluate_global(config, paths["global_path"], round_) if due else {}
     eval_seconds = time.perf_counter() - eval_tick
     row = {
         "round": round_,
@@ -187,6 +193,9 @@ def _finish(
     config: FedConfig, run: Path, run_id: str, sizes: dict[str, Any], history: list[dict[str, Any]], started: float
 ) -> dict[str, Any]:
     """Summary, final adapter (logged, registered, copied), then the DVC outputs, last."""
+    last = checkpoint_dir(run, history[-1]["round"]) / "global.safetensors"
+    if "test_loss" not in history[-1]:  # it stopped early, between two evaluations (eval.every_rounds)
+        history[-1] = {**history[-1], **_evaluate_global(config, last, history[-1]["round"])}
     final = history[-1]
     per_client_up = final["bytes_up_per_client"]
     summary: dict[str, Any] = {
@@ -202,7 +211,6 @@ def _finish(
         "wall_seconds": time.perf_counter() - started,
         "mlflow_run_id": run_id,
     }
-    last = checkpoint_dir(run, final["round"]) / "global.safetensors"
     artifact = log_adapter(config, run_id, str(last), "adapters/final")
     summary["registered_version"] = finish_tracking(config, run_id, summary, register_artifact=artifact)
     atomic_write_bytes(last.read_bytes(), run / "final_adapter.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from fedtune.config.schema import build_config
 from fedtune.core.sampling import sample_clients
 from fedtune.data.partition import read_split
 from fedtune.model.adapters import load_state
-from fedtune.model.builder import tokenizer_for
+from fedtune.model.builder import build_peft_model, tokenizer_for
 from fedtune.round.checkpoints import latest_checkpoint
 from fedtune.round.resume import ResumeRefused
 from fedtune.training.evaluation import loss_and_perplexity
@@ -75,6 +76,20 @@ def test_federated_flow_logs_every_round_and_adapters_reproduce_metrics(tmp_path
     update = next((out / "rounds" / "round_0003").glob("update_client_*.safetensors"))
     assert metrics["bytes_up_per_client_round"] == update.stat().st_size
     assert (out / "rounds.csv").read_text().count("\n") == 1 + 4  # header, rounds 0-3
+
+
+def test_the_global_is_evaluated_every_k_rounds_and_always_after_the_last(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    overrides["eval"] = {"every_rounds": 2}
+    config = build_config(overrides)
+    summary = federated_finetune(config=config)
+    client = MlflowClient(config.tracking.tracking_uri)
+    test_loss = _history(client, summary["mlflow_run_id"], "test_loss")
+    assert sorted(test_loss) == [0, 2, 3]  # round 0, every 2nd, the last
+    assert summary["test_loss"] == test_loss[3]
+    with (Path(config.federation.output_dir) / "rounds.csv").open() as handle:
+        rows = {int(r["round"]): r for r in csv.DictReader(handle)}
+    assert rows[1]["test_loss"] == "" and rows[1]["train_loss"] != ""
 
 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -196,9 +211,15 @@ def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_di
         "strategy": "dp_fedavg",
         "strategy_options": {"clip_norm": 0.5, "noise_multiplier": z, "target_epsilon": target},
     }
+    overrides["eval"] = {"every_rounds": 3}  # round 2 is not due, but the run ends there: evaluated all the same
     config = build_config(overrides)
     summary = federated_finetune(config=config)
     assert summary["rounds"] == 2 and summary["stopped_early"] is True
+    tokenizer = tokenizer_for(config)
+    test = encode_records(config, tokenizer, read_split(config.data.partitions_dir, None, "test"))
+    final_model = build_peft_model(config, Path(config.federation.output_dir) / "final_adapter.safetensors")
+    final_loss = loss_and_perplexity(final_model, test, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
+    assert summary["test_loss"] == pytest.approx(final_loss, abs=1e-5)
     client = MlflowClient(config.tracking.tracking_uri)
     spent = _history(client, summary["mlflow_run_id"], "dp_epsilon")
     assert sorted(spent) == [1, 2] and spent[2] <= target

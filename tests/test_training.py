@@ -35,6 +35,21 @@ def test_local_training_lowers_the_loss_and_is_seeded(tiny_config) -> None:  # t
     assert not all(torch.equal(finals[0][k], finals[2][k]) for k in start)  # another seed, another order
 
 
+def test_the_evaluation_loss_is_the_token_weighted_mean_whatever_the_batches(tiny_config) -> None:  # type: ignore[no-untyped-def]
+    """Rows are batched by length to save padding; the loss stays the mean over every response token."""
+    from fedtune.data.prompts import collate
+    from fedtune.training.losses import response_loss
+
+    tokenizer, _, data = _setup(tiny_config)
+    model = build_peft_model(tiny_config).eval()
+    with torch.no_grad():
+        alone = [response_loss(model, collate([row], tokenizer.pad_token_id)) for row in data[:40]]
+    mean = sum(float(total) for total, _ in alone) / sum(count for _, count in alone)
+    for batch_size in (1, 7, 16):
+        loss = loss_and_perplexity(model, data[:40], batch_size=batch_size, pad_id=tokenizer.pad_token_id)["loss"]
+        assert loss == pytest.approx(mean, rel=1e-5)
+
+
 def test_grad_accumulation_and_epoch_budget(tiny_config) -> None:  # type: ignore[no-untyped-def]
     tokenizer, _, data = _setup(tiny_config)
     cfg = tiny_config.train.model_copy(update={"grad_accum": 2, "steps_per_round": None, "epochs_per_round": 1.0})
@@ -55,7 +70,8 @@ def test_exact_match_scores_each_batched_answer_as_if_generated_alone(tiny_confi
         return exact_match(model, tokenizer, chosen, system_prompt=None, max_new_tokens=3, batch_size=batch_size)
 
     by_length = sorted(records, key=lambda r: len(r["messages"][-2]["content"]))
-    chosen = [by_length[i * (len(by_length) - 1) // 4] for i in range(5)]
+    chosen = [by_length[i * (len(by_length) - 1) // 4] for i in reversed(range(5))]  # longest first:
+    # exact_match batches them shortest first, and must still score and show each in its own place
     assert len({len(r["messages"][-2]["content"]) for r in chosen}) > 1  # the batch needs padding
     alone = [score([r], 1)["samples"][0]["answer"] for r in chosen]
 

@@ -70,7 +70,11 @@ class ModelSection(Section):
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the frozen base weights in bitsandbytes 4-bit NF4 or 8-bit."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="The frozen base weights' dtype: 'auto' is bfloat16 where the hardware multiplies it natively "
+        "(a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or AMX), else float32.",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -324,6 +328,12 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     batch_size: int = Field(16, gt=0)
+    every_rounds: int = Field(
+        1,
+        gt=0,
+        description="Evaluate the global adapter after every k-th round; round 0 and the last round (or the round "
+        "a run stops at) are always evaluated. Rounds in between have no test metrics.",
+    )
     generation_samples: int = Field(96, ge=0, description="Held-out test rows scored by greedy exact match.")
     max_new_tokens: int = Field(12, gt=0)
     answer_pattern: str | None = Field(

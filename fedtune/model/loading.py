@@ -107,14 +107,16 @@ def _gguf_adds_bos(path: Path, tokenizer: PreTrainedTokenizerBase) -> bool:
     transformers' GGUF converter always adds one, ignoring the file's `tokenizer.ggml.add_bos_token`;
     SmolLM2's converted tokenizer so began every chat with two <|im_start|> (its BOS), where the
     original adds none. The file's flag decides when present (llama.cpp's reading); otherwise no BOS
-    when the chat template writes the BOS token itself."""
+    when a rendered chat already begins with it (a literal BOS in the template, or `{{ bos_token }}`)."""
     from gguf import GGUFReader
 
     field = GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
     if field is not None:
         return bool(field.contents())
-    template, bos = getattr(tokenizer, "chat_template", None), tokenizer.bos_token
-    return not (isinstance(template, str) and isinstance(bos, str) and bos in template)
+    if not (getattr(tokenizer, "chat_template", None) and isinstance(tokenizer.bos_token, str)):
+        return True
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    return not (isinstance(chat, str) and chat.startswith(tokenizer.bos_token))
 
 
 def materialize_model(source: str, target: str | Path) -> Path:
@@ -187,6 +189,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def compute_dtype(cfg: ModelSection) -> torch.dtype:
+    """The frozen base weights' dtype. `auto`: bfloat16 where the hardware multiplies it natively (a
+    CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else float32: a CPU without them runs
+    bfloat16 matmuls in a slow fallback (1.0 GFLOP/s against 54 in float32 on a 2-core AVX2 EPYC,
+    `benchmarks/roofline.py`), which made a round 50 times slower."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if resolve_device(cfg.device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    # torch's own CPU capability probes: private names, but the only query torch offers for these
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def quantization_config(cfg: ModelSection) -> Any:
     if cfg.quantization == "none":
         return None
@@ -194,7 +210,7 @@ def quantization_config(cfg: ModelSection) -> Any:
 
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[cfg.dtype]
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype(cfg)
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -209,7 +225,7 @@ def load_base_model(cfg: ModelSection) -> PreTrainedModel:
     placement: dict[str, Any] = {} if device.type == "cpu" else {"device_map": {"": device}}
     with _named_load_errors(cfg), BUILD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[cfg.dtype], quantization_config=quantization, **kwargs, **placement
+            location, dtype=compute_dtype(cfg), quantization_config=quantization, **kwargs, **placement
         )
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
