@@ -27,13 +27,20 @@ import numpy as np
 from common import save_results
 
 from fedtune.privacy.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
+from fedtune.privacy.secagg.quantize import FixedPoint
+from fedtune.privacy.secagg.wire import packed_size
+
+POINT = FixedPoint(clip=1.0, level_bits=24, modulus_bits=62)  # secagg's default quantization
 
 
-def measure(n: int, length: int, neighbours: int | None) -> dict[str, Any]:
-    params = SecAggParams(threshold=max(2, (neighbours or n) // 2 + 1), neighbours=neighbours)
+def measure(n: int, length: int, neighbours: int | None, examples: int) -> dict[str, Any]:
+    """One round of `n` clients of `examples` examples each, in the modulus secure_aggregate gives it."""
+    bits = POINT.bits_for(n * examples)
+    params = SecAggParams(threshold=max(2, (neighbours or n) // 2 + 1), modulus_bits=bits, neighbours=neighbours)
     params.check(n)
     rng = np.random.default_rng(0)
-    inputs = {c: rng.integers(0, 1 << 40, size=length, dtype=np.uint64) for c in range(n)}
+    largest = examples * (POINT.levels - 1)  # an encoded coordinate: weight x quantization level
+    inputs = {c: rng.integers(0, largest + 1, size=length, dtype=np.uint64) for c in range(n)}
     dropped = set(range(0, n, 10)) if n >= 10 else set()
     clients = {c: SecAggClient(c, params, 1) for c in range(n)}
     server = SecAggServer(params, 1, length)
@@ -59,7 +66,7 @@ def measure(n: int, length: int, neighbours: int | None) -> dict[str, Any]:
     server_seconds += time.perf_counter() - start
     alive = [c for c in clients if c not in dropped]
     masked = [timed(lambda c=c: clients[c].masked_input(deliveries[c], inputs[c])) for c in alive]
-    sent += sum(m.vector.nbytes for m in masked)
+    sent += sum(packed_size(m.vector.shape[0], m.bits) for m in masked)  # as `wire` sends them
     start = time.perf_counter()
     request = server.collect_masked(masked)
     server_seconds += time.perf_counter() - start
@@ -76,6 +83,8 @@ def measure(n: int, length: int, neighbours: int | None) -> dict[str, Any]:
         "clients": n,
         "length": length,
         "neighbours": neighbours or n - 1,
+        "examples_per_client": examples,
+        "modulus_bits": bits,
         "dropped": len(dropped),
         "client_ms_mean": 1000 * client_seconds / n,
         "server_ms": 1000 * server_seconds,
@@ -101,20 +110,22 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--length", type=int, nargs="+", default=[460_800])
     parser.add_argument("--neighbours", type=int, default=10, help="SecAgg+ k for more than 10 clients")
+    parser.add_argument("--examples", type=int, default=500, help="each client's example count (its weight)")
     parser.add_argument("--flower", help="a Python with flwr installed: compare with Flower's SecAgg+")
     args = parser.parse_args()
     rows = []
     for length in args.length:
         for n in args.clients:
             neighbours = None if n <= 10 else args.neighbours
-            row = measure(n, length, neighbours)
+            row = measure(n, length, neighbours, args.examples)
             if args.flower:
                 row |= flower(args.flower, row, threshold=max(2, (neighbours or n) // 2 + 1))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     save_results("secagg_cost", rows)
-    header = "| clients | coordinates | neighbours | dropped | client ms | server ms | bytes / client | x plain |"
-    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    header = "| clients | coordinates | neighbours | dropped | modulus bits | client ms | server ms | bytes / client "
+    header += "| x plain |"
+    rule = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     if args.flower:
         header += " Flower client ms | Flower server ms | Flower bytes / client |"
         rule += " --- | --- | --- |"
@@ -123,7 +134,8 @@ def main() -> None:
     for r in rows:
         ratio = r["bytes_per_client"] / r["plain_float32_bytes"]
         line = (
-            f"| {r['clients']} | {r['length']:,} | {r['neighbours']} | {r['dropped']} | {r['client_ms_mean']:.0f} "
+            f"| {r['clients']} | {r['length']:,} | {r['neighbours']} | {r['dropped']} | {r['modulus_bits']} "
+            f"| {r['client_ms_mean']:.0f} "
             f"| {r['server_ms']:.0f} | {r['bytes_per_client']:,.0f} | {ratio:.2f} |"
         )
         if args.flower:

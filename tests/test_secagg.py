@@ -116,6 +116,32 @@ def test_parameters_that_break_correctness_are_refused() -> None:
     FixedPoint(clip=1.0, level_bits=16, modulus_bits=62).check(clients=100, max_weight=1000)
 
 
+def test_a_masked_upload_costs_at_most_1_1x_a_float32_one_at_the_default_quantization() -> None:
+    """The round's modulus holds exactly its weighted sum (24 quantization bits, the default, and three
+    clients of about 500 examples: 35 bits), and each masked word travels in those bits (issue 17)."""
+    point = FixedPoint(clip=1.0, level_bits=24, modulus_bits=62)
+    weights, length = {0: 480, 1: 510, 2: 530}, 460_800  # the default adapter's coordinates
+    rng = np.random.default_rng(0)
+    updates = {c: rng.normal(0, 0.01, length) for c in weights}
+    params = SecAggParams(threshold=2, modulus_bits=point.bits_for(sum(weights.values())))
+    assert params.modulus_bits == 35
+    inputs = {c: (lambda c=c: point.encode(updates[c], weights[c], rng)) for c in weights}
+    result = run_round(inputs, length + 1, params, 1)
+    assert max(result.bytes_up.values()) <= 1.1 * 4 * length  # a float32 upload: 4 bytes a coordinate
+    exact = sum(weights[c] * updates[c] for c in weights) / sum(weights.values())
+    assert np.max(np.abs(point.decode(result.total) - exact)) <= point.step  # and the sum did not wrap
+
+
+@pytest.mark.parametrize(("announced", "why"), [(41, r"outside 2\^8..2\^40"), (16, r"does not fit the round's 2\^16")])
+def test_a_client_refuses_a_modulus_above_its_own_or_too_small_for_its_input(announced: int, why: str) -> None:
+    server = SecAggServer(SecAggParams(threshold=2, modulus_bits=announced), 1, 4)
+    clients = [SecAggClient(c, SecAggParams(threshold=2, modulus_bits=40), 1) for c in range(3)]
+    roster = server.collect_keys([c.advertise() for c in clients])
+    with pytest.raises(ProtocolViolation, match=why):
+        deliveries = server.route_shares([c.share_keys(roster) for c in clients])
+        clients[0].masked_input(deliveries[0], np.array([1, 2, 3, 1 << 16], dtype=np.uint64))
+
+
 def test_shamir_threshold_recovers_and_fewer_shares_do_not() -> None:
     secret = bytes(range(1, 33))
     shares = shamir.split(secret, 3, [1, 2, 3, 4, 5])

@@ -36,7 +36,7 @@ BIG = 2**520 + 12345  # a Shamir share's y is a point of GF(2^521 - 1): far past
     "message",
     [
         AdvertiseKeys(3, b"\x01" * 32, b"\x02" * 32),
-        KeyRoster(7, {0: (b"a" * 32, b"b" * 32), 5: (b"c" * 32, b"d" * 32)}),
+        KeyRoster(7, {0: (b"a" * 32, b"b" * 32), 5: (b"c" * 32, b"d" * 32)}, 35),
         EncryptedShares(2, {0: b"\x00ciphertext", 4: b"\xffmore"}),
         ShareDelivery(1, {0: b"x", 2: b"y"}, [0, 1, 2]),
         UnmaskRequest([0, 2, 3], [1]),
@@ -47,10 +47,18 @@ def test_messages_survive_the_wire_unchanged(message: wire.Message) -> None:
     assert wire.load(wire.dump(message), type(message)) == message
 
 
-def test_a_masked_vector_survives_the_wire_bit_for_bit() -> None:
-    vector = np.array([0, 1, 2**62 - 1, 2**63 + 5], dtype=np.uint64)
-    back = wire.load_masked(wire.dump(MaskedInput(4, vector)))
-    assert back.sender == 4 and back.vector.dtype == np.uint64 and np.array_equal(back.vector, vector)
+@pytest.mark.parametrize("bits", [8, 33, 62, 64])
+@pytest.mark.parametrize("length", [0, 1, 7, wire.PACKING_CHUNK + 3])
+def test_a_masked_vector_survives_the_wire_bit_for_bit_in_its_modulus_bits(bits: int, length: int) -> None:
+    rng = np.random.default_rng(bits)
+    vector = rng.integers(0, 1 << min(bits, 63), size=length, dtype=np.uint64)
+    vector[: min(length, 1)] = (1 << bits) - 1  # the largest word: every bit set
+    data = wire.dump(MaskedInput(4, vector, bits))
+    back = wire.load_masked(data)
+    assert back.sender == 4 and back.bits == bits and back.vector.dtype == np.uint64
+    assert np.array_equal(back.vector, vector)
+    header = f"4 {bits} {length}\n".encode()
+    assert data.startswith(header) and len(data) == len(header) + -(-length * bits // 8)  # no byte wasted
 
 
 @pytest.mark.parametrize(
@@ -67,9 +75,19 @@ def test_malformed_messages_are_protocol_violations(data: bytes, kind: type[wire
         wire.load(data, kind)
 
 
-def test_a_masked_input_that_is_not_a_uint64_vector_is_refused() -> None:
-    with pytest.raises(ProtocolViolation, match="float64"):
-        wire.load_masked(b"1\n" + wire.dump(MaskedInput(1, np.zeros(3)))[2:].replace(b"<u8", b"<f8"))
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"1 33 4\n" + bytes(16), "16 bytes for 4 words of 33 bits"),  # 17 expected
+        (b"1 33 4\n" + bytes(18), "18 bytes for 4 words of 33 bits"),
+        (b"1 65 4\n" + bytes(33), "4 words of 65 bits"),
+        (b"1 33\n" + bytes(17), "expected 3"),
+        (b"no header", "malformed masked input"),
+    ],
+)
+def test_a_masked_input_that_is_not_its_declared_size_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(ProtocolViolation, match=why):
+        wire.load_masked(data)
 
 
 NAMESPACE = "run/round_0001"

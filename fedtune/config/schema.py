@@ -278,7 +278,13 @@ class SecAggSection(Section):
     )
     clip: float = Field(1.0, gt=0.0, description="Update coordinates are clipped to [-clip, clip] before encoding.")
     level_bits: int = Field(24, ge=2, le=40, description="Quantization levels per coordinate: 2^level_bits.")
-    modulus_bits: int = Field(62, ge=8, le=62, description="Masked arithmetic is mod 2^modulus_bits.")
+    modulus_bits: int = Field(
+        62,
+        ge=8,
+        le=62,
+        description="Masked arithmetic is mod 2^modulus_bits with DP-FedAvg; a FedAvg round uses the fewest bits "
+        "its weighted sum needs (at most these), which the server announces and every masked word travels in.",
+    )
     neighbours: int | None = Field(None, gt=0, description="SecAgg+: each client's (even) neighbourhood size.")
     stage_timeout_s: float = Field(
         300.0, gt=0.0, description="Deadline of each protocol stage; a later reply counts as a dropout."

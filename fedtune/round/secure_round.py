@@ -19,6 +19,7 @@ aggregation exists to hide, so asking for both is refused when the config is bui
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -110,6 +111,8 @@ def secure_aggregate(
     accepted = [r for r in reports if r not in too_many]
     if len(accepted) < max(params.threshold, cfg.federation.min_fit_clients):
         raise RoundAborted(f"round {round_}: {len(accepted)} clients for secure aggregation; left out: {left_out}")
+    if not isinstance(strategy, DPFedAvg):  # the round's modulus: the fewest bits its weighted sum needs
+        params = replace(params, modulus_bits=point.bits_for(sum(r["num_examples"] for r in accepted)))
     length, stage_timeout = vector_length(cfg, spec), cfg.secagg.stage_timeout_s
     try:
         if remote is None:

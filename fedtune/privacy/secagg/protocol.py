@@ -9,7 +9,9 @@ option. Four stages:
    seed among its neighbours, each share encrypted with AES-GCM under a key only the receiver
    shares with it; the server only routes ciphertexts.
 2. MaskedInput: each client sends x + PRG(b_u) + sum_v +-PRG(s_uv) mod 2^bits, where s_uv comes from
-   an X25519 agreement with neighbour v; pairwise masks cancel in the sum.
+   an X25519 agreement with neighbour v; pairwise masks cancel in the sum. `bits` is the round's: the
+   server announces in the roster the fewest bits that hold the sum, and each word travels in that
+   many bits (`wire`), not in 64.
 3. Unmasking: for each client still alive the others reveal shares of its self-mask seed; for
    each client that dropped after sharing, shares of its mask key, so the server can remove the
    pairwise masks it left behind. A client never reveals both for the same peer and refuses any
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -92,6 +94,7 @@ class AdvertiseKeys:
 class KeyRoster:
     round: int
     keys: dict[int, tuple[bytes, bytes]]  # client -> (cipher public key, mask public key)
+    modulus_bits: int  # the round's: masked arithmetic is mod 2^modulus_bits
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ class ShareDelivery:
 @dataclass(frozen=True)
 class MaskedInput:
     sender: int
-    vector: np.ndarray
+    vector: np.ndarray  # uint64 words below 2^bits
+    bits: int
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,11 @@ class SecAggClient:
             raise ProtocolViolation(f"client {self.client}: roster for another round or without me")
         if len(roster.keys) < self.params.threshold:
             raise ProtocolViolation(f"client {self.client}: roster of {len(roster.keys)} below the threshold")
+        if not 8 <= roster.modulus_bits <= self.params.modulus_bits:
+            raise ProtocolViolation(
+                f"client {self.client}: a modulus of 2^{roster.modulus_bits}, outside 2^8..2^{self.params.modulus_bits}"
+            )
+        self.params = replace(self.params, modulus_bits=roster.modulus_bits)
         self._roster = roster.keys
         self._peers = neighbourhood(self.client, list(roster.keys), self.params, self.round)
         points = [_point(v) for v in self._peers]
@@ -190,6 +199,8 @@ class SecAggClient:
             self._held[sender] = (_share(plain["key"]), _share(plain["seed"]))
         self._sharers = sharers
         bits = self.params.modulus_bits
+        if encoded.size and int(encoded.max()) >> bits:  # the sum would wrap around: a wrong aggregate
+            raise ProtocolViolation(f"client {self.client}: its input does not fit the round's 2^{bits} modulus")
         length = encoded.shape[0]
         total = encoded.astype(np.uint64)  # a copy; sums wrap mod 2^64, reduced mod 2^bits once at the end
         total += primitives.mask(self._seed, length, bits)
@@ -202,7 +213,7 @@ class SecAggClient:
             else:
                 total -= pair
         total &= self.params.modulus_mask
-        return MaskedInput(self.client, total)
+        return MaskedInput(self.client, total, bits)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         alive, dropped = request.alive, request.dropped
@@ -242,7 +253,7 @@ class SecAggServer:
             keys[message.sender] = (message.cipher_key, message.mask_key)
         self._enough("key advertisement", len(keys))
         self._roster = keys
-        return KeyRoster(self.round, dict(keys))
+        return KeyRoster(self.round, dict(keys), self.params.modulus_bits)
 
     def route_shares(self, messages: list[EncryptedShares]) -> dict[int, ShareDelivery]:
         sharers = sorted({m.sender for m in messages})
@@ -260,8 +271,8 @@ class SecAggServer:
         for message in messages:
             if message.sender not in self._sharers or message.sender in vectors:
                 raise ProtocolViolation(f"unexpected or repeated masked input from {message.sender}")
-            if message.vector.shape != (self.length,):
-                raise ProtocolViolation(f"masked input of client {message.sender} has the wrong length")
+            if message.vector.shape != (self.length,) or message.bits != self.params.modulus_bits:
+                raise ProtocolViolation(f"masked input of client {message.sender} has the wrong length or modulus")
             vectors[message.sender] = message.vector
         self._enough("masked input", len(vectors))
         self._masked = vectors

@@ -37,6 +37,11 @@ class FixedPoint:
                 f"exceeds the modulus 2^{self.modulus_bits}"
             )
 
+    def bits_for(self, total_weight: int) -> int:
+        """The fewest modulus bits (at least 8) that hold a sum of inputs whose weights add up to
+        `total_weight`: every coordinate is below total_weight * (L - 1), the weight coordinate too."""
+        return max(8, (total_weight * (self.levels - 1)).bit_length())
+
     def encode(self, values: np.ndarray, weight: int, rng: np.random.Generator) -> np.ndarray:
         scaled = (np.clip(values.astype(np.float64), -self.clip, self.clip) + self.clip) / self.step
         floor = np.floor(scaled)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.privacy.secagg.protocol import ProtocolViolation, SecAggClient, SecAggParams, SecAggServer
+from fedtune.privacy.secagg.wire import packed_size
 
 Encoded = Callable[[], Any]  # returns the client's encoded vector (uint64), computed on its side
 STAGES = ("advertise", "share", "masked", "unmask")
@@ -71,7 +72,9 @@ def run_round(
     shares = each("share", lambda c: clients[c].share_keys(roster), lambda m: sum(map(len, m.ciphertexts.values())))
     deliveries = server.route_shares(shares)
     masked = each(
-        "masked", lambda c: clients[c].masked_input(deliveries[c], inputs[c]()), lambda m: int(m.vector.nbytes)
+        "masked",
+        lambda c: clients[c].masked_input(deliveries[c], inputs[c]()),
+        lambda m: packed_size(m.vector.shape[0], m.bits),  # as `wire` sends it
     )
     request = server.collect_masked(masked)
     responses = each(
