@@ -21,7 +21,7 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/mypy
 
 benchmark: setup
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/overhead.py --steps 10 --clients 3
 
 benchmark-privacy: setup .venv-flower/bin/flwr
 	$(BIN)/python benchmarks/secagg_cost.py --clients 10 50 100 --length 460800 5000000 --flower .venv-flower/bin/python
