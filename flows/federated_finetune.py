@@ -40,7 +40,7 @@ from tasks.checkpoint import checkpoint as checkpoint_task
 from tasks.evaluation import evaluate
 from tasks.knowledge_transfer import co_tune_round
 from tasks.model import initial_adapter
-from tasks.tracking import finish_tracking, log_adapter, log_history, log_round, start_tracking
+from tasks.tracking import finish_tracking, log_adapter, log_history, log_round, start_tracking, tracker
 from tasks.training import local_train
 
 
@@ -195,7 +195,9 @@ def _finish(
     """Summary, final adapter (logged, registered, copied), then the DVC outputs, last."""
     last = checkpoint_dir(run, history[-1]["round"]) / "global.safetensors"
     if "test_loss" not in history[-1]:  # it stopped early, between two evaluations (eval.every_rounds)
-        history[-1] = {**history[-1], **_evaluate_global(config, last, history[-1]["round"])}
+        late = _evaluate_global(config, last, history[-1]["round"])
+        tracker(config, run_id).log_new_metrics(late, step=history[-1]["round"])
+        history[-1] = {**history[-1], **late}
     final = history[-1]
     per_client_up = final["bytes_up_per_client"]
     summary: dict[str, Any] = {

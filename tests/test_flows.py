@@ -220,6 +220,10 @@ def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_di
     final_model = build_peft_model(config, Path(config.federation.output_dir) / "final_adapter.safetensors")
     final_loss = loss_and_perplexity(final_model, test, batch_size=16, pad_id=tokenizer.pad_token_id)["loss"]
     assert summary["test_loss"] == pytest.approx(final_loss, abs=1e-5)
+    assert (
+        _history(MlflowClient(config.tracking.tracking_uri), summary["mlflow_run_id"], "test_loss")[2]
+        == (summary["test_loss"])
+    )  # the round-by-round series has it too
     client = MlflowClient(config.tracking.tracking_uri)
     spent = _history(client, summary["mlflow_run_id"], "dp_epsilon")
     assert sorted(spent) == [1, 2] and spent[2] <= target

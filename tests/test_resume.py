@@ -42,6 +42,14 @@ def test_every_field_that_shapes_the_computation_is_named_with_both_values() -> 
     assert "federation.rounds: 3 in" not in message  # safe: not among the refusals
 
 
+def test_a_checkpoint_from_before_a_new_evaluation_field_still_resumes() -> None:
+    """eval.every_rounds came after runs were checkpointed; it decides what is evaluated, not trained."""
+    old = build_config({}).model_dump(mode="json")
+    del old["eval"]["every_rounds"]
+    changes = allowed_changes({"config": old}, build_config({}).model_dump(mode="json"), completed=2)
+    assert changes == {"eval.every_rounds": (None, 1)}
+
+
 def test_more_rounds_and_where_clients_run_may_change_and_are_returned() -> None:
     checkpointed = build_config({})
     resumed = build_config({"federation": {"rounds": 6, "client_timeout_s": 30, "max_parallel_clients": 3}})

@@ -68,6 +68,8 @@ def test_a_masked_vector_survives_the_wire_bit_for_bit_in_its_modulus_bits(bits:
         (wire.dump(UnmaskRequest([0], [])), AdvertiseKeys),  # another message type
         (b'{"type": "AdvertiseKeys", "sender": 1, "cipher_key": "%%%", "mask_key": ""}', AdvertiseKeys),
         (b'{"type": "KeyRoster", "round": 1}', KeyRoster),
+        (b'{"type": "KeyRoster", "round": 1, "keys": {}, "modulus_bits": 40.7}', KeyRoster),
+        (b'{"type": "AdvertiseKeys", "sender": 1e400, "cipher_key": "", "mask_key": ""}', AdvertiseKeys),
     ],
 )
 def test_malformed_messages_are_protocol_violations(data: bytes, kind: type[wire.Message]) -> None:
@@ -157,6 +159,25 @@ def test_a_masked_vector_of_the_wrong_length_drops_its_sender_not_the_round(tmp_
     assert isinstance(result, RoundResult) and result.aggregated == [0, 1]
     assert np.array_equal(result.total, (vectors[0] + vectors[1]) & params.modulus_mask)
     assert result.left_out == ["client 2: its masked input has shape (63,), not (64,)"]
+    assert all(isinstance(outcome[c], int) for c in (0, 1))
+
+
+def test_a_masked_vector_in_another_modulus_drops_its_sender_not_the_round(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """rel-07 for the packed words: client 2 declares one bit more than the round's modulus."""
+    honest = wire.dump
+
+    def lying(message: wire.Message) -> bytes:
+        if isinstance(message, MaskedInput) and message.sender == 2:
+            return honest(MaskedInput(2, message.vector, message.bits + 1))
+        return honest(message)
+
+    monkeypatch.setattr(wire, "dump", lying)
+    vectors = _inputs(3, 64, seed=8)
+    params = SecAggParams(threshold=2, modulus_bits=40)
+    result, outcome = _run(tmp_path, [0, 1, 2], {c: (lambda v=v: v) for c, v in vectors.items()}, params, 64)
+    assert isinstance(result, RoundResult) and result.aggregated == [0, 1]
+    assert np.array_equal(result.total, (vectors[0] + vectors[1]) & params.modulus_mask)
+    assert result.left_out == ["client 2: its masked input is mod 2^41, not 2^40"]
     assert all(isinstance(outcome[c], int) for c in (0, 1))
 
 

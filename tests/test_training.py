@@ -63,15 +63,22 @@ def test_exact_match_scores_each_batched_answer_as_if_generated_alone(tiny_confi
     """References set to the model's own greedy answers (each generated alone) score 1, others 0,
     in left-padded batches of prompts of different lengths: 3 of 5 right is accuracy 0.6, and the
     per-label split says which."""
-    tokenizer, records, _ = _setup(tiny_config)
+    skills = ["compare", "sort", "last_letter", "uppercase"]  # what the fixture model was pretrained on:
+    synthetic = tiny_config.data.synthetic.model_copy(update={"skills": skills})  # its answers differ
+    tokenizer, records, _ = _setup(
+        tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"synthetic": synthetic})})
+    )
     model = build_peft_model(tiny_config)
 
     def score(chosen, batch_size):  # type: ignore[no-untyped-def]
         return exact_match(model, tokenizer, chosen, system_prompt=None, max_new_tokens=3, batch_size=batch_size)
 
-    by_length = sorted(records, key=lambda r: len(r["messages"][-2]["content"]))
-    chosen = [by_length[i * (len(by_length) - 1) // 4] for i in reversed(range(5))]  # longest first:
-    # exact_match batches them shortest first, and must still score and show each in its own place
+    first_by_answer = {}  # prompts whose own answers differ, so an answer given to another row shows
+    for record in records[:: max(1, len(records) // 40)]:
+        first_by_answer.setdefault(score([record], 1)["samples"][0]["answer"], record)
+    assert len(first_by_answer) >= 5, first_by_answer.keys()
+    # longest first: exact_match batches them shortest first, and must score and show each in its place
+    chosen = sorted(first_by_answer.values(), key=lambda r: -len(r["messages"][-2]["content"]))[:5]
     assert len({len(r["messages"][-2]["content"]) for r in chosen}) > 1  # the batch needs padding
     alone = [score([r], 1)["samples"][0]["answer"] for r in chosen]
 

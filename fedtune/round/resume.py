@@ -24,6 +24,7 @@ SAFE_ON_RESUME = {
     "federation.max_parallel_clients": "how many simulated clients train at once (each has its own seed)",
     "federation.runner": "where simulated clients train (threads, Dask or Ray)",
     "federation.cluster_address": "which Dask or Ray cluster they train on",
+    "eval.every_rounds": "which rounds the global adapter is evaluated after (not what is trained)",
 }
 
 

@@ -154,10 +154,12 @@ class RemoteRound:
             self._publish(f"delivery_{receiver}.json", delivery)
 
         def masked(data: bytes) -> Any:
-            """A masked input of the round's length; another one drops its sender (rel-07)."""
+            """A masked input of the round's length and modulus; another one drops its sender (rel-07)."""
             message = wire.load_masked(data)
             if message.vector.shape != (length,):
                 raise ProtocolViolation(f"its masked input has shape {message.vector.shape}, not ({length},)")
+            if message.bits != params.modulus_bits:
+                raise ProtocolViolation(f"its masked input is mod 2^{message.bits}, not 2^{params.modulus_bits}")
             return message
 
         request = server.collect_masked(gather("masked", sorted(deliveries), masked))

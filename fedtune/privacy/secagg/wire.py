@@ -148,7 +148,10 @@ def load(data: bytes, kind: type[Message]) -> Any:
             return AdvertiseKeys(int(body["sender"]), _unb64(body["cipher_key"]), _unb64(body["mask_key"]))
         if kind is KeyRoster:
             keys = {int(c): (_unb64(a), _unb64(b)) for c, (a, b) in body["keys"].items()}
-            return KeyRoster(int(body["round"]), keys, int(body["modulus_bits"]))
+            bits = body["modulus_bits"]
+            if not isinstance(bits, int) or isinstance(bits, bool):
+                raise ValueError(f"modulus_bits {bits!r} is not an integer")
+            return KeyRoster(int(body["round"]), keys, bits)
         if kind is EncryptedShares:
             return EncryptedShares(int(body["sender"]), _unblobs(body["ciphertexts"]))
         if kind is ShareDelivery:
@@ -159,6 +162,6 @@ def load(data: bytes, kind: type[Message]) -> Any:
             return UnmaskRequest([int(c) for c in body["alive"]], [int(c) for c in body["dropped"]])
         if kind is UnmaskResponse:
             return UnmaskResponse(int(body["sender"]), _unshares(body["seed_shares"]), _unshares(body["key_shares"]))
-    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, binascii.Error) as error:
         raise ProtocolViolation(f"malformed {kind.__name__}: {error!r}") from None
     raise TypeError(f"no wire format for {kind.__name__}")
