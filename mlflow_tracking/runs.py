@@ -121,9 +121,9 @@ class RunTracker:
         check on an authenticated server): `ROUND_STARTED` is set before a round's metrics are
         sent and `ROUND_LOGGED` with its last batch. Rounds reach a run in increasing order (every
         flow logs round r after round r - 1; one call sorts its rounds), so a round at most
-        ROUND_LOGGED is already there and skipped; only
-        the round a crash interrupted (ROUND_STARTED past ROUND_LOGGED), or a run without the tags,
-        is compared metric by metric with what the run holds."""
+        ROUND_LOGGED is already there and skipped; only the round a crash interrupted
+        (ROUND_STARTED past ROUND_LOGGED), or a run without the tags, is compared metric by metric
+        with what the run holds."""
         run = self.client.get_run(self.run_id).data
         logged, started = int(run.tags.get(ROUND_LOGGED, -1)), int(run.tags.get(ROUND_STARTED, -1))
         unsure = ROUND_LOGGED not in run.tags and bool(run.metrics)

@@ -83,7 +83,7 @@ def unpack_words(data: bytes, bits: int, count: int) -> np.ndarray:
     if len(data) != packed_size(count, bits):
         raise ValueError(f"{len(data)} bytes for {count} words of {bits} bits")
     raw = np.frombuffer(data, dtype=np.uint8)
-    words = np.empty(count, dtype="<u8")
+    words = np.empty(count, dtype=np.uint64)
     for start in range(0, count, PACKING_CHUNK):
         n = min(PACKING_CHUNK, count - start)
         first = start * bits // 8  # byte-aligned: `start` is a multiple of 8
@@ -91,7 +91,7 @@ def unpack_words(data: bytes, bits: int, count: int) -> np.ndarray:
         full = np.zeros((n, 64), dtype=np.uint8)
         full[:, :bits] = planes.reshape(n, bits)
         words[start : start + n] = np.packbits(full, axis=1, bitorder="little").view("<u8").reshape(n)
-    return words.astype(np.uint64)
+    return words
 
 
 def dump(message: Message) -> bytes:
