@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -52,6 +54,26 @@ def test_secagg_plus_sparse_neighbourhoods_with_dropouts() -> None:
     assert result.aggregated == sorted(set(range(20)) - {2, 9})
     expected = sum(inputs[c] for c in result.aggregated) & params.modulus_mask
     assert np.array_equal(result.total, expected)
+
+
+def test_the_server_sums_masked_inputs_as_they_arrive_holding_one_at_a_time(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Its memory is one vector whatever the number of clients (issue 17: 1,000-client rounds)."""
+    sent: list[weakref.ref[np.ndarray]] = []
+    most_alive = 0
+    real = SecAggClient.masked_input
+
+    def tracked(self, delivery, encoded):  # type: ignore[no-untyped-def]
+        nonlocal most_alive
+        most_alive = max(most_alive, sum(ref() is not None for ref in sent))  # earlier inputs still held
+        message = real(self, delivery, encoded)
+        sent.append(weakref.ref(message.vector))
+        return message
+
+    monkeypatch.setattr(SecAggClient, "masked_input", tracked)
+    inputs = _inputs(30, 1000, seed=4)
+    result = run(inputs, SecAggParams(threshold=8, neighbours=10), {"masked": {3}})
+    assert len(sent) == 29 and most_alive <= 1  # a running sum, not one held vector per client
+    assert np.array_equal(result.total, sum(inputs[c] for c in result.aggregated) & SecAggParams(2).modulus_mask)
 
 
 def test_below_threshold_aborts_and_aggregates_nothing() -> None:

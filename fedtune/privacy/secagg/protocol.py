@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -245,7 +246,7 @@ class SecAggServer:
         if count < self.params.threshold:
             raise SecAggAborted(f"{stage}: {count} clients left, threshold is {self.params.threshold}")
 
-    def collect_keys(self, messages: list[AdvertiseKeys]) -> KeyRoster:
+    def collect_keys(self, messages: Iterable[AdvertiseKeys]) -> KeyRoster:
         keys: dict[int, tuple[bytes, bytes]] = {}
         for message in messages:
             if message.sender in keys:
@@ -266,26 +267,27 @@ class SecAggServer:
         self._sharers = sharers
         return {v: ShareDelivery(v, inbox[v], sharers) for v in sharers}
 
-    def collect_masked(self, messages: list[MaskedInput]) -> UnmaskRequest:
-        vectors: dict[int, np.ndarray] = {}
+    def collect_masked(self, messages: Iterable[MaskedInput]) -> UnmaskRequest:
+        """Adds each masked input into one running sum as it arrives, so the server holds one vector
+        of `length` words whatever the number of clients (pass a generator to keep it that way)."""
+        self._total = np.zeros(self.length, dtype=np.uint64)  # wraps mod 2^64, reduced mod 2^bits in unmask
+        senders: set[int] = set()
         for message in messages:
-            if message.sender not in self._sharers or message.sender in vectors:
+            if message.sender not in self._sharers or message.sender in senders:
                 raise ProtocolViolation(f"unexpected or repeated masked input from {message.sender}")
             if message.vector.shape != (self.length,) or message.bits != self.params.modulus_bits:
                 raise ProtocolViolation(f"masked input of client {message.sender} has the wrong length or modulus")
-            vectors[message.sender] = message.vector
-        self._enough("masked input", len(vectors))
-        self._masked = vectors
-        alive = sorted(vectors)
+            senders.add(message.sender)
+            self._total += message.vector
+        self._enough("masked input", len(senders))
+        alive = sorted(senders)
         return UnmaskRequest(alive, sorted(set(self._sharers) - set(alive)))
 
     def unmask(self, request: UnmaskRequest, responses: list[UnmaskResponse]) -> np.ndarray:
         """The sum of the alive clients' inputs mod 2^bits, with every mask removed."""
         self._enough("unmasking", len(responses))
         bits = self.params.modulus_bits
-        total = np.zeros(self.length, dtype=np.uint64)  # wraps mod 2^64, reduced mod 2^bits at the end
-        for vector in self._masked.values():
-            total += vector
+        total = self._total
         for u in request.alive:
             seed = self._reconstruct(u, [r.seed_shares[u] for r in responses if u in r.seed_shares], 32)
             total -= primitives.mask(seed, self.length, bits)

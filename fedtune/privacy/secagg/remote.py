@@ -17,7 +17,7 @@ stop waiting at once instead of at their deadline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +115,10 @@ class RemoteRound:
         sent = dict.fromkeys(clients, 0)
         left_out: list[str] = []
 
-        def gather(stage: str, expected: list[int], decode: Callable[[bytes], Any]) -> list[Any]:
-            """The messages of `expected` clients that arrived well-formed before the stage's deadline."""
-            deadline, pending, messages = time.monotonic() + stage_timeout, set(expected), []
+        def gather(stage: str, expected: list[int], decode: Callable[[bytes], Any]) -> Iterator[Any]:
+            """The messages of `expected` clients that arrive well-formed before the stage's deadline,
+            each as it is read (the masked inputs go into the server's running sum one by one)."""
+            deadline, pending = time.monotonic() + stage_timeout, set(expected)
             while pending:
                 for c in sorted(pending):
                     try:
@@ -137,7 +138,7 @@ class RemoteRound:
                         left_out.append(f"client {c}: {error}")
                         continue
                     sent[c] += len(data)
-                    messages.append(message)
+                    yield message
                 if pending and time.monotonic() >= deadline:
                     left_out.extend(
                         f"client {c}: missed the {stage} deadline of {stage_timeout:g} s" for c in sorted(pending)
@@ -145,11 +146,12 @@ class RemoteRound:
                     break
                 if pending:
                     time.sleep(self.poll_s)
-            return messages
 
         roster = server.collect_keys(gather("advertise", clients, lambda d: wire.load(d, AdvertiseKeys)))
         self._publish("roster.json", roster)
-        deliveries = server.route_shares(gather("share", sorted(roster.keys), lambda d: wire.load(d, EncryptedShares)))
+        deliveries = server.route_shares(
+            list(gather("share", sorted(roster.keys), lambda d: wire.load(d, EncryptedShares)))
+        )
         for receiver, delivery in deliveries.items():
             self._publish(f"delivery_{receiver}.json", delivery)
 
@@ -164,5 +166,5 @@ class RemoteRound:
 
         request = server.collect_masked(gather("masked", sorted(deliveries), masked))
         self._publish("unmask_request.json", request)
-        total = server.unmask(request, gather("unmask", request.alive, lambda d: wire.load(d, UnmaskResponse)))
+        total = server.unmask(request, list(gather("unmask", request.alive, lambda d: wire.load(d, UnmaskResponse))))
         return RoundResult(total, request.alive, sent, unaccounted(clients, request.alive, left_out))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +49,10 @@ def run_round(
     left_out: list[str] = []
     gone: set[int] = set()
 
-    def each(stage: str, act: Callable[[int], Any], size: Callable[[Any], int]) -> list[Any]:
+    def each(stage: str, act: Callable[[int], Any], size: Callable[[Any], int]) -> Iterator[Any]:
+        """The stage's replies one at a time: the masked inputs reach the server's running sum as
+        each client sends its own, so no more than one is held whatever the number of clients."""
         gone.update(silent.get(stage, set()) - gone)
-        replies = []
         for c in sorted(set(clients) - gone):
             start = time.monotonic()
             try:
@@ -65,12 +66,11 @@ def run_round(
                 left_out.append(f"client {c}: missed the {stage} deadline of {stage_timeout:g} s")
                 continue
             sent[c] += size(reply)
-            replies.append(reply)
-        return replies
+            yield reply
 
     roster = server.collect_keys(each("advertise", lambda c: clients[c].advertise(), lambda m: 64))
     shares = each("share", lambda c: clients[c].share_keys(roster), lambda m: sum(map(len, m.ciphertexts.values())))
-    deliveries = server.route_shares(shares)
+    deliveries = server.route_shares(list(shares))
     masked = each(
         "masked",
         lambda c: clients[c].masked_input(deliveries[c], inputs[c]()),
@@ -82,7 +82,7 @@ def run_round(
         lambda c: clients[c].unmask(request),
         lambda m: len(json.dumps([m.seed_shares, m.key_shares], default=str)),
     )
-    total = server.unmask(request, responses)
+    total = server.unmask(request, list(responses))
     return RoundResult(total, request.alive, sent, unaccounted(list(clients), request.alive, left_out))
 
 
