@@ -111,9 +111,9 @@ def _final_state(flow_run_id: Any, deadline: float) -> Any:
     return state
 
 
-def _log_time(flow_run_id: Any, message: str) -> datetime.datetime:
-    """When the flow run or one of its subflows (the rounds) logged the warning that contains
-    `message` (its process sends logs in the background, so they may arrive after its final state)."""
+def _warnings(flow_run_id: Any) -> list[Any]:
+    """The warnings (and worse) the flow run and its subflows (the rounds) logged so far: why each
+    dropped client dropped, for one."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -123,16 +123,21 @@ def _log_time(flow_run_id: Any, message: str) -> datetime.datetime:
         LogFilterLevel,
     )
 
-    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as api:
         children = api.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
         runs = LogFilterFlowRunId(any_=[flow_run_id, *(run.id for run in children)])
-        warnings = LogFilter(flow_run_id=runs, level=LogFilterLevel(ge_=logging.WARNING))
-        while not (found := [log.timestamp for log in api.read_logs(warnings) if message in log.message]):
-            assert time.monotonic() < deadline, f"flow run {flow_run_id} never logged {message!r}"
-            time.sleep(1)
+        return api.read_logs(LogFilter(flow_run_id=runs, level=LogFilterLevel(ge_=logging.WARNING)))
+
+
+def _log_time(flow_run_id: Any, message: str) -> datetime.datetime:
+    """When the flow run or one of its subflows logged the warning that contains `message` (its
+    process sends logs in the background, so they may arrive after its final state)."""
+    deadline = time.monotonic() + 60
+    while not (found := [log.timestamp for log in _warnings(flow_run_id) if message in log.message]):
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} never logged {message!r}"
+        time.sleep(1)
     return min(found)
 
 
@@ -352,7 +357,7 @@ def test_a_person_starts_a_federated_run_from_the_prefect_ui(federation: Federat
     client = MlflowClient(federation.mlflow.url)
     run = _tracked_run(client, flow_run.id, config["tracking"]["experiment"])
     aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
-    assert [(m.step, m.value) for m in aggregated] == [(1, 2.0)]
+    assert [(m.step, m.value) for m in aggregated] == [(1, 2.0)], [log.message for log in _warnings(flow_run.id)]
 
 
 def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_keys(federation: Federation) -> None:
@@ -446,17 +451,18 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     run = _tracked_run(client, flow_run.id)
     assert run.info.status == "FINISHED"
     aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
-    assert [(m.step, m.value) for m in aggregated] == [(1, 3.0), (2, 2.0)]
+    assert [(m.step, m.value) for m in aggregated] == [(1, 3.0), (2, 2.0)], [m.message for m in _warnings(flow_run.id)]
     # dropped as soon as the coordinator sees it gone, not at the 90 s client deadline (issue 15): its
     # flow run ended Crashed (Prefect saw the process die), or its worker missed three heartbeats
     (second,) = json.loads((out / "checkpoints" / "round_0002" / "checkpoint.json").read_text())["history"][-1:]
     (reason,) = second["left_out"]
     assert reason.startswith(("client 1: its flow run ended Crashed", "client 1: every worker of its pool")), reason
     # the worker's last heartbeat came at most HEARTBEAT_S before the kill, so three are missed within
-    # MISSED_HEARTBEATS * HEARTBEAT_S of it; one more heartbeat's time is slack for a loaded machine
+    # MISSED_HEARTBEATS * HEARTBEAT_S of it; two more heartbeats' time are slack for the coordinator's poll and a
+    # loaded server (measured 11.9 to 15.3 s; the 90 s client deadline is what it must beat)
     dropped_after = (_log_time(flow_run.id, reason) - killed).total_seconds()
     print(f"killed client dropped {dropped_after:.1f} s after its kill")
-    assert dropped_after <= (MISSED_HEARTBEATS + 1) * parties.HEARTBEAT_S, dropped_after
+    assert dropped_after <= (MISSED_HEARTBEATS + 2) * parties.HEARTBEAT_S, dropped_after
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert loss[2] < loss[0]
     outboxes = sorted(p.name for p in federation.layout.exchange.iterdir())
