@@ -1,6 +1,6 @@
-"""Scale: federated rounds of 10, 20 and 50 clients, client trainings in threads vs on Dask workers.
+"""Scale: federated rounds of 10 to 1,000 clients, client trainings in threads vs on Dask workers.
 
-    python benchmarks/scale.py [--clients 10 20 50] [--modes threads dask] [--parallel 2] [--steps 2]
+    python benchmarks/scale.py [--clients 10 20 50 1000] [--modes threads dask] [--parallel 2] [--steps 2]
 
 Every (mode, clients) configuration runs two rounds of the real `federated-finetune` flow in a
 fresh Python process, so the coordinator's peak RSS (ru_maxrss of the process that runs the flow:
@@ -8,8 +8,9 @@ aggregation, evaluation and, in `threads` mode, the trainings; Dask workers are 
 own) is that configuration's alone. The first round includes starting a local cluster; the second
 is the steady state. The model is the test suite's tiny Llama, wider (2 layers, hidden 256), with
 LoRA r=64 on every linear layer: a 2.1 MB update per client, about SmolLM2's in the demo, so an
-aggregator that held every update would show in the memory column. The 50 partitions are the same
-for every configuration; K of them are sampled.
+aggregator that held every update would show in the memory column. The partitions (50, or as
+many as the largest --clients, with at least 10 examples each) are the same for every
+configuration; K of them are sampled.
 
 Prints a markdown table with each mode's ratio to `threads` at the same number of clients; writes
 benchmarks/results/scale.json. A mode is an entry of MODES: its config overrides and the function
@@ -35,7 +36,7 @@ from common import evaluation_seconds, prepared_config, save_results, scratch_ov
 
 from fedtune.config.schema import FedConfig, load_config
 
-PARTITIONS = 50
+MIN_PARTITIONS = 50
 BASELINE = "threads"
 
 
@@ -81,11 +82,13 @@ def wide_model(root: Path) -> list[str]:
 
 
 def overrides(root: Path, args: argparse.Namespace) -> list[str]:
+    partitions = max(MIN_PARTITIONS, *args.clients)
+    per_skill = max(200, 4 * partitions)  # 3 skills: 12 per partition (min_partition_size is 10) + the test set
     return [
         *scratch_overrides(root),
         *wide_model(root),
-        "data.synthetic={examples_per_skill: 200, skills: [add, parity, successor]}",
-        f"data.partition={{scheme: iid, num_clients: {PARTITIONS}, test_fraction: 0.1}}",
+        f"data.synthetic={{examples_per_skill: {per_skill}, skills: [add, parity, successor]}}",
+        f"data.partition={{scheme: iid, num_clients: {partitions}, test_fraction: 0.1}}",
         "federation.rounds=2",
         f"federation.max_parallel_clients={args.parallel}",
         f"train.steps_per_round={args.steps}",
@@ -164,7 +167,7 @@ def main() -> None:
         return
 
     modes = [BASELINE, *(m for m in args.modes if m != BASELINE)]
-    passthrough = ["--parallel", str(args.parallel), "--steps", str(args.steps)]
+    passthrough = ["--parallel", str(args.parallel), "--steps", str(args.steps), "--clients", *map(str, args.clients)]
     rows: list[dict[str, float | str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
