@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import weakref
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from fedtune.privacy.secagg import primitives, shamir
 from fedtune.privacy.secagg.protocol import (
+    MaskedInput,
     ProtocolViolation,
     SecAggAborted,
     SecAggClient,
@@ -74,6 +76,29 @@ def test_the_server_sums_masked_inputs_as_they_arrive_holding_one_at_a_time(monk
     result = run(inputs, SecAggParams(threshold=8, neighbours=10), {"masked": {3}})
     assert len(sent) == 29 and most_alive <= 1  # a running sum, not one held vector per client
     assert np.array_equal(result.total, sum(inputs[c] for c in result.aggregated) & SecAggParams(2).modulus_mask)
+
+
+def test_the_servers_memory_for_masked_inputs_is_one_vector_whatever_the_clients() -> None:
+    """Measured by tracemalloc (NumPy reports its buffers to it): kept copies fail it as kept references do."""
+    n, length = 40, 50_000
+    params = SecAggParams(threshold=21)
+    clients = {c: SecAggClient(c, params, 1) for c in range(n)}
+    server = SecAggServer(params, 1, length)
+    roster = server.collect_keys([c.advertise() for c in clients.values()])
+    server.route_shares([c.share_keys(roster) for c in clients.values()])
+    vector_bytes = 8 * length
+
+    def arriving():  # type: ignore[no-untyped-def]  # inputs as the exchange delivers them, one at a time
+        for c in range(n):
+            yield MaskedInput(c, np.full(length, c, dtype=np.uint64), params.modulus_bits)
+
+    tracemalloc.start()
+    try:
+        server.collect_masked(arriving())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * vector_bytes, peak / vector_bytes  # the sum, the input in hand, slack: not 40 inputs
 
 
 def test_below_threshold_aborts_and_aggregates_nothing() -> None:

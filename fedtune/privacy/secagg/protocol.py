@@ -270,7 +270,7 @@ class SecAggServer:
     def collect_masked(self, messages: Iterable[MaskedInput]) -> UnmaskRequest:
         """Adds each masked input into one running sum as it arrives, so the server holds one vector
         of `length` words whatever the number of clients (pass a generator to keep it that way)."""
-        self._total = np.zeros(self.length, dtype=np.uint64)  # wraps mod 2^64, reduced mod 2^bits in unmask
+        total = np.zeros(self.length, dtype=np.uint64)  # wraps mod 2^64, reduced mod 2^bits in unmask
         senders: set[int] = set()
         for message in messages:
             if message.sender not in self._sharers or message.sender in senders:
@@ -278,8 +278,9 @@ class SecAggServer:
             if message.vector.shape != (self.length,) or message.bits != self.params.modulus_bits:
                 raise ProtocolViolation(f"masked input of client {message.sender} has the wrong length or modulus")
             senders.add(message.sender)
-            self._total += message.vector
+            total += message.vector
         self._enough("masked input", len(senders))
+        self._masked_sum = total  # only once the whole stage is accepted
         alive = sorted(senders)
         return UnmaskRequest(alive, sorted(set(self._sharers) - set(alive)))
 
@@ -287,7 +288,7 @@ class SecAggServer:
         """The sum of the alive clients' inputs mod 2^bits, with every mask removed."""
         self._enough("unmasking", len(responses))
         bits = self.params.modulus_bits
-        total = self._total
+        total = self._masked_sum.copy()  # unmasking that aborts part-way leaves the stage's sum intact
         for u in request.alive:
             seed = self._reconstruct(u, [r.seed_shares[u] for r in responses if u in r.seed_shares], 32)
             total -= primitives.mask(seed, self.length, bits)
