@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import resource
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -130,7 +128,7 @@ class InProcessGrid(Grid):
 
 def measure(n: int, length: int, shares: int, threshold: int) -> dict[str, Any]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperLink would set
-    before_mb = rss_mb()
+    before_mb = reset_peak()
     dropped = set(range(1, n + 1, 10)) if n >= 10 else set()
     apps = {nid: ClientApp(client_fn=_client_fn(nid, length), mods=[secaggplus_mod]) for nid in range(1, n + 1)}
     grid = InProcessGrid(apps, dropped)
@@ -164,12 +162,20 @@ def measure(n: int, length: int, shares: int, threshold: int) -> dict[str, Any]:
     }
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:  # Linux, in kB
+        return int(next(line for line in status if line.startswith(field)).split()[1]) / 1024
+
+
+def reset_peak() -> float:
+    """Starts the peak (VmHWM) afresh, as secagg_cost.py does; returns the memory now."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    return _status_mb("VmRSS:")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def rss_mb() -> float:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # pages
+    return _status_mb("VmHWM:")
 
 
 def main() -> None:

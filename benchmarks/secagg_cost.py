@@ -48,7 +48,7 @@ def _input(client: int, length: int, largest: int) -> np.ndarray:
 def measure(n: int, length: int, neighbours: int | None, examples: int) -> dict[str, Any]:
     """One round of `n` clients of `examples` examples each, in the modulus secure_aggregate gives it.
     Masked inputs reach the server one at a time (its running sum), as `simulation` sends them."""
-    before_mb = rss_mb()
+    before_mb = reset_peak()
     bits = POINT.bits_for(n * examples)
     params = SecAggParams(threshold=max(2, (neighbours or n) // 2 + 1), modulus_bits=bits, neighbours=neighbours)
     params.check(n)
@@ -65,9 +65,7 @@ def measure(n: int, length: int, neighbours: int | None, examples: int) -> dict[
         client_seconds += time.perf_counter() - start
         return out
 
-    start = time.perf_counter()
     adverts = [timed(clients[c].advertise) for c in clients]
-    server_seconds += time.perf_counter() - start
     start = time.perf_counter()
     roster = server.collect_keys(adverts)
     server_seconds += time.perf_counter() - start
@@ -120,14 +118,22 @@ def measure(n: int, length: int, neighbours: int | None, examples: int) -> dict[
     }
 
 
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux, in kB) in MB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak() -> float:
+    """Starts this process's peak resident memory (VmHWM) afresh; returns the memory now. ru_maxrss
+    cannot serve: it keeps the peak of the parent that forked this process."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS:")
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    """This process's resident memory now (Linux: /proc/self/statm counts pages)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """This process's peak resident memory since `reset_peak`."""
+    return _status_mb("VmHWM:")
 
 
 def flower(python: str, row: dict[str, Any], threshold: int, memory_gb: float, timeout_s: float) -> dict[str, Any]:
