@@ -40,6 +40,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPl
 from flwr.serverapp.grid import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from peak_memory import peak_mb, reset_peak
 
 MADE_SECONDS = [0.0]  # time spent making the clients' vectors: the benchmark's, not Flower's
 
@@ -157,25 +158,9 @@ def measure(n: int, length: int, shares: int, threshold: int) -> dict[str, Any]:
         "server_ms": 1000 * (total_seconds - grid.client_seconds - grid.transport_seconds),
         "bytes_per_client": sum(grid.bytes_sent.values()) / n,
         "max_abs_error": float(np.max(np.abs(mean - expected))),
-        "peak_rss_mb": peak_rss_mb(),
-        "round_mb": peak_rss_mb() - before_mb,
+        "peak_rss_mb": peak_mb(),
+        "round_mb": peak_mb() - before_mb,
     }
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:  # Linux, in kB
-        return int(next(line for line in status if line.startswith(field)).split()[1]) / 1024
-
-
-def reset_peak() -> float:
-    """Starts the peak (VmHWM) afresh, as secagg_cost.py does; returns the memory now."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    return _status_mb("VmRSS:")
-
-
-def peak_rss_mb() -> float:
-    return _status_mb("VmHWM:")
 
 
 def main() -> None:

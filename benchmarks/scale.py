@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--clients 10 20 50 1000] [--modes threads dask] [--parallel 2] [--steps 2]
 
 Every (mode, clients) configuration runs two rounds of the real `federated-finetune` flow in a
-fresh Python process, so the coordinator's peak RSS (ru_maxrss of the process that runs the flow:
+fresh Python process, so the coordinator's peak RSS (VmHWM of the process that runs the flow:
 aggregation, evaluation and, in `threads` mode, the trainings; Dask workers are processes of their
 own) is that configuration's alone. The first round includes starting a local cluster; the second
 is the steady state. The model is the test suite's tiny Llama, wider (2 layers, hidden 256), with
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common import evaluation_seconds, prepared_config, save_results, scratch_overrides
+from peak_memory import peak_mb
 
 from fedtune.config.schema import FedConfig, load_config
 
@@ -118,11 +118,10 @@ def measure(mode: str, clients: int, root: Path, args: argparse.Namespace) -> di
     )
     run(config)
     _, rows = evaluation_seconds(out)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "round_1_seconds": float(rows[1]["round_seconds"]),
         "round_2_seconds": float(rows[2]["round_seconds"]),
-        "coordinator_peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "coordinator_peak_rss_mb": peak_mb(),  # this process's own, not the driver's that started it
         "trainings_in_coordinator": len(here),
         "trainings": sum(int(row["clients_aggregated"]) for row in rows[1:]),
         "update_bytes": float(rows[2]["bytes_up_per_client"]),

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from common import save_results
+from peak_memory import peak_mb, reset_peak
 
 from fedtune.privacy.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
 from fedtune.privacy.secagg.quantize import FixedPoint
@@ -113,27 +114,9 @@ def measure(n: int, length: int, neighbours: int | None, examples: int) -> dict[
         "server_ms": 1000 * server_seconds,
         "bytes_per_client": sent / n,
         "plain_float32_bytes": 4 * length,
-        "peak_rss_mb": peak_rss_mb(),
-        "round_mb": peak_rss_mb() - before_mb,  # the round's peak above the process's memory before it
+        "peak_rss_mb": peak_mb(),
+        "round_mb": peak_mb() - before_mb,  # the round's peak above the process's memory before it
     }
-
-
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (Linux, in kB) in MB."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
-def reset_peak() -> float:
-    """Starts this process's peak resident memory (VmHWM) afresh; returns the memory now. ru_maxrss
-    cannot serve: it keeps the peak of the parent that forked this process."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS:")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since `reset_peak`."""
-    return _status_mb("VmHWM:")
 
 
 def flower(python: str, row: dict[str, Any], threshold: int, memory_gb: float, timeout_s: float) -> dict[str, Any]:
