@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
     repo.mkdir()
     for name in ("fedtune", "flows", "tasks", "mlflow_tracking"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "fedtune", repo / "scripts" / "fedtune")
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny_overrides(Path("."), tiny_model_dir))
     params["model"].update({"name_or_path": "models/tiny", "source": str(tiny_model_dir)})
@@ -43,19 +46,25 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / ".gitignore").write_text("mlflow.db\nmlartifacts/\noutputs/federated/rounds/\n")
 
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
+    # as a user who types .venv/bin/dvc without activating .venv: PATH has no fedtune of this
+    # environment, only another one's (a decoy that fails), so each stage must find its own
+    decoy = tmp_path / "other-env"
+    decoy.mkdir()
+    (decoy / "fedtune").write_text("#!/bin/sh\necho 'the fedtune on PATH ran' >&2\nexit 3\n")
+    (decoy / "fedtune").chmod(0o755)
+    bin_dir = str(Path(sys.executable).parent)
+    path = [decoy, *(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir)]
+    env = {**os.environ, "PATH": os.pathsep.join(map(str, path)), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("VIRTUAL_ENV", None)
+    dvc = str(Path(bin_dir) / "dvc")
     env.pop("COVERAGE_PROCESS_CONFIG", None)  # the stages run a copy of the code: not the measured files
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     _run(["git", "init", "-q"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
+    _run([dvc, "init", "-q"], repo, env)
     _run([*git, "add", "-A"], repo, env)
     _run([*git, "commit", "-qm", "pipeline"], repo, env)
 
-    _run(["dvc", "repro"], repo, env)
+    _run([dvc, "repro"], repo, env)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"base_model", "prepare_data", "partition", "train", "evaluate"}
     metrics = json.loads((repo / "outputs" / "federated" / "metrics.json").read_text())
@@ -63,7 +72,7 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
     assert evaluation["test_loss"] == metrics["test_loss"]
     assert (repo / "models" / "tiny" / "model.safetensors").exists()
-    assert _run(["dvc", "status", "--json"], repo, env).strip() in ("{}", "")
+    assert _run([dvc, "status", "--json"], repo, env).strip() in ("{}", "")
     # every parameter group and code folder a stage reads is declared: changing one makes it stale
     for change, stage in (
         ({"secagg": {"enabled": True}}, "train"),
@@ -83,14 +92,21 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
             path.write_bytes(kept + b"\n# changed\n")
         else:
             path.write_text(yaml.safe_dump(_merge(yaml.safe_load(kept), change)))
-        stale = json.loads(_run(["dvc", "status", "--json"], repo, env) or "{}")
+        stale = json.loads(_run([dvc, "status", "--json"], repo, env) or "{}")
         path.write_bytes(kept)
         assert stage in stale, (change, stale)
 
     _run([*git, "add", "-A"], repo, env)
     _run([*git, "commit", "-qm", "results"], repo, env)
-    _run(["dvc", "exp", "run", "-S", "federation.rounds=2"], repo, env)
+    _run([dvc, "exp", "run", "-S", "federation.rounds=2"], repo, env)
     metrics = json.loads((repo / "outputs" / "federated" / "metrics.json").read_text())
     assert metrics["rounds"] == 2
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env))
+    shown = json.loads(_run([dvc, "exp", "show", "--json"], repo, env))
     assert shown, "dvc exp show lists the experiment"
+    # the README's narrow view: the headline metrics and the varied parameters, not all of params.yaml
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith(".venv/bin/dvc exp show"))
+    table = _run([dvc, *shlex.split(line)[1:]], repo, env)
+    header = next(x for x in table.splitlines() if "Experiment" in x)
+    for column in ("test_accuracy", "test_loss", "bytes_total", "federation.rounds", "train.lr"):
+        assert column in table, (column, table)
+    assert "max_length" not in table and "Created" not in header, table
