@@ -46,6 +46,7 @@ def centralized(
         "method": "centralized",
         **{key: metrics[key] for key in ("test_loss", "test_accuracy", "val_loss") if key in metrics},
         "bytes_per_round": 0,
+        "bytes_total": 0,
         "share_of_full_finetuning": 0.0,
         "steps": report["steps"],
         "wall_seconds": time.perf_counter() - started,

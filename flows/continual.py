@@ -34,7 +34,7 @@ def continual_learning(
     them as they are (e.g. after `dvc pull` or `dvc repro partition`)."""
     prepare(config, data=prepare_data)
     versions = data_versions(config)
-    trial = config.model_copy(update={"tracking": config.tracking.model_copy(update={"register_final": False})})
+    trial = config.model_copy(update={"tracking": config.tracking.model_copy(update={"register_final": "never"})})
     with tempfile.TemporaryDirectory() as tmp:
         champion = fetch_champion(config, alias, tmp)
         summary = federated_finetune(

@@ -30,7 +30,9 @@ def _alone(config: FedConfig, run: Path, run_id: str, client: int) -> dict[str, 
     report = standalone_train(
         config, f"client-{client}", [client], steps, config.train.batch_size, config.train.seed + client, path
     )
-    metrics = evaluate(config, path, f"client-{client}")
+    # its adapter on every client's val split is logged once as val_loss (their mean), not as
+    # client_<k>/global_val_loss under this client's prefix (client_0/client_1/...)
+    metrics = {k: v for k, v in evaluate(config, path, f"client-{client}").items() if not k.startswith("client_")}
     log_adapter(config, run_id, path, f"adapters/client_{client}")
     return {"client": client, **metrics, **{k: report[k] for k in ("steps", "train_loss", "seconds")}}
 
@@ -57,6 +59,7 @@ def local_only(
         **mean,
         "test_accuracy_per_client": [r.get("test_accuracy") for r in rows],
         "bytes_per_round": 0,
+        "bytes_total": 0,
         "share_of_full_finetuning": 0.0,
         "wall_seconds": time.perf_counter() - started,
         "mlflow_run_id": run_id,

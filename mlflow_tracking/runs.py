@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_tracking.lineage import dvc_data_version, git_commit
+from mlflow_tracking.lineage import dvc_data_version, dvc_md5, git_commit
 from mlflow_tracking.plots import plot_rounds
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,39 @@ class RunTracker:
         }
         if versions:
             self.set_tags(versions)
+
+    def log_data_inputs(self, splits: Mapping[str, str | Path]) -> None:
+        """Each data split (name -> JSONL file, e.g. `client_0/train`) as an MLflow dataset input
+        whose digest is the file's DVC md5: the run's Datasets column and DVC's cache name the same
+        version. The context tag is the split (`train`, `val`, `test`)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        inputs = []
+        for name, path in splits.items():
+            with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns of it
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(Path(path).resolve().as_uri())
+            # MLflow's documented use of MetaDataset; its `profile` is abstract only to the type checker
+            dataset = MetaDataset(source, name=name, digest=dvc_md5(path))._to_mlflow_entity()  # type: ignore[abstract]
+            context = mlflow.entities.InputTag("mlflow.data.context", name.rsplit("/", 1)[-1])
+            inputs.append(mlflow.entities.DatasetInput(dataset, [context]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_results_row(self, row: Mapping[str, Any]) -> None:
+        """`row` as the run's `results.json` MLflow table, once (a finished run finishing again adds
+        no second row); `mlflow.load_table("results.json", run_ids=...)` joins several runs' rows."""
+        if "results.json" not in {info.path for info in self.client.list_artifacts(self.run_id)}:
+            self.client.log_table(self.run_id, {key: [value] for key, value in row.items()}, "results.json")
+
+    def ui_url(self) -> str | None:
+        """The run's page in the MLflow UI when the store is an MLflow server (http or https);
+        None for a local store, which has no UI until `mlflow ui` serves it."""
+        uri = self.client.tracking_uri
+        if not uri.startswith(("http://", "https://")):
+            return None
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
 
     def artifact_paths(self, folder: str) -> set[str]:
         return {info.path for info in self.client.list_artifacts(self.run_id, folder)}

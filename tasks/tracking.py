@@ -6,15 +6,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from fedtune.config.schema import FedConfig
+from fedtune.data.partition import split_path
 from fedtune.model.adapters import load_state
 from fedtune.model.builder import export_adapter
 from fedtune.round.checkpoints import checkpoint_dir
 from mlflow_tracking import RunTracker
+from mlflow_tracking.lineage import dvc_md5
+from mlflow_tracking.registry import register_if_better
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
@@ -28,16 +31,25 @@ def start_tracking(
         experiment=tracking.experiment,
         artifact_location=tracking.artifact_location,
         run_name=f"{kind}-{flow_run.get_name() or 'local'}",
-        params=config.model_dump(mode="json"),
+        params={"method": kind, **config.model_dump(mode="json")},  # the compare view's diff shows both
         tags={
             "fedtune.kind": kind,
             "prefect.flow_run_id": str(flow_run.get_id() or "none"),
+            "prefect.flow_run_url": str(flow_run.get_flow_run_ui_url() or "none"),  # its page in the Prefect UI
             "config.fingerprint": config.fingerprint(),
         },
         resume_run_id=resume_run_id,
     )
     if resume_tags:
         tracker.set_tags(resume_tags)  # MLflow params are immutable: a change on resume is a tag
+    if resume_run_id is None and not config.deployment.enabled:  # deployed, the data is the clients' only
+        root = config.data.partitions_dir
+        splits = {
+            f"client_{c}/{split}": split_path(root, c, split)
+            for c in range(config.data.partition.num_clients)
+            for split in ("train", "val")
+        }
+        tracker.log_data_inputs({**splits, "test": split_path(root, None, "test")})
     return tracker.run_id
 
 
@@ -87,19 +99,49 @@ def fail_tracking(config: FedConfig, run_id: str) -> None:
     tracker(config, run_id).finish("FAILED")
 
 
+# the core metrics every method's summary has, under the same names (MLflow: final/<name>)
+RESULT_COLUMNS = ("test_accuracy", "test_loss", "bytes_per_round", "bytes_total", "wall_seconds")
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
 def finish_tracking(
     config: FedConfig, run_id: str, summary: dict[str, Any], register_artifact: str | None = None
 ) -> str | None:
-    """Log the summary, register the final adapter (when given and `tracking.register_final`), close
+    """Log the summary, register the final adapter (when given, as `tracking.register_final` says:
+    by default only if it beats the `tracking.champion_alias` version on the same test set), close
     the run; idempotent, so finishing a run again (`--resume` of a finished run) adds nothing."""
     run = tracker(config, run_id)
     last = int(summary.get("rounds") or 0)  # at the last round, so a run extended on resume logs its new end
     run.log_new_metrics({f"final/{k}": v for k, v in summary.items()}, step=last)  # non-numeric values skipped
     run.log_dict(summary, "summary.json")
+    run.log_results_row(
+        {
+            "method": summary["method"],
+            "strategy": config.federation.strategy if summary["method"] == "federated" else None,
+            "peft": config.peft.method,
+            **{key: summary.get(key) for key in RESULT_COLUMNS},
+        }
+    )
     version = None
-    if register_artifact is not None and config.tracking.register_final:
-        tags = {"config": config.fingerprint(), "round": str(last)}
-        version = run.register(register_artifact, config.tracking.registered_model, tags)
+    if register_artifact is not None and config.tracking.register_final != "never":
+        test = split_path(config.data.partitions_dir, None, "test")
+        tags = {
+            "config": config.fingerprint(),
+            "round": str(last),
+            "lineage.data.test": dvc_md5(test) if test.exists() else "unknown",
+        }
+        if summary.get("test_accuracy") is not None:
+            tags["test_accuracy"] = f"{summary['test_accuracy']:.6f}"
+        version, decision = register_if_better(
+            run,
+            register_artifact,
+            config.tracking.registered_model,
+            config.tracking.champion_alias,
+            summary["test_loss"],
+            tags,
+            always=config.tracking.register_final == "always",
+        )
+        run.set_tags({"registry.decision": decision})
+        get_run_logger().info("model registry: %s", decision)
     run.finish()
     return version

@@ -370,11 +370,19 @@ class TrackingSection(Section):
     artifact_location: str = Field("mlartifacts", description="Artifact root for new experiments.")
     experiment: str = "fedtune"
     registered_model: str = Field("fedtune-global-adapter", description="Registry name of the final adapter.")
-    register_final: bool = Field(
-        True,
-        description="Register every federated run's final adapter; the continual-learning flow turns this off "
-        "and registers only an adapter that beats the champion.",
+    register_final: Literal["if_better", "always", "never"] = Field(
+        "if_better",
+        description="The federated run's final adapter in the registry: 'if_better' registers it only when no "
+        "version holds champion_alias yet or its test loss is below that version's on the same test set, and "
+        "moves the alias to it; 'always' registers it either way (the alias moves only if better); 'never' "
+        "(the continual-learning flow, which decides itself). true / false mean always / never.",
     )
+    champion_alias: str = Field("champion", description="The registry alias of the best adapter so far.")
+
+    @field_validator("register_final", mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        return {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
 
 
 class CompressionSection(Section):
