@@ -129,6 +129,39 @@ def run_cmd(
     print_results([summary], _config(config, set_))
 
 
+@app.command("serve")
+def serve_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Serve the simulated federation to the Prefect UI until interrupted; runs execute here, with no
+    work pool, worker or root: `federated-finetune/simulated` (the whole config as a typed form) and
+    `quick-run/simulated` (rounds, clients, strategy, learning rate, steps, PEFT method over --config)."""
+    from prefect import serve
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
+    from flows.common import preflight
+    from flows.federated_finetune import federated_finetune
+    from flows.quick_run import quick_run
+
+    cfg = _config(config, set_)
+    with _reported():
+        preflight(cfg)
+    quick = {
+        "rounds": cfg.federation.rounds,
+        "clients_per_round": cfg.federation.clients_per_round,
+        "strategy": cfg.federation.strategy,
+        "learning_rate": cfg.train.lr,
+        "steps_per_round": cfg.train.steps_per_round,
+        "peft_method": cfg.peft.method,
+        "params": str(config),
+    }
+    module = EntrypointType.MODULE_PATH  # runs import the installed flows, wherever `serve` was started
+    serve(
+        RunnerDeployment.from_flow(
+            federated_finetune, "simulated", parameters={"config": cfg.model_dump(mode="json")}, entrypoint_type=module
+        ),
+        RunnerDeployment.from_flow(quick_run, "simulated", parameters=quick, entrypoint_type=module),
+    )
+
+
 @app.command("serve-continual")
 def serve_continual_cmd(
     config: ConfigOpt = Path("params.yaml"),
@@ -268,13 +301,20 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def print_results(results: list[dict[str, Any]], cfg: FedConfig) -> None:
-    table = Table(title="results on the global test set")
-    for column in ("method", "test accuracy", "test loss", "bytes / round", "share of full FT", "wall s"):
+    """The comparison table; accuracy's standard error is sqrt(p (1 - p) / n) over the n scored
+    test rows (binomial), so a gap of several of them is more than the test set's noise."""
+    from fedtune.data.partition import read_split
+
+    scored = len(read_split(cfg.data.partitions_dir, None, "test")[: cfg.eval.generation_samples])
+    table = Table(title=f"results on the global test set (accuracy over {scored} rows)")
+    for column in ("method", "test accuracy", "± s.e.", "test loss", "bytes / round", "share of full FT", "wall s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in results:
+        accuracy = r.get("test_accuracy")
         table.add_row(
             r["method"],
-            _fmt(r.get("test_accuracy"), ".3f"),
+            _fmt(accuracy, ".3f"),
+            _fmt(None if accuracy is None or not scored else (accuracy * (1 - accuracy) / scored) ** 0.5, ".3f"),
             _fmt(r.get("test_loss"), ".4f"),
             f"{r['bytes_per_round']:,}" if r.get("bytes_per_round") else "0",
             _fmt(r.get("share_of_full_finetuning"), ".3%") if r.get("share_of_full_finetuning") else "-",

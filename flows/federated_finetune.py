@@ -34,6 +34,7 @@ from fedtune.round.resume import (
 )
 from flows.common import failing_run, prepare
 from flows.remote_clients import train_remotely
+from flows.reporting import advance, publish, start_progress
 from flows.runners import task_runner
 from tasks.aggregation import aggregate, round_allowed, share_view
 from tasks.checkpoint import checkpoint as checkpoint_task
@@ -208,6 +209,7 @@ def _finish(
         "test_accuracy": final.get("test_accuracy"),
         "bytes_up_per_client_round": per_client_up,
         "bytes_per_round": final["bytes_up"] + final["bytes_down"],
+        "bytes_total": sum(row.get("bytes_up", 0) + row.get("bytes_down", 0) for row in history),
         "share_of_full_finetuning": per_client_up / sizes["full_update_bytes"],
         "adapter_parameters": sizes["adapter_parameters"],
         "wall_seconds": time.perf_counter() - started,
@@ -222,7 +224,12 @@ def _finish(
 
 @flow(name="federated-rounds")
 def federated_rounds(
-    config: FedConfig, run_dir: str, first: int, history: list[dict[str, Any]], meta: dict[str, Any]
+    config: FedConfig,
+    run_dir: str,
+    first: int,
+    history: list[dict[str, Any]],
+    meta: dict[str, Any],
+    progress_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rounds `first`..R, checkpointed one by one; returns the history extended with them.
 
@@ -246,6 +253,8 @@ def federated_rounds(
         )
         log_round(config, run_id, round_, row, reports, history)  # only a checkpointed round is logged
         log_adapter(config, run_id, str(out / "global.safetensors"), f"adapters/round_{round_:04d}")
+        if progress_id is not None:
+            advance(progress_id, row, config.federation.rounds)
     return history
 
 
@@ -283,7 +292,9 @@ def federated_finetune(
     run_id = meta["mlflow_run_id"]
     with failing_run(config, run_id):
         rounds = federated_rounds.with_options(task_runner=task_runner(config.federation))
-        history = rounds(config, str(run), completed + 1, history, meta)
+        progress = start_progress(completed, config.federation.rounds)
+        history = rounds(config, str(run), completed + 1, history, meta, progress)
         summary = _finish(config, run, run_id, meta["sizes"], history, started)
+    publish(config, history, run_id)
     logger.info("federated: test accuracy %s, test loss %.4f", summary["test_accuracy"], summary["test_loss"])
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -77,6 +78,23 @@ def test_federated_flow_logs_every_round_and_adapters_reproduce_metrics(tmp_path
     assert metrics["bytes_up_per_client_round"] == update.stat().st_size
     assert (out / "rounds.csv").read_text().count("\n") == 1 + 4  # header, rounds 0-3
 
+    # the Prefect UI's view of the run: progress bar, results table, the MLflow run; and the way back
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    assert run.data.tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run_id}")
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    artifacts = {a.key: a for a in found}
+    assert artifacts["federated-progress"].data == 100.0
+    table = json.loads(artifacts["federated-rounds"].data)
+    assert [row["round"] for row in table] == [0, 1, 2, 3]
+    assert [row["test_loss"] for row in table] == pytest.approx([test_loss[r] for r in range(4)])
+    assert run.info.run_id in artifacts["mlflow-run"].data
+
 
 def test_the_global_is_evaluated_every_k_rounds_and_always_after_the_last(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
@@ -129,6 +147,7 @@ def test_a_resume_is_the_same_run_or_a_refusal_before_any_work(tmp_path, tiny_mo
     nothing touched; more rounds continue the same MLflow run, which records the change."""
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
     overrides["federation"]["rounds"] = 1
+    overrides["tracking"]["register_final"] = "always"  # one version per end reached, better or not
     first = federated_finetune(config=build_config(overrides))
     out = Path(overrides["federation"]["output_dir"])
     partitions = Path(overrides["data"]["partitions_dir"])
@@ -161,17 +180,101 @@ def test_a_resume_is_the_same_run_or_a_refusal_before_any_work(tmp_path, tiny_mo
         federated_finetune(config=build_config(overrides), resume=True, prepare_data=False)
 
 
-def test_baselines_log_comparable_runs(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+def test_the_three_methods_log_comparable_runs(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Federated, local-only and centralized runs: the same core metrics under the same names, the
+    method as a parameter, one results table each (MLflow's compare view joins them) and each data
+    split as a dataset input versioned by its DVC md5."""
+    from mlflow_tracking.lineage import dvc_md5
+    from tasks.tracking import RESULT_COLUMNS
+
     config = _config(tmp_path, tiny_model_dir)
-    local = local_only(config=config, output_dir=str(tmp_path / "local"))
-    pooled = centralized(config=config, output_dir=str(tmp_path / "central"))
+    federated = federated_finetune(config=config)
+    local = local_only(config=config, output_dir=str(tmp_path / "local"), prepare_data=False)
+    pooled = centralized(config=config, output_dir=str(tmp_path / "central"), prepare_data=False)
     client = MlflowClient(config.tracking.tracking_uri)
-    for summary, kind in ((local, "local_only"), (pooled, "centralized")):
+    root = Path(config.data.partitions_dir)
+    splits = {f"client_{c}/{s}": root / f"client_{c}" / f"{s}.jsonl" for c in range(3) for s in ("train", "val")}
+    splits["test"] = root / "test.jsonl"
+    for summary, kind in ((federated, "federated"), (local, "local_only"), (pooled, "centralized")):
         run = client.get_run(summary["mlflow_run_id"])
         assert run.data.tags["fedtune.kind"] == kind and run.info.status == "FINISHED"
-        assert {"test_loss", "test_accuracy", "final/test_loss"} <= set(run.data.metrics)
+        assert run.data.params["method"] == kind and run.data.params["federation.strategy"] == "fedavg"
+        assert {"test_loss", "test_accuracy", *(f"final/{c}" for c in RESULT_COLUMNS)} <= set(run.data.metrics)
+        assert not [key for key in run.data.metrics if len(set(parts := key.split("/"))) < len(parts)]
+        inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+        assert set(inputs) == set(splits), kind
+        for name, path in splits.items():
+            assert inputs[name].dataset.digest == dvc_md5(path), name
+            assert inputs[name].tags[0].value == name.rsplit("/", 1)[-1]
+    rows = {}
+    for summary in (federated, local, pooled):  # the MLflow table format: {"columns": [...], "data": [[...]]}
+        table = json.loads(
+            Path(client.download_artifacts(summary["mlflow_run_id"], "results.json", str(tmp_path))).read_text()
+        )
+        (row,) = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]
+        rows[row["method"]] = row
+    assert set(rows) == {"federated", "local_only", "centralized"}
+    assert rows["federated"]["bytes_total"] == federated["bytes_per_round"] * config.federation.rounds > 0
+    assert rows["local_only"]["test_accuracy"] == pytest.approx(local["test_accuracy"])
+    assert rows["centralized"]["test_loss"] == pytest.approx(pooled["test_loss"])
     assert len(local["test_accuracy_per_client"]) == config.data.partition.num_clients
     assert pooled["steps"] == config.federation.rounds * config.train.steps_per_round
+    if CHROMIUM.exists():
+        _compare_in_the_mlflow_ui(config.tracking.tracking_uri, [federated, local, pooled], tmp_path)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _compare_in_the_mlflow_ui(store: str, summaries: list[dict], tmp_path: Path) -> None:
+    """A person selects the three runs in the real MLflow UI and compares them: one view shows each
+    method's final accuracy and bytes (headless Chromium, installed by .ci/run)."""
+    import urllib.parse
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from deploy.servers import free_port
+    from tests.conftest import BIN, start_process, stop_process
+
+    port = free_port()
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
+    server = start_process([*command, "--workers", "1"], dict(os.environ), tmp_path, tmp_path / "mlflow-ui.log")
+    client = MlflowClient(store)
+    runs = [client.get_run(summary["mlflow_run_id"]) for summary in summaries]
+    ids = json.dumps([run.info.run_id for run in runs])
+    page_url = f"http://127.0.0.1:{port}/#/compare-runs?runs={urllib.parse.quote(ids)}"
+    page_url += f"&experiments={urllib.parse.quote(json.dumps([runs[0].info.experiment_id]))}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow-ui.log").read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.goto(page_url)
+            page.get_by_text("Show diff only").last.wait_for(timeout=60_000)
+            # the metrics table renders only the rows in view (react-virtualized): scroll it as a person would
+            seen: set[str] = set()
+            grids = page.locator(".ReactVirtualized__Grid")
+            for _ in range(100):
+                seen |= set(page.inner_text("body").splitlines())
+                if {"final/test_accuracy", "final/bytes_total"} <= seen:
+                    break
+                for grid in grids.all():
+                    grid.evaluate("g => { g.scrollTop += 250; g.dispatchEvent(new Event('scroll')); }")
+                page.wait_for_timeout(150)
+            browser.close()
+    finally:
+        stop_process(server)
+    assert f"Comparing {len(runs)} Runs from 1 Experiment" in seen, sorted(seen)[:50]
+    assert {"final/test_accuracy", "final/bytes_total", *(run.info.run_name for run in runs)} <= seen
+    assert str(int(runs[0].data.metrics["final/bytes_total"])) in seen  # the federated run's bytes
 
 
 @pytest.mark.parametrize("fault", ["crash", "hang"])
