@@ -70,6 +70,8 @@ def test_data_without_the_mapped_columns(tmp_path) -> None:  # type: ignore[no-u
 def test_empty_client_partition(tmp_path) -> None:  # type: ignore[no-untyped-def]
     common = [
         "-s",
+        "data.source=synthetic",
+        "-s",
         f"data.processed_path={tmp_path}/d.jsonl",
         "-s",
         "data.synthetic.examples_per_skill=2",

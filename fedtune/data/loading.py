@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import datasets
 
-from fedtune.config.schema import DataSection
+from fedtune.config.schema import ColumnMapping, DataSection
 from fedtune.core.errors import InputError
 from fedtune.data.synthetic import generate
 
@@ -223,12 +223,16 @@ def _to_record(row: Row, section: DataSection, label_column: str | None) -> Reco
 
 
 def load_records(section: DataSection) -> list[Record]:
-    """Normalized records of the configured source (the synthetic demo set by default).
+    """Normalized records of the configured source (`data.source`: a file, a saved dataset, a hub
+    name or `synthetic`, the project's generated skill set).
 
     A row whose mapped instruction, response, rejected response or label is null or empty stops
     the load with an error naming its row and line (or, with `data.drop_incomplete`, is dropped
     and counted); nothing is trained on the text "None". Raises DataError."""
     if section.source == "synthetic":
+        # its columns are the generator's own, whatever a mapping for another source says; only
+        # which of them to use (the near misses for DPO) is the user's choice
+        section = section.model_copy(update={"columns": ColumnMapping(rejected=section.columns.rejected)})
         syn = section.synthetic
         rows = [(0, row) for row in generate(syn.skills, syn.examples_per_skill, syn.seed)]
     else:
