@@ -38,7 +38,7 @@ from fedtune.deployment.exchange import SERVER, outbox
 from fedtune.deployment.signing import provision_identity, write_public_keys
 
 COORDINATOR_POOL = "coordinator"
-HEARTBEAT_S = 5
+HEARTBEAT_S = 10  # 5 s: a live worker on a loaded 2-core CI machine went 15 s without one (3 missed)
 QUERY_S = 1
 # the parties' users: the coordinator PARTY_UID, client c PARTY_UID + 1 + c (uid = gid; ids no account
 # on a normal machine uses, so no passwd entry is needed or touched)

@@ -133,7 +133,8 @@ def run_cmd(
 def serve_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Serve the simulated federation to the Prefect UI until interrupted; runs execute here, with no
     work pool, worker or root: `federated-finetune/simulated` (the whole config as a typed form) and
-    `quick-run/simulated` (rounds, clients, strategy, learning rate, steps, PEFT method over --config)."""
+    `quick-run/simulated` (rounds, clients, strategy, learning rate, steps, PEFT method over the
+    --config file; -s overrides shape the full form's defaults only)."""
     from prefect import serve
     from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
@@ -151,7 +152,7 @@ def serve_cmd(config: ConfigOpt = Path("params.yaml"), set_: SetOpt = None) -> N
         "learning_rate": cfg.train.lr,
         "steps_per_round": cfg.train.steps_per_round,
         "peft_method": cfg.peft.method,
-        "params": str(config),
+        "params": str(config.resolve()),
     }
     module = EntrypointType.MODULE_PATH  # runs import the installed flows, wherever `serve` was started
     serve(

@@ -55,6 +55,7 @@ def offsite_tuning(
             model={"name_or_path": str(run / "emulator"), "source": None},
             peft={"layers": plan.adaptors},
             federation={"output_dir": str(run / "federated")},
+            tracking={"register_final": "never"},  # an emulator's adapter is no candidate for the full model
         )
         federated = federated_finetune(config=on_emulator, prepare_data=False)
         on_full = _update(config, peft={"layers": plan.full_adaptors})

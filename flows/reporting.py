@@ -4,6 +4,8 @@ its MLflow run (the MLflow run carries the flow run's id and UI address the othe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -19,18 +21,32 @@ from prefect.artifacts import (
 from fedtune.config.schema import FedConfig
 from mlflow_tracking import RunTracker
 
+
+@contextmanager
+def best_effort(what: str) -> Iterator[None]:
+    """A failed artifact write (the Prefect or MLflow API briefly away) is a warning: the run's
+    results are already checkpointed and tracked, and the UI aid is not worth failing it for."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 (any failure of a UI aid is only reported)
+        get_run_logger().warning("could not publish the %s to the Prefect UI: %s", what, error)
+
+
 COLUMNS = ("round", "test_accuracy", "test_loss", "clients_aggregated", "bytes_up", "bytes_down", "round_seconds")
 
 
-def start_progress(done: int, rounds: int) -> str:
+def start_progress(done: int, rounds: int) -> str | None:
     """The run's progress artifact (percent of its rounds completed); its id, for `advance`."""
-    return str(create_progress_artifact(100.0 * done / rounds, key="federated-progress", description="rounds done"))
+    with best_effort("progress bar"):
+        return str(create_progress_artifact(100.0 * done / rounds, key="federated-progress", description="rounds done"))
+    return None
 
 
 def advance(progress_id: str, row: dict[str, Any], rounds: int) -> None:
     """Move the progress bar to `row`'s round and log the round's one summary line."""
     done = row["round"]
-    update_progress_artifact(UUID(progress_id), 100.0 * done / rounds, description=f"round {done} of {rounds} done")
+    with best_effort("progress bar"):
+        update_progress_artifact(UUID(progress_id), 100.0 * done / rounds, description=f"round {done} of {rounds} done")
     accuracy = "-" if row.get("test_accuracy") is None else f"{row['test_accuracy']:.3f}"
     loss = "-" if row.get("test_loss") is None else f"{row['test_loss']:.4f}"
     get_run_logger().info(
@@ -49,14 +65,16 @@ def publish(config: FedConfig, history: list[dict[str, Any]], run_id: str) -> No
     """The results table (one row per round, round 0 = the starting adapter) and the MLflow run:
     a link where MLflow serves a UI, else how to open the local store."""
     rows = [{column: row.get(column) for column in COLUMNS} for row in history]
-    create_table_artifact(rows, key="federated-rounds", description="the global adapter after each round")
+    with best_effort("rounds table"):
+        create_table_artifact(rows, key="federated-rounds", description="the global adapter after each round")
     uri = config.tracking.tracking_uri
-    url = RunTracker(run_id, uri).ui_url()
-    if url is not None:
-        create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run")
-    else:
-        create_markdown_artifact(
-            f"MLflow run `{run_id}` (experiment `{config.tracking.experiment}`) in `{uri}`: "
-            f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000",
-            key="mlflow-run",
-        )
+    with best_effort("MLflow link"):
+        url = RunTracker(run_id, uri).ui_url()
+        if url is not None:
+            create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run")
+        else:
+            create_markdown_artifact(
+                f"MLflow run `{run_id}` (experiment `{config.tracking.experiment}`) in `{uri}`: "
+                f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000",
+                key="mlflow-run",
+            )

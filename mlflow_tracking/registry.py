@@ -51,26 +51,35 @@ def promote(run: RunTracker, artifact_path: str, name: str, alias: str, tags: Ma
     return number
 
 
+COMPARED_ON = ("lineage.data.test", "base_model", "peft_method")  # tags two versions must share to compare
+
+
 def register_if_better(
     run: RunTracker, artifact_path: str, name: str, alias: str, test_loss: float, tags: Mapping[str, str], always: bool
 ) -> tuple[str | None, str]:
     """Register the run's final adapter when no version holds `alias` yet or when its test loss is
-    below the aliased version's on the same held-out set (tag `lineage.data.test`, the test split's
-    DVC md5), then move `alias` to it; with `always`, register it either way and move the alias only
-    if better. Returns (version or None, the decision in words). A run that is already the
-    champion returns its version (finishing again on `--resume` registers nothing twice)."""
+    below the aliased version's on the same held-out set, base model and PEFT method (the tags in
+    COMPARED_ON; `lineage.data.test` is the test split's DVC md5), then move `alias` to it; with
+    `always`, register it either way and move the alias only if better. An adapter that cannot be
+    compared (the champion was scored on another test set or is another model's) is registered
+    without the alias, so nothing is lost and no incomparable adapter becomes the champion.
+    Returns (version or None, the decision in words). A run that is already the champion at the
+    same round (tag `round`) returns its version, so finishing again on `--resume` registers
+    nothing twice; a run resumed for more rounds competes with its own earlier end."""
     champion = aliased_version(run.client.tracking_uri, name, alias)
     held = run.client.get_model_version(name, champion.number).tags if champion is not None else {}
     if champion is not None and champion.run_id == run.run_id and held.get("round") == tags.get("round"):
         return champion.number, f"already {name}@{alias} (version {champion.number})"
-    better, reason = True, f"no {name}@{alias} yet"
+    better, comparable, reason = True, True, f"no {name}@{alias} yet"
     if champion is not None:
-        if held.get("lineage.data.test") != tags["lineage.data.test"]:
-            better, reason = False, f"version {champion.number} was scored on another test set"
+        differs = [key for key in COMPARED_ON if held.get(key) != tags.get(key) or tags.get(key) in (None, "unknown")]
+        if differs:
+            better, comparable = False, False
+            reason = f"not comparable with version {champion.number} ({', '.join(differs)} differ)"
         else:
             better = test_loss < float(held["test_loss"])
             reason = f"test loss {test_loss:.6f} vs {float(held['test_loss']):.6f} of version {champion.number}"
-    if not (better or always):
+    if not (better or always or not comparable):
         return None, f"not registered: {reason}"
     number = run.register(artifact_path, name, {**tags, "test_loss": f"{test_loss:.6f}"})
     if better:

@@ -6,6 +6,7 @@ of different methods (federated, local-only, centralized) compare on the same ke
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -148,12 +149,15 @@ class RunTracker:
     def log_data_inputs(self, splits: Mapping[str, str | Path]) -> None:
         """Each data split (name -> JSONL file, e.g. `client_0/train`) as an MLflow dataset input
         whose digest is the file's DVC md5: the run's Datasets column and DVC's cache name the same
-        version. The context tag is the split (`train`, `val`, `test`)."""
+        version. The context tag is the split (`train`, `val`, `test`); a file this machine does
+        not hold is left out."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
         inputs = []
         for name, path in splits.items():
+            if not Path(path).is_file():
+                continue  # e.g. a split this machine does not hold: lineage of what is here only
             with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns of it
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(Path(path).resolve().as_uri())
@@ -161,13 +165,17 @@ class RunTracker:
             dataset = MetaDataset(source, name=name, digest=dvc_md5(path))._to_mlflow_entity()  # type: ignore[abstract]
             context = mlflow.entities.InputTag("mlflow.data.context", name.rsplit("/", 1)[-1])
             inputs.append(mlflow.entities.DatasetInput(dataset, [context]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_results_row(self, row: Mapping[str, Any]) -> None:
-        """`row` as the run's `results.json` MLflow table, once (a finished run finishing again adds
-        no second row); `mlflow.load_table("results.json", run_ids=...)` joins several runs' rows."""
-        if "results.json" not in {info.path for info in self.client.list_artifacts(self.run_id)}:
-            self.client.log_table(self.run_id, {key: [value] for key, value in row.items()}, "results.json")
+        """`row` as the run's `results.json`, an MLflow table (`mlflow.load_table("results.json",
+        run_ids=...)` joins several runs' rows). Written whole with the tag `log_table` sets, not
+        through `log_table`, which appends: a run resumed for more rounds replaces its row."""
+        self.log_dict({"columns": list(row), "data": [list(row.values())]}, "results.json")  # pandas "split"
+        tags = json.loads(self.client.get_run(self.run_id).data.tags.get("mlflow.loggedArtifacts", "[]"))
+        if (table := {"path": "results.json", "type": "table"}) not in tags:
+            self.set_tags({"mlflow.loggedArtifacts": json.dumps([*tags, table])})
 
     def ui_url(self) -> str | None:
         """The run's page in the MLflow UI when the store is an MLflow server (http or https);

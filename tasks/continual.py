@@ -67,7 +67,13 @@ def settle(
     )
     version = None
     if promoted:
-        tags = {**lineage, "config": config.fingerprint(), "test_loss": f"{summary['test_loss']:.6f}"}
+        tags = {
+            **lineage,
+            "config": config.fingerprint(),
+            "test_loss": f"{summary['test_loss']:.6f}",
+            "base_model": config.model.name_or_path,  # what a plain run's registration compares on
+            "peft_method": config.peft.method,
+        }
         version = promote(run, FINAL_ADAPTER, config.tracking.registered_model, alias, tags)
         run.set_tags({"continual.version": version})
     get_run_logger().info(

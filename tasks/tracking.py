@@ -129,6 +129,8 @@ def finish_tracking(
             "config": config.fingerprint(),
             "round": str(last),
             "lineage.data.test": dvc_md5(test) if test.exists() else "unknown",
+            "base_model": config.model.name_or_path,
+            "peft_method": config.peft.method,
         }
         if summary.get("test_accuracy") is not None:
             tags["test_accuracy"] = f"{summary['test_accuracy']:.6f}"

@@ -26,10 +26,16 @@ def _run(tmp_path: Path, name: str) -> RunTracker:
 
 
 def _register(
-    run: RunTracker, loss: float, test: str = "md5-a", always: bool = False, round_: str = "3"
+    run: RunTracker, loss: float, test: str = "md5-a", always: bool = False, round_: str = "3", model: str = "m"
 ) -> tuple[str | None, str]:
-    tags = {"lineage.data.test": test, "round": round_}
+    tags = {"lineage.data.test": test, "round": round_, "base_model": model, "peft_method": "lora"}
     return register_if_better(run, "adapters/final", NAME, ALIAS, loss, tags, always)
+
+
+def _champion(run: RunTracker) -> str:
+    found = aliased_version(run.client.tracking_uri, NAME, ALIAS)
+    assert found is not None
+    return found.number
 
 
 def test_only_a_better_adapter_on_the_same_test_set_is_registered_and_becomes_the_champion(tmp_path: Path) -> None:
@@ -37,27 +43,30 @@ def test_only_a_better_adapter_on_the_same_test_set_is_registered_and_becomes_th
     assert _register(first, 1.0) == ("1", "registered version 1 as champion: no adapters@champion yet")
     assert _register(first, 1.0)[0] == "1"  # finishing the same run again registers nothing twice
 
-    tie, other_data, better = _run(tmp_path, "tie"), _run(tmp_path, "other"), _run(tmp_path, "better")
+    tie, better = _run(tmp_path, "tie"), _run(tmp_path, "better")
     assert _register(tie, 1.0) == (None, "not registered: test loss 1.000000 vs 1.000000 of version 1")
-    assert _register(other_data, 0.1, test="md5-b") == (
-        None,
-        "not registered: version 1 was scored on another test set",
+    # an adapter scored on another test set, or of another base model (an emulator's), is kept
+    # in the registry but cannot take the alias, however low its loss
+    assert _register(_run(tmp_path, "other-data"), 0.1, test="md5-b") == (
+        "2",
+        "registered version 2: not comparable with version 1 (lineage.data.test differ)",
     )
-    assert _register(better, 0.5)[0] == "2"
-    champion = aliased_version(first.client.tracking_uri, NAME, ALIAS)
-    assert champion is not None and (champion.number, champion.run_id) == ("2", better.run_id)
-    assert first.client.get_model_version(NAME, "2").tags["test_loss"] == "0.500000"
+    assert _register(_run(tmp_path, "emulator"), 0.1, model="emulator")[1].endswith("(base_model differ)")
+    assert _champion(first) == "1"
+    assert _register(better, 0.5)[0] == "4"
+    assert _champion(first) == "4" and first.client.get_model_version(NAME, "4").run_id == better.run_id
+    assert first.client.get_model_version(NAME, "4").tags["test_loss"] == "0.500000"
 
     worse = _run(tmp_path, "worse")
     version, decision = _register(worse, 0.9, always=True)  # registered when told, champion unchanged
-    assert version == "3" and decision.startswith("registered version 3: test loss")
-    assert aliased_version(first.client.tracking_uri, NAME, ALIAS).number == "2"  # type: ignore[union-attr]
-    assert len(first.client.search_model_versions(f"name = '{NAME}'")) == 3
+    assert version == "5" and decision.startswith("registered version 5: test loss")
+    assert _champion(first) == "4"
+    assert len(first.client.search_model_versions(f"name = '{NAME}'")) == 5
 
     # the champion's run resumed for more rounds competes with its own earlier end
-    assert _register(better, 0.5, round_="4") == (None, "not registered: test loss 0.500000 vs 0.500000 of version 2")
-    assert _register(better, 0.4, round_="5")[0] == "4"
-    assert aliased_version(first.client.tracking_uri, NAME, ALIAS).number == "4"  # type: ignore[union-attr]
+    assert _register(better, 0.5, round_="4") == (None, "not registered: test loss 0.500000 vs 0.500000 of version 4")
+    assert _register(better, 0.4, round_="5")[0] == "6"
+    assert _champion(first) == "6"
 
 
 @pytest.mark.parametrize(("value", "meant"), [(True, "always"), (False, "never"), ("if_better", "if_better")])
