@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -35,16 +37,26 @@ from fedtune.deployment.exchange import (
 from fedtune.round.client_report import ClientReport, ReportRejected
 
 
-def _trigger(config: FedConfig, round_: int, clients: list[int], namespace: str) -> dict[int, FlowRun]:
-    runs: dict[int, FlowRun] = {}
-    for client in clients:
-        runs[client] = run_deployment(  # type: ignore[assignment]  # called sync: a FlowRun, not a coroutine
-            config.deployment.client_deployment.format(client=client),
-            parameters={"config": config, "round_": round_, "client": client, "namespace": namespace},
-            flow_run_name=f"round-{round_}-client-{client}",
-            timeout=0,  # returns once the run is scheduled; the replies come through the exchange
-        )
-    return runs
+def _transient(error: Exception) -> bool:
+    """An orchestration-API failure the round waits out instead of failing on: the server unreachable
+    or answering 5xx after Prefect's client has retried by itself (the one-machine server keeps its
+    state in SQLite, which answers 503 for as long as writes keep colliding on a loaded machine)."""
+    if isinstance(error, httpx.TransportError):
+        return True
+    return isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500
+
+
+def _trigger(config: FedConfig, round_: int, client: int, namespace: str, attempt: str) -> FlowRun:
+    """Schedule the client's flow run; the idempotency key makes a retry after a lost reply return the
+    run already created, never a second one. Returns once the run is scheduled: the replies come
+    through the exchange."""
+    return run_deployment(  # type: ignore[return-value]  # called sync: a FlowRun, not a coroutine
+        config.deployment.client_deployment.format(client=client),
+        parameters={"config": config, "round_": round_, "client": client, "namespace": namespace},
+        flow_run_name=f"round-{round_}-client-{client}",
+        idempotency_key=f"{namespace}/round-{round_}/client-{client}/{attempt}",
+        timeout=0,
+    )
 
 
 # Prefect's own rule for a worker gone offline (server.services.foreman.inactivity_heartbeat_multiple)
@@ -110,8 +122,10 @@ def train_remotely(
     masked = config.secagg.enabled
     exchange.put(server_file(namespace, SERVER_VIEW), view_path.read_bytes())  # before the global:
     exchange.put(server_file(namespace, GLOBAL), global_path.read_bytes())  # clients wait on that
-    runs = _trigger(config, round_, clients, namespace)
     deadline = time.monotonic() + config.federation.client_timeout_s
+    attempt = uuid.uuid4().hex  # a resumed round starts fresh runs; retries within this one do not
+    runs: dict[int, FlowRun] = {}
+    unreachable: dict[int, str] = {}  # the API error that kept a client's run from starting or being read
     reports: list[dict[str, Any]] = []
     dropped: list[str] = []
     pending = set(clients)
@@ -120,16 +134,28 @@ def train_remotely(
         dropped.append(f"client {client}: {why}")
         logger.warning("round %d: %s", round_, dropped[-1])
 
+    def api_failed(client: int, error: Exception) -> None:
+        if not _transient(error):
+            raise error
+        if client not in unreachable:  # once per client: the deadline decides, not the first 503
+            logger.warning(
+                "round %d: client %d: the Prefect API failed (%s); waiting until the deadline", round_, client, error
+            )
+        unreachable[client] = str(error)
+
     with get_client(sync_client=True) as api:
         while pending:
             for client in sorted(pending):
                 try:
+                    if client not in runs:
+                        runs[client] = _trigger(config, round_, client, namespace, attempt)
                     report = _collect(exchange, client, round_, namespace, round_dir, masked)
                     if report is None:
                         state = api.read_flow_run(runs[client].id).state
                         ended = f"{state.name} ({state.message})" if state is not None and state.is_final() else None
                         gone = None if ended else _worker_gone(api, runs[client])
                         if ended is None and gone is None:
+                            unreachable.pop(client, None)
                             continue
                         report = _collect(
                             exchange, client, round_, namespace, round_dir, masked
@@ -140,13 +166,21 @@ def train_remotely(
                         if report is None:
                             raise RuntimeError(f"its flow run ended {ended}")
                     reports.append(report)
+                except httpx.HTTPError as error:
+                    api_failed(client, error)
+                    continue
                 except (RuntimeError, ValueError) as error:
                     drop(client, str(error))
                 pending.discard(client)
             if pending and time.monotonic() >= deadline:
                 for client in sorted(pending):
-                    drop(client, f"missed the {config.federation.client_timeout_s:g} s deadline")
-                    _cancel(api, runs[client].id)
+                    why = f"missed the {config.federation.client_timeout_s:g} s deadline"
+                    drop(
+                        client,
+                        why + (f" (the Prefect API failed: {unreachable[client]})" if client in unreachable else ""),
+                    )
+                    if client in runs:
+                        _cancel(api, runs[client].id)
                 break
             if pending:
                 time.sleep(config.deployment.poll_s)
@@ -154,7 +188,11 @@ def train_remotely(
 
 
 def _cancel(api: Any, flow_run_id: UUID) -> None:
-    """Ask the client's worker to stop a run the round no longer waits for."""
+    """Ask the client's worker to stop a run the round no longer waits for. Best effort: with the API
+    down the run stays scheduled, and its late update lands in a namespace no round reads."""
     from prefect.states import Cancelling
 
-    api.set_flow_run_state(flow_run_id, Cancelling(message="the round's client deadline passed"), force=True)
+    try:
+        api.set_flow_run_state(flow_run_id, Cancelling(message="the round's client deadline passed"), force=True)
+    except httpx.HTTPError as error:
+        get_run_logger().warning("could not cancel flow run %s: %s", flow_run_id, error)

@@ -141,6 +141,20 @@ def _log_time(flow_run_id: Any, message: str) -> datetime.datetime:
     return min(found)
 
 
+def _heartbeats(pool: str, since: datetime.datetime) -> list[str]:
+    """Each worker of `pool` with its last heartbeat relative to `since`: why a worker counted as alive."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as api:
+        workers = api.read_workers_for_work_pool(pool)
+    return [
+        f"{w.name} {w.status}: last heartbeat {(w.last_heartbeat_time - since).total_seconds():+.1f} s"
+        if w.last_heartbeat_time
+        else f"{w.name} {w.status}: no heartbeat"
+        for w in workers
+    ]
+
+
 def _tracked_run(client: MlflowClient, flow_run_id: Any, experiment: str = "deployed") -> Any:
     """The MLflow run the coordinator's flow run opened (tagged with its Prefect id)."""
     (run,) = client.search_runs(
@@ -456,7 +470,8 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     # flow run ended Crashed (Prefect saw the process die), or its worker missed three heartbeats
     (second,) = json.loads((out / "checkpoints" / "round_0002" / "checkpoint.json").read_text())["history"][-1:]
     (reason,) = second["left_out"]
-    assert reason.startswith(("client 1: its flow run ended Crashed", "client 1: every worker of its pool")), reason
+    seen = (reason, _heartbeats(parties.client_pool(1), killed), [m.message for m in _warnings(flow_run.id)])
+    assert reason.startswith(("client 1: its flow run ended Crashed", "client 1: every worker of its pool")), seen
     # the worker's last heartbeat came at most HEARTBEAT_S before the kill, so three are missed within
     # MISSED_HEARTBEATS * HEARTBEAT_S of it; two more heartbeats' time are slack for the coordinator's poll and a
     # loaded server (measured 11.9 to 15.3 s; the 90 s client deadline is what it must beat)

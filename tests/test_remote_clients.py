@@ -1,0 +1,116 @@
+"""A deployed round rides out an orchestration API that fails for a while.
+
+The one-machine Prefect server keeps its state in SQLite and answers 503 while writes keep colliding
+on a loaded machine, after the Prefect client has retried by itself (CI saw a round fail on one such
+503). The coordinator waits those out until the client deadline, starts each client's run at most
+once (an idempotency key per client and round attempt), and fails at once on a refusal (4xx)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import pytest
+
+import flows.remote_clients as remote_clients
+from fedtune.config.schema import build_config
+from fedtune.deployment.exchange import REPORT, Exchange, client_file
+
+NAMESPACE = "0123456789abcdef0123456789abcdef/round_0001-0a1b2c3d"
+
+
+def _status_error(code: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1:4200/api/deployments/x/create_flow_run")
+    return httpx.HTTPStatusError(
+        f"Server error '{code}'", request=request, response=httpx.Response(code, request=request)
+    )
+
+
+def _report(client: int) -> bytes:
+    numbers = ("train_loss", "bytes_up", "bytes_down", "train_loss_first", "train_loss_last", "val_loss", "steps")
+    row = {"client": client, "round": 1, "num_examples": 10, "tokens": 100, "seconds": 1.0, "val_seconds": 0.1}
+    return json.dumps(row | dict.fromkeys(numbers, 1)).encode()
+
+
+class _Api:
+    """Prefect's client as the polling loop uses it: every run is Running; reads fail `failing` times."""
+
+    def __init__(self, failing: int) -> None:
+        self.failing = failing
+
+    def __enter__(self) -> _Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read_flow_run(self, flow_run_id: Any) -> Any:
+        if self.failing:
+            self.failing -= 1
+            raise httpx.ConnectError("connection refused")
+        return SimpleNamespace(state=SimpleNamespace(name="Running", message="", is_final=lambda: False))
+
+    def set_flow_run_state(self, flow_run_id: Any, state: Any, force: bool) -> None:
+        raise _status_error(503)  # cancelling is best effort: a failure must not fail the round
+
+
+def _round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: dict[int, list[Any]], reads_failing: int = 0):  # type: ignore[no-untyped-def]
+    """Run `train_remotely` for clients 0-2 with the API answering each client's start as `answers`
+    says, in turn (an error raised, or a flow run; the last answer repeats). Returns its result and
+    the idempotency keys each client's starts carried."""
+    exchange = Exchange(str(tmp_path / "exchange"))
+    keys: dict[int, list[str]] = {c: [] for c in answers}
+
+    def run_deployment(name: str, parameters: dict[str, Any], idempotency_key: str, **_: Any) -> Any:
+        client = parameters["client"]
+        keys[client].append(idempotency_key)
+        answer = answers[client][min(len(keys[client]), len(answers[client])) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        exchange.put(client_file(client, NAMESPACE, REPORT), _report(client))  # the client delivers
+        return SimpleNamespace(id=uuid4(), work_pool_name=None)
+
+    monkeypatch.setattr(remote_clients, "run_deployment", run_deployment)
+    monkeypatch.setattr(remote_clients, "get_client", lambda sync_client: _Api(reads_failing))
+    monkeypatch.setattr(remote_clients, "get_run_logger", lambda: SimpleNamespace(warning=lambda *a: None))
+    monkeypatch.setattr(remote_clients, "coordinator_exchange", lambda deployment: exchange)
+    config = build_config(
+        {"federation": {"client_timeout_s": 2}, "deployment": {"poll_s": 0.05}, "secagg": {"enabled": True}}
+    )
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "global").write_bytes(b"g")
+    (tmp_path / "view").write_bytes(b"v")
+    result = remote_clients.train_remotely(
+        config, NAMESPACE, 1, sorted(answers), tmp_path / "global", tmp_path / "view", tmp_path
+    )
+    return result, keys
+
+
+def test_a_round_waits_out_503s_and_drops_only_the_client_the_api_never_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok = "run"
+    answers = {0: [_status_error(503), _status_error(503), ok], 1: [ok], 2: [_status_error(503)]}
+    (reports, dropped), keys = _round(tmp_path, monkeypatch, answers, reads_failing=1)
+    assert [r["client"] for r in reports] == [0, 1]
+    (why,) = dropped
+    assert why.startswith("client 2: missed the 2 s deadline (the Prefect API failed: Server error '503'"), why
+    assert len(keys[0]) == 3 and len(set(keys[0])) == 1  # retries of one start carry one key: one run at most
+    assert len({keys[0][0], keys[1][0], keys[2][0]}) == 3  # each client's run is its own
+
+
+def test_a_refusal_by_the_api_fails_the_round_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 404 (no such client deployment) is a configuration error, not an outage to wait out."""
+    with pytest.raises(httpx.HTTPStatusError, match="404"):
+        _round(tmp_path, monkeypatch, {0: ["run"], 1: [_status_error(404)]})
+
+
+def test_a_resumed_round_starts_fresh_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key names the attempt: a round resumed after a crash must not get back the dead runs."""
+    _, first = _round(tmp_path / "a", monkeypatch, {0: ["run"]})
+    _, second = _round(tmp_path / "b", monkeypatch, {0: ["run"]})
+    assert first[0] != second[0]
