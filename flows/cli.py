@@ -238,22 +238,48 @@ def evaluate_cmd(
     adapter: Annotated[Path, typer.Argument(help="Adapter wire file (.safetensors) to evaluate.")],
     config: ConfigOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=FILE: run a standard suite (finance, mmlu, medical, code) on a local JSON-lines file "
+            "instead of the test set (repeatable)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the metrics JSON here (with the suites' per-item results).")
+    ] = None,
 ) -> None:
-    """Evaluate an adapter on the global test set and every client's val split."""
+    """Evaluate an adapter on the global test set and every client's val split, or on standard suites."""
     from fedtune.core.atomic import atomic_write_bytes
-    from fedtune.training.assessment import evaluate_adapter
 
     if not adapter.exists():
         console.print(f"adapter: {adapter} does not exist", style="red", markup=False)
         raise typer.Exit(2)
     cfg = _config(config, set_)
     with _reported():
-        metrics = evaluate_adapter(cfg, str(adapter))
-    text = json.dumps(metrics, indent=2)
+        if suite:
+            from fedtune.training.suites import evaluate_suites
+
+            files = dict(_suite_file(s) for s in suite)
+            metrics: dict[str, Any] = evaluate_suites(cfg, str(adapter), files)
+            shown = {
+                name: {k: v for k, v in s.items() if k not in ("items", "loglikelihoods")}
+                for name, s in metrics.items()
+            }
+        else:
+            from fedtune.training.assessment import evaluate_adapter
+
+            metrics = shown = evaluate_adapter(cfg, str(adapter))
     if out is not None:
-        atomic_write_bytes(text.encode(), out)
-    console.print(text)
+        atomic_write_bytes(json.dumps(metrics, indent=2).encode(), out)
+    console.print(json.dumps(shown, indent=2))
+
+
+def _suite_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise InputError(f"--suite {text!r}: expected NAME=FILE, e.g. mmlu=data/mmlu_test.jsonl")
+    return name, path
 
 
 @app.command("watermark-verify")

@@ -13,6 +13,7 @@ from fedtune.data.synthetic import COLUMNS as SYNTHETIC_COLUMNS
 from fedtune.model.loading import check_model
 from fedtune.round.outputs import clear_outputs
 from fedtune.round.resume import check_resume
+from fedtune.training.suites import check_suite_file
 from flows.runners import check_runner
 from tasks.data import partition, prepare_data
 from tasks.model import prepare_model
@@ -26,6 +27,8 @@ def preflight(config: FedConfig, *, resume: bool = False) -> None:
         check_resume(config)
     check_model(config.model)
     check_runner(config.federation)
+    for suite, path in config.eval.suites.items():  # a bad suite file is named now, not after the first round
+        check_suite_file(suite, path)
     if config.data.source == "synthetic":
         check_columns(config.data, list(SYNTHETIC_COLUMNS))
     elif Path(config.data.source).suffix in FILE_BUILDERS and not config.deployment.enabled:

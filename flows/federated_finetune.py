@@ -38,7 +38,7 @@ from flows.reporting import advance, publish, start_progress
 from flows.runners import task_runner
 from tasks.aggregation import aggregate, round_allowed, share_view
 from tasks.checkpoint import checkpoint as checkpoint_task
-from tasks.evaluation import evaluate
+from tasks.evaluation import evaluate, evaluate_on_suites
 from tasks.knowledge_transfer import co_tune_round
 from tasks.model import initial_adapter
 from tasks.tracking import finish_tracking, log_adapter, log_history, log_round, start_tracking, tracker
@@ -78,8 +78,13 @@ def _reopen(config: FedConfig, run: Path, done: Checkpoint, changes: dict[str, t
 
 
 def _evaluate_global(config: FedConfig, global_path: str | Path, round_: int) -> dict[str, Any]:
-    """The global adapter's test metrics (and, simulated, every client's validation loss on it)."""
-    return evaluate(config, str(global_path), f"round-{round_}", client_val=not config.deployment.enabled)
+    """The global adapter's test metrics (and, simulated, every client's validation loss on it), and
+    the standard suites' scores on the rounds they are due."""
+    metrics = evaluate(config, str(global_path), f"round-{round_}", client_val=not config.deployment.enabled)
+    every, last = config.eval.suites_every_rounds, config.federation.rounds
+    if config.eval.suites and (round_ % every == 0 or round_ == last):
+        metrics |= evaluate_on_suites(config, str(global_path), f"round-{round_}")
+    return metrics
 
 
 def _round_dir(run: Path, round_: int) -> Path:

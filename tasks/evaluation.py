@@ -28,3 +28,20 @@ def evaluate(config: FedConfig, adapter_path: str, label: str, client_val: bool 
         metrics.get("samples", [])[:3],
     )
     return flat
+
+
+@task(cache_policy=NO_CACHE, task_run_name="suites-{label}")
+def evaluate_on_suites(config: FedConfig, adapter_path: str, label: str) -> dict[str, float]:
+    """The configured standard suites' scores as `suite/<name>/<metric>` and `suite/<name>/stderr`
+    (MLflow metric names: pass@1 is logged as pass_at_1)."""
+    from fedtune.training.suites import evaluate_suites
+
+    flat: dict[str, float] = {}
+    for name, scored in evaluate_suites(
+        config, adapter_path, {str(k): v for k, v in config.eval.suites.items()}
+    ).items():
+        flat[f"suite/{name}/{scored['metric'].replace('@', '_at_')}"] = scored["score"]
+        if scored["stderr"] is not None:
+            flat[f"suite/{name}/stderr"] = scored["stderr"]
+    get_run_logger().info("%s: suites %s", label, flat)
+    return flat

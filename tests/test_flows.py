@@ -98,11 +98,26 @@ def test_federated_flow_logs_every_round_and_adapters_reproduce_metrics(tmp_path
 
 
 def test_the_global_is_evaluated_every_k_rounds_and_always_after_the_last(tmp_path, tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """The standard suites too, on the evaluated rounds they are due (every 2nd, and the last)."""
+    from fedtune.training.suites import evaluate_suites
+
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
-    overrides["eval"] = {"every_rounds": 2}
+    mmlu = tmp_path / "mmlu.jsonl"
+    rows = [{"question": f"{a} + 1 =", "choices": [str(a), str(a + 1), str(a + 2)], "answer": 1} for a in range(4)]
+    mmlu.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides["eval"] = {"every_rounds": 1, "suites": {"mmlu": str(mmlu)}, "suites_every_rounds": 2}
     config = build_config(overrides)
     summary = federated_finetune(config=config)
     client = MlflowClient(config.tracking.tracking_uri)
+    suite = _history(client, summary["mlflow_run_id"], "suite/mmlu/acc")
+    assert sorted(suite) == [0, 2, 3]
+    final = Path(config.federation.output_dir) / "checkpoints" / "round_0003" / "global.safetensors"
+    assert suite[3] == evaluate_suites(config, final, {"mmlu": mmlu})["mmlu"]["score"]
+
+    overrides["eval"] = {"every_rounds": 2}
+    overrides["federation"]["output_dir"] = str(tmp_path / "every-2")
+    config = build_config(overrides)
+    summary = federated_finetune(config=config)
     test_loss = _history(client, summary["mlflow_run_id"], "test_loss")
     assert sorted(test_loss) == [0, 2, 3]  # round 0, every 2nd, the last
     assert summary["test_loss"] == test_loss[3]

@@ -347,6 +347,18 @@ class EvalSection(Section):
         description="Regex whose first group (or whole match) is the answer compared, in the reference and in the "
         "generation (e.g. '####\\s*(\\S+)' for GSM8K's final answer); None compares the whole response.",
     )
+    suites: dict[Literal["finance", "mmlu", "medical", "code"], str] = Field(
+        {},
+        description="Standard evaluation suites run on the global adapter, each on a local JSON-lines file in its "
+        "set's row format: finance (FPB/FiQA-SA/TFNS), mmlu, medical (PubMedQA/MedMCQA/MedQA) or code (HumanEval); "
+        "e.g. {mmlu: data/mmlu_test.jsonl}. Logged to MLflow as suite/<name>/<metric>.",
+    )
+    suites_every_rounds: int = Field(
+        1,
+        gt=0,
+        description="Run the suites when the global adapter is evaluated after a round that is a multiple of this "
+        "(round 0 and the last round always).",
+    )
 
     @field_validator("answer_pattern")
     @classmethod

@@ -1,0 +1,325 @@
+"""Standard evaluation suites on tiny files in each set's public row format.
+
+The multiple-choice scores are checked against log-likelihoods computed here by hand (a forward
+pass, the prompt written out as each set's paper or harness template has it); pass@1 against
+completions whose outcome is known."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedtune.core.errors import InputError
+from fedtune.training.sandbox import passes
+from fedtune.training.suites import check_suite_file, evaluate_suites, run_suites
+
+FPB = [  # financial_phrasebank / FiQA-SA / TFNS rows, as FinGPT's benchmarks read them
+    {"sentence": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.", "label": "positive"},
+    {"text": "The company expects net sales to stay at last year's level.", "label": "neutral"},
+    {"text": "$AAPL downgraded to sell after weak guidance", "label": "Bearish"},
+]
+MMLU = [  # cais/mmlu rows: answer an index (or a letter)
+    {"question": "What is 2 + 3?", "choices": ["4", "5", "6", "7"], "answer": 1, "subject": "elementary_mathematics"},
+    {
+        "question": "Which gas do plants absorb?",
+        "choices": ["oxygen", "nitrogen", "carbon dioxide", "helium"],
+        "answer": "C",
+    },
+    {"question": "The capital of France is", "choices": ["Paris", "Rome", "Berlin", "Madrid"], "answer": 0},
+]
+PUBMEDQA = [  # pubmed_qa pqa_labeled rows
+    {
+        "question": "Does aspirin reduce fever?",
+        "context": {"contexts": ["Aspirin is an antipyretic."]},
+        "final_decision": "yes",
+    },
+    {
+        "question": "Is vitamin C a cure for cancer?",
+        "context": {"contexts": ["Trials found no effect."]},
+        "final_decision": "no",
+    },
+]
+MEDMCQA = [  # medmcqa rows: cop indexes opa-opd
+    {"question": "Vitamin deficient in scurvy?", "opa": "A", "opb": "B12", "opc": "C", "opd": "D", "cop": 2},
+    {"question": "Largest organ?", "opa": "Liver", "opb": "Skin", "opc": "Heart", "opd": "Lung", "cop": 1},
+]
+MEDQA = [  # MedQA-USMLE 4-option rows
+    {
+        "question": "First-line drug for anaphylaxis?",
+        "options": {"A": "Epinephrine", "B": "Insulin", "C": "Heparin", "D": "Digoxin"},
+        "answer_idx": "A",
+    },
+    {
+        "question": "Which organ makes insulin?",
+        "options": {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Spleen"},
+        "answer_idx": "B",
+    },
+]
+HUMANEVAL = [  # openai_humaneval rows
+    {
+        "task_id": "HumanEval/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "canonical_solution": "    return a + b\n",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+        "entry_point": "add",
+    },
+    {
+        "task_id": "HumanEval/1",
+        "prompt": 'def double(x):\n    """Return 2 * x."""\n',
+        "canonical_solution": "    return 2 * x\n",
+        "test": "def check(candidate):\n    assert candidate(4) == 8\n",
+        "entry_point": "double",
+    },
+    {
+        "task_id": "HumanEval/2",
+        "prompt": 'def first(xs):\n    """The first item."""\n',
+        "canonical_solution": "    return xs[0]\n",
+        "test": "def check(candidate):\n    assert candidate([7, 8]) == 7\n",
+        "entry_point": "first",
+    },
+    {
+        "task_id": "HumanEval/3",
+        "prompt": 'def neg(x):\n    """Return -x."""\n',
+        "canonical_solution": "    return -x\n",
+        "test": "def check(candidate):\n    assert candidate(3) == -3\n",
+        "entry_point": "neg",
+    },
+]
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _lettered(question: str, options: list[str]) -> str:
+    return question + "\n" + "".join(f"{'ABCD'[i]}. {o}\n" for i, o in enumerate(options)) + "Answer:"
+
+
+def _by_hand(model: Any, tokenizer: Any, context: str, choices: list[str]) -> list[float]:
+    """Each option's log-likelihood after `context` (the option after one space), in nats."""
+    scores = []
+    for choice in choices:
+        whole = tokenizer.encode(context + " " + choice)
+        start = len(tokenizer.encode(context))
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+        scores.append(sum(float(logits[i - 1, whole[i]]) for i in range(start, len(whole))))
+    return scores
+
+
+def _check(scored: dict[str, Any], by_hand: list[list[float]], gold: list[int]) -> None:
+    """The harness's log-likelihoods are the ones computed here, and its accuracy is theirs."""
+    assert scored["loglikelihoods"] == [pytest.approx(row, abs=1e-4) for row in by_hand]
+    items = [float(max(range(len(row)), key=row.__getitem__) == g) for row, g in zip(by_hand, gold, strict=True)]
+    assert scored["items"] == items
+    assert scored["score"] == pytest.approx(sum(items) / len(items)) and scored["n"] == len(items)
+
+
+def test_multiple_choice_suites_score_what_each_options_log_likelihood_says(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.model.builder import build_peft_model, initial_adapter_state, tokenizer_for
+
+    adapter, _ = initial_adapter_state(tiny_config)
+    files = {
+        "finance": _jsonl(tmp_path / "fpb.jsonl", FPB),
+        "mmlu": _jsonl(tmp_path / "mmlu.jsonl", MMLU),
+        "medical": _jsonl(tmp_path / "medqa.jsonl", MEDQA),
+    }
+    scores = evaluate_suites(tiny_config, adapter, files)
+
+    model, tokenizer = build_peft_model(tiny_config, adapter).eval(), tokenizer_for(tiny_config)
+    sentiment = (
+        "Instruction: What is the sentiment of this news? Please choose an answer from "
+        "{negative/neutral/positive}.\nInput: %s\nAnswer:"
+    )
+    _check(
+        scores["finance"],
+        [
+            _by_hand(
+                model, tokenizer, sentiment % r.get("text", r.get("sentence")), ["negative", "neutral", "positive"]
+            )
+            for r in FPB
+        ],
+        [2, 1, 0],  # positive, neutral, Bearish = negative
+    )
+    _check(
+        scores["mmlu"],
+        [_by_hand(model, tokenizer, _lettered(r["question"], r["choices"]), list("ABCD")) for r in MMLU],
+        [1, 2, 0],
+    )
+    _check(
+        scores["medical"],
+        [
+            _by_hand(model, tokenizer, _lettered(r["question"], list(r["options"].values())), list("ABCD"))
+            for r in MEDQA
+        ],
+        [0, 1],
+    )
+    assert scores["medical"]["format"] == "medqa" and scores["mmlu"]["metric"] == "acc"
+
+    pubmedqa = evaluate_suites(tiny_config, adapter, {"medical": _jsonl(tmp_path / "pubmedqa.jsonl", PUBMEDQA)})[
+        "medical"
+    ]
+    abstract = "Abstract: %s\nQuestion: %s\nAnswer:"
+    assert pubmedqa["format"] == "pubmedqa"
+    _check(
+        pubmedqa,
+        [
+            _by_hand(model, tokenizer, abstract % (r["context"]["contexts"][0], r["question"]), ["yes", "no", "maybe"])
+            for r in PUBMEDQA
+        ],
+        [0, 1],
+    )
+    medmcqa = evaluate_suites(tiny_config, adapter, {"medical": _jsonl(tmp_path / "medmcqa.jsonl", MEDMCQA)})["medical"]
+    assert medmcqa["format"] == "medmcqa"
+    _check(
+        medmcqa,
+        [
+            _by_hand(model, tokenizer, _lettered(r["question"], [r["opa"], r["opb"], r["opc"], r["opd"]]), list("ABCD"))
+            for r in MEDMCQA
+        ],
+        [2, 1],
+    )
+
+
+class _Scripted:
+    """A harness model that answers each HumanEval prompt with a fixed completion."""
+
+    def __new__(cls, completions: dict[str, str]) -> Any:
+        from lm_eval.api.model import LM
+
+        class Scripted(LM):
+            def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+                return [completions[request.args[0]] for request in requests]
+
+            def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+                raise NotImplementedError
+
+            def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+                raise NotImplementedError
+
+        return Scripted()
+
+
+def test_code_suite_is_pass_at_1_of_the_sets_own_tests_run_apart(tmp_path: Path) -> None:
+    completions = {
+        HUMANEVAL[0]["prompt"]: "    return a + b\n",  # passes
+        HUMANEVAL[1]["prompt"]: "    return x + 2\n",  # fails its assertion
+        HUMANEVAL[2]["prompt"]: "    while True:\n        pass\n",  # hangs: killed at the limit
+        HUMANEVAL[3]["prompt"]: "    import os\n    os._exit(0)\n",  # exits 0 before its test ran
+    }
+    path = _jsonl(tmp_path / "humaneval.jsonl", HUMANEVAL)
+    scores = run_suites(_Scripted(completions), {"code": path}, timeout_s=2)["code"]
+    assert scores["items"] == [1.0, 0.0, 0.0, 0.0]
+    assert scores["score"] == 0.25 and scores["metric"] == "pass@1" and scores["format"] == "humaneval"
+
+
+def test_the_sandbox_keeps_the_evaluators_secrets_and_kills_what_the_program_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    assert passes("import os\nassert 'MLFLOW_TRACKING_PASSWORD' not in os.environ\n")
+    fresh = "import os\nassert sorted(os.listdir('.')) == ['program.py', 'stdout']\n"
+    assert passes(fresh)  # a folder of its own, nothing of ours in it
+    marker = tmp_path / "alive"
+    orphan = (
+        "import subprocess, sys\n"
+        "late = 'import time, pathlib; time.sleep(3); pathlib.Path(%r).touch()'\n"
+        f"subprocess.Popen([sys.executable, '-c', late % {str(marker)!r}])\n"
+        "while True:\n    pass\n"
+    )
+    assert not passes(orphan, timeout_s=1)
+    import time
+
+    time.sleep(4)
+    assert not marker.exists()  # its child died with it
+    assert not passes("x = bytearray(2 << 30)\n")  # over the memory limit
+
+
+@pytest.mark.parametrize(
+    ("suite", "lines", "message"),
+    [
+        (
+            "finance",
+            ['{"text": "a", "label": "positive"}', '{"text": "b", "label": "great"}'],
+            r"fpb.jsonl:2: field 'label' is 'great'; expected one of negative, neutral, positive",
+        ),
+        ("finance", ['{"text": "a"}'], r"fpb.jsonl:1: the row fits no finance format: fpb_fiqa_tfns \(label missing\)"),
+        (
+            "mmlu",
+            ['{"question": "q", "choices": ["a", "b"], "answer": 2}'],
+            r"fpb.jsonl:1: field 'answer' is 2; expected an option index 0-1 or a letter of AB",
+        ),
+        (
+            "medical",
+            [
+                '{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1}',
+                '{"question": "q", "final_decision": "yes"}',
+            ],
+            r"fpb.jsonl:2: field 'opa' missing \(the file's rows are medmcqa rows\)",
+        ),
+        ("code", ["not json"], r"fpb.jsonl:1: not JSON"),
+        ("code", [""], r"fpb.jsonl has no rows"),
+        ("legal", ['{"text": "a"}'], r"evaluation suite 'legal' is unknown; choose from finance, mmlu, medical, code"),
+    ],
+)
+def test_a_bad_suite_file_is_named_with_its_line_and_field(
+    suite: str, lines: list[str], message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "fpb.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=message):
+        check_suite_file(suite, path)
+
+
+def test_a_missing_suite_file_fails_before_the_model_loads(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tiny_config.model_copy(
+        update={"model": tiny_config.model.model_copy(update={"name_or_path": str(tmp_path / "no-model")})}
+    )
+    with pytest.raises(InputError, match=r"evaluation suite mmlu: .*mmlu.jsonl does not exist"):
+        evaluate_suites(config, None, {"mmlu": tmp_path / "mmlu.jsonl"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_fedtune_evaluate_runs_a_suite_on_an_adapter_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`fedtune evaluate ADAPTER --suite mmlu=FILE`: the score printed, per-item results in --out;
+    a bad --suite is one message (exit 2)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedtune.config.schema import build_config
+    from fedtune.model.adapters import save_state
+    from fedtune.model.builder import initial_adapter_state
+    from flows.cli import app
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(overrides))
+    adapter = tmp_path / "adapter.safetensors"
+    save_state(initial_adapter_state(build_config(overrides))[0], adapter)
+    mmlu = _jsonl(tmp_path / "mmlu.jsonl", MMLU)
+    runner = CliRunner()
+    args = ["evaluate", str(adapter), "-c", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "scores.json")]
+    result = runner.invoke(app, [*args, "--suite", f"mmlu={mmlu}"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "scores.json").read_text())["mmlu"]
+    assert written["n"] == 3 and len(written["items"]) == 3 and written["score"] == sum(written["items"]) / 3
+    assert f'"score": {written["score"]}' in result.output
+    for bad, message in ((f"{mmlu}", "expected NAME=FILE"), (f"legal={mmlu}", "evaluation suite 'legal' is unknown")):
+        result = runner.invoke(app, [*args, "--suite", bad], terminal_width=200)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_run_with_a_bad_suite_file_is_refused_before_any_work(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from flows.common import preflight
+
+    bad = tmp_path / "mmlu.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
+    config = tiny_config.model_copy(update={"eval": tiny_config.eval.model_copy(update={"suites": {"mmlu": str(bad)}})})
+    with pytest.raises(InputError, match=r"mmlu.jsonl:1: field 'answer' is 5"):
+        preflight(config)
