@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -56,3 +58,25 @@ def test_peft_format_directory_loads_with_peft(tiny_config, tmp_path) -> None:  
     base = AutoModelForCausalLM.from_pretrained(tiny_config.model.name_or_path)
     loaded = PeftModel.from_pretrained(base, folder)
     assert all(torch.equal(state[k], v) for k, v in get_adapter_state(loaded).items())
+
+
+def test_an_exported_adapter_loads_by_itself_from_anywhere(tiny_config, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The README's snippet: `AutoPeftModelForCausalLM.from_pretrained(folder)` finds the base model
+    the adapter names, though the config gave it relative to the project, and computes what
+    fedtune's own model computes."""
+    from peft import AutoPeftModelForCausalLM
+
+    from fedtune.model.builder import export_adapter
+
+    model_dir = Path(tiny_config.model.name_or_path)
+    monkeypatch.chdir(model_dir.parent)
+    relative = tiny_config.model.model_copy(update={"name_or_path": model_dir.name})
+    config = tiny_config.model_copy(update={"model": relative})
+    state = {k: torch.randn_like(v) for k, v in get_adapter_state(build_peft_model(config)).items()}
+    folder = export_adapter(config, state, tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the relative path no longer resolves
+    loaded = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    ours = build_peft_model(tiny_config, state).eval()
+    tokens = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, ours(tokens).logits, atol=1e-5)

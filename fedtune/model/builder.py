@@ -31,13 +31,23 @@ def build_peft_model(cfg: FedConfig, adapter: AdapterState | str | Path | None =
     return model
 
 
+def recorded_base(name_or_path: str) -> str:
+    """The base model an exported adapter names: a local folder by its absolute path, so that
+    `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds it from any working directory (the
+    config's path is relative to the project); a hub id as it is."""
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else name_or_path
+
+
 def export_adapter(cfg: FedConfig, state: AdapterState, directory: str | Path) -> Path:
     """An adapter folder in peft's save format (`PeftModel.from_pretrained` loads it). Prompt-learning
     methods save what their encoder produces, so peft writes that from a model holding the state,
     and the trainable state goes beside it, for `load_peft_adapter` to continue training from."""
+    base = recorded_base(cfg.model.name_or_path)
     if not is_prompt_learning(cfg.peft):
-        return save_peft_adapter(state, cfg.peft, cfg.model.name_or_path, directory)
+        return save_peft_adapter(state, cfg.peft, base, directory)
     model = build_peft_model(cfg, state)
+    model.peft_config["default"].base_model_name_or_path = base
     with staged_directory(directory) as staging:
         model.save_pretrained(str(staging))
         save_file(state, str(staging / TRAINABLE_STATE))
