@@ -202,3 +202,27 @@ def test_a_folder_named_like_a_data_file_is_a_named_error(tmp_path) -> None:  # 
     (tmp_path / "rows.csv").mkdir()
     with pytest.raises(DataError, match=r"data.source: .*rows.csv is a folder, not a .csv file"):
         load_records(_data(tmp_path / "rows.csv", columns={"instruction": "q", "response": "a", "label": "t"}))
+
+
+def test_an_instruction_template_builds_the_user_turn(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The task stated in the user turn, after the row's text (so left truncation keeps it)."""
+    path = tmp_path / "rows.jsonl"
+    pd.DataFrame(ROWS).to_json(path, orient="records", lines=True)
+    records = load_records(_data(path, instruction_template="{instruction}. {input}\n\nWhich topic? {{x}}"))
+    assert records[1]["messages"][0] == {"role": "user", "content": "q1. ctx\n\nWhich topic? {x}"}
+    assert records[0]["messages"][0]["content"] == "q0. \n\nWhich topic? {x}"  # an empty input is empty text
+    generated = load_records(_data("synthetic", instruction_template="{instruction} Which topic?"))
+    assert "Which topic" not in generated[0]["messages"][0]["content"]  # the generator's prompts are its own
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{title}", r"unknown placeholder\(s\) \['title'\]"),
+        ("{input}", "must hold {instruction}"),
+        ("{instruction} {", "Single '{' encountered"),
+    ],
+)
+def test_a_bad_instruction_template_is_named(template, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=rf"data.instruction_template[\s\S]*{message}"):
+        build_config({"data": {"instruction_template": template}})

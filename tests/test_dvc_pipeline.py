@@ -38,7 +38,9 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
     (repo / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "fedtune", repo / "scripts" / "fedtune")
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(ROOT / "data" / "ag_news", repo / "data" / "ag_news")  # the default source, the first input
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny_overrides(Path("."), tiny_model_dir))
+    params["data"]["max_examples"] = 120
     params["model"].update({"name_or_path": "models/tiny", "source": str(tiny_model_dir)})
     params["data"].update({"processed_path": "data/processed/dataset.jsonl", "partitions_dir": "data/partitions"})
     params["federation"]["output_dir"] = "outputs/federated"
@@ -80,6 +82,8 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
         ({"record_dp": {"enabled": True}}, "train"),
         ({"data": {"truncation": "drop"}}, "partition"),
         ({"data": {"encoding": "latin-1"}}, "prepare_data"),
+        ({"data": {"instruction_template": "{instruction}?"}}, "prepare_data"),
+        ("data/ag_news/ag_news_topics.csv", "prepare_data"),
         ("fedtune/round/client.py", "train"),
         ("fedtune/model/loading.py", "base_model"),
         ("fedtune/training/objectives.py", "partition"),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -177,6 +178,13 @@ class DataSection(Section):
     split: str = "train"
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     system_prompt: str | None = Field("Answer with the result only.", description="None keeps the template's.")
+    instruction_template: str | None = Field(
+        None,
+        description="The user turn made of a row's instruction and input columns, with {instruction} and {input} "
+        "placeholders, e.g. '{instruction}. {input}\\n\\nWhich topic is this news item about?'; None joins them with "
+        "a blank line. Small chat models follow a task stated in the user turn better than one in the system "
+        "prompt, and text after the row's own survives data.truncation: prompt (which cuts the start).",
+    )
     max_length: int = Field(128, ge=8, description="Tokens per example after truncation.")
     truncation: Literal["prompt", "response", "drop"] = Field(
         "prompt",
@@ -195,6 +203,21 @@ class DataSection(Section):
     partition: PartitionSection = Field(default_factory=PartitionSection)
     processed_path: str = "data/processed/dataset.jsonl"
     partitions_dir: str = "data/partitions"
+
+    @field_validator("instruction_template")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as error:  # an unmatched brace; a literal one is written {{ or }}
+            raise ValueError(f"{error}; write a literal brace as {{{{ or }}}}") from None
+        if unknown := names - {"instruction", "input"}:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {{instruction}} and {{input}}")
+        if "instruction" not in names:
+            raise ValueError("must hold {instruction}, where the row's instruction goes")
+        return value
 
     @field_validator("encoding")
     @classmethod

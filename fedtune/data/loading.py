@@ -210,7 +210,9 @@ def _to_record(row: Row, section: DataSection, label_column: str | None) -> Reco
         # the config guarantees instruction and response are set when messages is not
         user = _text(row, "columns.instruction", cast(str, cols.instruction))
         extra = row.get(cols.input) if cols.input else None
-        if extra is not None and str(extra) != "":
+        if section.instruction_template is not None:
+            user = section.instruction_template.format(instruction=user, input="" if extra is None else str(extra))
+        elif extra is not None and str(extra) != "":
             user = f"{user}\n\n{extra}"
         messages = [
             {"role": "user", "content": user},
@@ -230,9 +232,11 @@ def load_records(section: DataSection) -> list[Record]:
     the load with an error naming its row and line (or, with `data.drop_incomplete`, is dropped
     and counted); nothing is trained on the text "None". Raises DataError."""
     if section.source == "synthetic":
-        # its columns are the generator's own, whatever a mapping for another source says; only
-        # which of them to use (the near misses for DPO) is the user's choice
-        section = section.model_copy(update={"columns": ColumnMapping(rejected=section.columns.rejected)})
+        # its columns and prompts are the generator's own, whatever a mapping or template for another
+        # source says; only which of them to use (the near misses for DPO) is the user's choice
+        section = section.model_copy(
+            update={"columns": ColumnMapping(rejected=section.columns.rejected), "instruction_template": None}
+        )
         syn = section.synthetic
         rows = [(0, row) for row in generate(syn.skills, syn.examples_per_skill, syn.seed)]
     else:
