@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -333,9 +334,12 @@ def print_results(results: list[dict[str, Any]], cfg: FedConfig) -> None:
     from fedtune.data.partition import read_split
 
     scored = len(read_split(cfg.data.partitions_dir, None, "test")[: cfg.eval.generation_samples])
-    table = Table(title=f"results on the global test set (accuracy over {scored} rows)")
-    for column in ("method", "test accuracy", "± s.e.", "test loss", "bytes / round", "share of full FT", "wall s"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    # no vertical rules and short headers: the whole table fits an 80-column terminal, nothing cut
+    table = Table(
+        title=f"results on the global test set (accuracy over {scored} rows)", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for column in ("method", "accuracy", "± s.e.", "test loss", "bytes/round", "of full FT", "wall s"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True, min_width=len(column))
     for r in results:
         accuracy = r.get("test_accuracy")
         table.add_row(

@@ -151,3 +151,44 @@ def test_weak_deployment_passwords_are_refused_before_any_server_starts(prefect,
         with pytest.raises(MissingSecret, match=f"{named}: the password is weak"):
             prefect_auth()
             mlflow_credentials()
+
+
+def test_the_demo_table_fits_an_80_column_terminal_with_nothing_cut(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    import flows.cli as cli
+    from fedtune.config.schema import build_config
+
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"messages": [], "label": "x"}) + "\n" for _ in range(100)))
+    config = build_config({"data": {"partitions_dir": str(tmp_path)}, "eval": {"generation_samples": 100}})
+    shown = Console(width=80, record=True)
+    monkeypatch.setattr(cli, "console", shown)
+    row = {"test_loss": 0.2708, "wall_seconds": 228.2}
+    cli.print_results(
+        [
+            {
+                "method": "federated",
+                "test_accuracy": 0.75,
+                "bytes_per_round": 11152824,
+                "share_of_full_finetuning": 0.00345,
+                **row,
+            },
+            {"method": "local_only", "test_accuracy": 0.51, **row},
+            {"method": "centralized", "test_accuracy": 0.82, **row},
+        ],
+        config,
+    )
+    text = shown.export_text()
+    for cell in (
+        "accuracy over 100 rows",
+        "local_only",
+        "centralized",
+        "11,152,824",
+        "0.345%",
+        "0.043",
+        "0.050",
+        "wall s",
+        "228",
+    ):
+        assert cell in text, text
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
