@@ -1,8 +1,9 @@
 """Continual learning: a scheduled deployment whose every run carries the registry's champion forward.
 
-A run starts from the adapter the alias (`champion`) names on `tracking.registered_model`, or a
-fresh one before the first promotion, trains `federation.rounds` rounds on the clients' current
-data, and moves the alias to its result only if that beats its start on the held-out test set.
+A run starts from the adapter the alias (`tracking.champion_alias`, `champion` by default) names
+on `tracking.registered_model`, or a fresh one before the first promotion, trains
+`federation.rounds` rounds on the clients' current data, and moves the alias to its result only
+if that beats its start on the held-out test set.
 Runs never overlap (deployment concurrency limit 1; a tick that finds a run going is cancelled),
 so each run starts from the outcome of the one before.
 """
@@ -25,13 +26,16 @@ from tasks.continual import data_versions, fetch_champion, settle
 @flow(name="continual-learning")
 def continual_learning(
     config: FedConfig = FedConfig(),  # noqa: B008 (Prefect shows the defaults in the run form)
-    alias: str = "champion",
+    alias: str | None = None,
     prepare_data: bool = True,
 ) -> dict[str, Any]:
     """One step: the champion in, R federated rounds on the newest data, a new champion out if it is better.
 
-    With `prepare_data` the partitions are rebuilt from `data.source` first; without, the run uses
-    them as they are (e.g. after `dvc pull` or `dvc repro partition`)."""
+    `alias` names the champion; None: the config's `tracking.champion_alias`, the alias every
+    other run's registration moves. With `prepare_data` the partitions are rebuilt from
+    `data.source` first; without, the run uses them as they are (e.g. after `dvc pull` or
+    `dvc repro partition`)."""
+    alias = alias or config.tracking.champion_alias
     prepare(config, data=prepare_data)
     versions = data_versions(config)
     trial = config.model_copy(update={"tracking": config.tracking.model_copy(update={"register_final": "never"})})

@@ -39,6 +39,7 @@ def test_an_interval_schedule_fires_twice_and_the_second_run_starts_from_the_fir
     url, name = prefect_api, "interval-test"
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
     overrides["federation"]["rounds"] = 2
+    overrides["tracking"]["champion_alias"] = "best"  # the flow's alias follows the config's
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(overrides))
     config = build_config(overrides)
 
@@ -91,6 +92,8 @@ def test_an_interval_schedule_fires_twice_and_the_second_run_starts_from_the_fir
         assert version.tags["lineage.parent_version"] == str(parent)
     else:
         assert second.info.run_id not in registered
+    champion = second if second.data.tags["continual.decision"] == "promoted" else first
+    assert mlflow.get_model_version_by_alias(name, "best").run_id == champion.info.run_id
     # data versions: DVC's md5 of each client's partition folder and of the test set
     root = config.data.partitions_dir
     expected = {f"client_{c}": dvc_md5(client_dir(root, c)) for c in range(config.data.partition.num_clients)}
