@@ -18,10 +18,19 @@ from fedtune.core.errors import InputError
 from fedtune.training.sandbox import passes
 from fedtune.training.suites import check_suite_file, evaluate_suites, run_suites
 
-FPB = [  # financial_phrasebank / FiQA-SA / TFNS rows, as FinGPT's benchmarks read them
-    {"sentence": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.", "label": "positive"},
-    {"text": "The company expects net sales to stay at last year's level.", "label": "neutral"},
-    {"text": "$AAPL downgraded to sell after weak guidance", "label": "Bearish"},
+FPB = [  # financial_phrasebank rows: label 0 negative, 1 neutral, 2 positive
+    {"sentence": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.", "label": 2},
+    {"sentence": "The company expects net sales to stay at last year's level.", "label": 1},
+]
+TFNS = [  # twitter-financial-news-sentiment rows: label 0 Bearish, 1 Bullish, 2 Neutral
+    {"text": "$AAPL downgraded to sell after weak guidance", "label": 0},
+    {"text": "Stocks rally as inflation cools", "label": 1},
+    {"text": "Company to hold annual meeting on May 5", "label": 2},
+]
+FIQA = [  # FiQA-SA rows: a sentiment score in [-1, 1]
+    {"sentence": "Shares plunge after the profit warning", "sentiment_score": -0.6},
+    {"sentence": "Board meets on Tuesday", "sentiment_score": 0.02},
+    {"sentence": "Record quarter lifts the stock", "sentiment_score": 0.7},
 ]
 MMLU = [  # cais/mmlu rows: answer an index (or a letter)
     {"question": "What is 2 + 3?", "choices": ["4", "5", "6", "7"], "answer": 1, "subject": "elementary_mathematics"},
@@ -126,7 +135,7 @@ def test_multiple_choice_suites_score_what_each_options_log_likelihood_says(tiny
 
     adapter, _ = initial_adapter_state(tiny_config)
     files = {
-        "finance": _jsonl(tmp_path / "fpb.jsonl", FPB),
+        "finance": _jsonl(tmp_path / "tfns.jsonl", TFNS),
         "mmlu": _jsonl(tmp_path / "mmlu.jsonl", MMLU),
         "medical": _jsonl(tmp_path / "medqa.jsonl", MEDQA),
     }
@@ -137,21 +146,16 @@ def test_multiple_choice_suites_score_what_each_options_log_likelihood_says(tiny
         "Instruction: What is the sentiment of this news? Please choose an answer from "
         "{negative/neutral/positive}.\nInput: %s\nAnswer:"
     )
-    _check(
-        scores["finance"],
-        [
-            _by_hand(
-                model, tokenizer, sentiment % r.get("text", r.get("sentence")), ["negative", "neutral", "positive"]
-            )
-            for r in FPB
-        ],
-        [2, 1, 0],  # positive, neutral, Bearish = negative
-    )
-    _check(
-        scores["mmlu"],
-        [_by_hand(model, tokenizer, _lettered(r["question"], r["choices"]), list("ABCD")) for r in MMLU],
-        [1, 2, 0],
-    )
+    words = ["negative", "neutral", "positive"]
+    assert scores["finance"]["format"] == "tfns"
+    _check(scores["finance"], [_by_hand(model, tokenizer, sentiment % r["text"], words) for r in TFNS], [0, 2, 1])
+    for rows, name, gold in ((FPB, "fpb", [2, 1]), (FIQA, "fiqa_sa", [0, 1, 2])):  # FiQA: FinGPT's +-0.1 cut
+        scored = evaluate_suites(tiny_config, adapter, {"finance": _jsonl(tmp_path / f"{name}.jsonl", rows)})
+        assert scored["finance"]["format"] == name
+        _check(scored["finance"], [_by_hand(model, tokenizer, sentiment % r["sentence"], words) for r in rows], gold)
+    header = "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+    mmlu = [(header if "subject" in r else "") + _lettered(r["question"], r["choices"]) for r in MMLU]
+    _check(scores["mmlu"], [_by_hand(model, tokenizer, prompt, list("ABCD")) for prompt in mmlu], [1, 2, 0])
     _check(
         scores["medical"],
         [
@@ -247,13 +251,34 @@ def test_the_sandbox_keeps_the_evaluators_secrets_and_kills_what_the_program_sta
         (
             "finance",
             ['{"text": "a", "label": "positive"}', '{"text": "b", "label": "great"}'],
-            r"fpb.jsonl:2: field 'label' is 'great'; expected one of negative, neutral, positive",
+            r"fpb.jsonl:2: field 'label' is 'great'; expected 0-2 \(Bearish, Bullish, Neutral\) or a sentiment",
         ),
-        ("finance", ['{"text": "a"}'], r"fpb.jsonl:1: the row fits no finance format: fpb_fiqa_tfns \(label missing\)"),
+        ("finance", ['{"sentence": "a", "label": 3}'], r"fpb.jsonl:1: field 'label' is 3; expected 0-2 or a sentiment"),
+        ("finance", ['{"sentence": "a", "score": 2.5}'], r"fpb.jsonl:1: field 'sentiment_score' is 2.5"),
+        ("finance", ['{"text": null, "label": 1}'], r"fpb.jsonl:1: the row fits no finance format: fiqa_sa"),
+        (
+            "finance",
+            ['{"text": "a", "label": 1}', '{"text": 7, "label": 1}'],
+            r"fpb.jsonl:2: field 'text' is 7; expected text",
+        ),
+        ("finance", ['{"text": "a"}'], r"fpb.jsonl:1: the row fits no finance format: .*tfns \(label missing\)"),
         (
             "mmlu",
             ['{"question": "q", "choices": ["a", "b"], "answer": 2}'],
-            r"fpb.jsonl:1: field 'answer' is 2; expected an option index 0-1 or a letter of AB",
+            r"fpb.jsonl:1: field 'answer' is 2; expected an option index 0-1 or one letter of AB",
+        ),
+        ("mmlu", ['{"question": "q", "choices": ["a", "b"], "answer": "AB"}'], r"field 'answer' is 'AB'"),
+        ("mmlu", ['{"question": "q", "choices": ["a", "b"], "answer": ""}'], r"field 'answer' is ''"),
+        ("mmlu", ['{"question": null, "choices": ["a", "b"], "answer": 0}'], r"fits no mmlu format: mmlu \(question"),
+        (
+            "medical",
+            ['{"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": ["A"]}'],
+            r"fpb.jsonl:1: field 'answer_idx' is \['A'\]; expected a key of 'options'",
+        ),
+        (
+            "medical",
+            ['{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": true}'],
+            r"field 'cop' is True; expected 0-3",
         ),
         (
             "medical",
@@ -261,8 +286,10 @@ def test_the_sandbox_keeps_the_evaluators_secrets_and_kills_what_the_program_sta
                 '{"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1}',
                 '{"question": "q", "final_decision": "yes"}',
             ],
-            r"fpb.jsonl:2: field 'opa' missing \(the file's rows are medmcqa rows\)",
+            r"fpb.jsonl:2: field 'opa' missing or null \(the file's rows are medmcqa rows\)",
         ),
+        ("code", ['{"task_id": "t", "prompt": null, "test": "x", "entry_point": "f"}'], r"fits no code format"),
+        ("code", ["[" * 100_000], r"fpb.jsonl:1: not JSON"),
         ("code", ["not json"], r"fpb.jsonl:1: not JSON"),
         ("code", [""], r"fpb.jsonl has no rows"),
         ("legal", ['{"text": "a"}'], r"evaluation suite 'legal' is unknown; choose from finance, mmlu, medical, code"),
@@ -275,6 +302,18 @@ def test_a_bad_suite_file_is_named_with_its_line_and_field(
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=message):
         check_suite_file(suite, path)
+
+
+def test_a_file_that_is_not_text_or_not_a_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "fpb.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9", "label": 1}\n')
+    with pytest.raises(InputError, match=r"evaluation suite finance: .*fpb.jsonl is not UTF-8 text \(byte 13\)"):
+        check_suite_file("finance", path)
+    with pytest.raises(InputError, match=r"is not a file"):
+        check_suite_file("finance", tmp_path)
+    path.write_text('{"text": "a\u2028b", "label": 1}\n{"text": "c", "label": "x"}\n')  # a raw U+2028 inside
+    with pytest.raises(InputError, match=r"fpb.jsonl:2: field 'label' is 'x'"):  # line 2, as editors count
+        check_suite_file("finance", path)
 
 
 def test_a_missing_suite_file_fails_before_the_model_loads(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -30,13 +30,15 @@ HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Chen et al. 
 
 @dataclass(frozen=True)
 class RowFormat:
-    """One public set's rows: the fields a row must have (a tuple offers alternatives) and the
-    harness task built over a file of them."""
+    """One public set's rows: the fields a row must have (a tuple offers alternatives), the fields
+    the prompt reads as text, the harness task built over a file of them, and what is wrong with a
+    row's values (None: nothing)."""
 
     name: str
     fields: tuple[str | tuple[str, ...], ...]
     task: Callable[[str, Path, dict[str, Any]], dict[str, Any]]
-    check: Callable[[dict[str, Any]], str | None] = lambda row: None  # what is wrong with a row's values
+    check: Callable[[dict[str, Any]], str | None] = lambda row: None
+    texts: tuple[str, ...] = ()
 
 
 def _local(name: str, path: Path) -> dict[str, Any]:
@@ -60,59 +62,108 @@ def _choice_task(
     }
 
 
-def _lettered(question: str, options: list[str]) -> str:
-    """MMLU's prompt (Hendrycks et al. 2021; the harness's mmlu template): options A-D, then 'Answer:'."""
-    return question.strip() + "\n" + "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options)) + "Answer:"
+def _lettered(question: str, options: list[str], letters: list[str] | None = None) -> str:
+    """MMLU's prompt (Hendrycks et al. 2021; the harness's mmlu template): the question, each option
+    after its letter, then 'Answer:'."""
+    letters = letters or list(LETTERS[: len(options)])
+    return question.strip() + "\n" + "".join(f"{k}. {o}\n" for k, o in zip(letters, options, strict=True)) + "Answer:"
 
 
-def _sentiment(row: dict[str, Any]) -> str:
-    label = str(row["label"]).strip().lower()
-    return SENTIMENT_ALIASES.get(label, label)
+# the label encodings of the public releases (the Hugging Face datasets' ClassLabel order)
+FPB_LABELS = ("negative", "neutral", "positive")  # financial_phrasebank
+TFNS_LABELS = ("negative", "positive", "neutral")  # twitter-financial-news-sentiment: Bearish, Bullish, Neutral
 
 
-def _finance(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
-    def text(row: dict[str, Any]) -> str:  # FinGPT's sentiment instruction (Wang et al. 2023, FinGPT benchmark)
-        body = row.get("text") or row.get("sentence")  # the loader gives a file's rows every key, None where absent
-        return (
-            "Instruction: What is the sentiment of this news? Please choose an answer from "
-            f"{{negative/neutral/positive}}.\nInput: {body}\nAnswer:"
-        )
+def _named(row: dict[str, Any], encoding: tuple[str, ...]) -> str | None:
+    """The row's label as a sentiment word: an index in the set's encoding, or a name."""
+    label = row["label"]
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return encoding[label] if 0 <= label < len(encoding) else None
+    if isinstance(label, str):
+        word = label.strip().lower()
+        return SENTIMENT_ALIASES.get(word, word) if SENTIMENT_ALIASES.get(word, word) in SENTIMENTS else None
+    return None
 
-    return _choice_task(name, path, text, list(SENTIMENTS), lambda row: SENTIMENTS.index(_sentiment(row)))
+
+def _fiqa_score(row: dict[str, Any]) -> Any:
+    """FiQA-SA's score: `sentiment_score` in the public release, `score` in some copies."""
+    score = row.get("sentiment_score")
+    return row.get("score") if score is None else score
+
+
+def _fiqa(row: dict[str, Any]) -> str | None:
+    """FiQA-SA's score in [-1, 1] as a sentiment, at FinGPT's thresholds (benchmarks/fiqa.py)."""
+    score = _fiqa_score(row)
+    if isinstance(score, bool) or not isinstance(score, int | float) or not -1 <= score <= 1:
+        return None
+    return "negative" if score < -0.1 else "neutral" if score < 0.1 else "positive"
+
+
+def _finance(sentiment: Callable[[dict[str, Any]], str | None]) -> Callable:
+    def task(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
+        def text(row: dict[str, Any]) -> str:  # FinGPT's sentiment instruction (Wang et al. 2023, FinGPT benchmark)
+            body = row.get("sentence") or row.get("text")  # the loader gives every row every key, None where absent
+            return (
+                "Instruction: What is the sentiment of this news? Please choose an answer from "
+                f"{{negative/neutral/positive}}.\nInput: {body}\nAnswer:"
+            )
+
+        return _choice_task(name, path, text, list(SENTIMENTS), lambda row: SENTIMENTS.index(sentiment(row)))
+
+    return task
+
+
+def _sentiment_check(sentiment: Callable[[dict[str, Any]], str | None], field: str, expected: str) -> Callable:
+    def check(row: dict[str, Any]) -> str | None:
+        return None if sentiment(row) is not None else f"field {field!r} is {row.get(field)!r}; expected {expected}"
+
+    return check
 
 
 def _answer_index(row: dict[str, Any]) -> int:
     answer = row["answer"]
-    return LETTERS.index(answer.strip().upper()) if isinstance(answer, str) else int(answer)
+    if isinstance(answer, str):
+        answer = answer.strip().upper()
+        return int(answer) if answer.isdigit() else LETTERS.index(answer)
+    return int(answer)
 
 
 def _mmlu(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
-    return _choice_task(
-        name,
-        path,
-        lambda row: _lettered(row["question"], row["choices"]),
-        lambda row: list(LETTERS[: len(row["choices"])]),
-        _answer_index,
-    )
+    def text(row: dict[str, Any]) -> str:  # with a subject, the harness's mmlu header first
+        subject = row.get("subject")
+        header = ""
+        if isinstance(subject, str) and subject:
+            header = (
+                f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            )
+        return header + _lettered(row["question"], row["choices"])
+
+    return _choice_task(name, path, text, lambda row: list(LETTERS[: len(row["choices"])]), _answer_index)
 
 
 def _check_mmlu(row: dict[str, Any]) -> str | None:
     choices, answer = row["choices"], row["answer"]
-    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
-        return f"field 'choices' must be a list of 2 to {len(LETTERS)} options"
+    if (
+        not isinstance(choices, list)
+        or not 2 <= len(choices) <= len(LETTERS)
+        or not all(isinstance(c, str) for c in choices)
+    ):
+        return f"field 'choices' must be a list of 2 to {len(LETTERS)} strings"
     valid = LETTERS[: len(choices)]
-    if isinstance(answer, str) and answer.strip().upper() in valid:
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in valid:
         return None
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return None
-    return f"field 'answer' is {answer!r}; expected an option index 0-{len(choices) - 1} or a letter of {valid}"
+    return f"field 'answer' is {answer!r}; expected an option index 0-{len(choices) - 1} or one letter of {valid}"
 
 
 def _pubmedqa(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
     def text(row: dict[str, Any]) -> str:  # the harness's pubmedqa prompt: abstract, question, yes/no/maybe
         context = row.get("context") or ""
         if isinstance(context, dict):
-            context = " ".join(context.get("contexts") or [])
+            context = "\n".join(context.get("contexts") or [])
         return f"Abstract: {context}\nQuestion: {row['question']}\nAnswer:"
 
     return _choice_task(
@@ -132,12 +183,14 @@ def _medmcqa(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
 
 
 def _medqa(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
+    """The options under their own keys (A-E in MedQA), in the prompt and as the choices scored."""
+    present = lambda row: [k for k, v in row["options"].items() if v is not None]  # noqa: E731 (the loader unifies keys)
     return _choice_task(
         name,
         path,
-        lambda row: _lettered(row["question"], list(row["options"].values())),
-        lambda row: list(row["options"]),
-        lambda row: list(row["options"]).index(row["answer_idx"]),
+        lambda row: _lettered(row["question"], [row["options"][k] for k in present(row)], present(row)),
+        present,
+        lambda row: present(row).index(row["answer_idx"]),
     )
 
 
@@ -150,8 +203,8 @@ def _humaneval(name: str, path: Path, options: dict[str, Any]) -> dict[str, Any]
 
     return _local(name, path) | {
         "output_type": "generate_until",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_target": "{{canonical_solution}}",
+        "doc_to_text": lambda row: row["prompt"],
+        "doc_to_target": lambda row: row.get("canonical_solution") or "",  # unused by pass@1
         "target_delimiter": "",
         "generation_kwargs": {"until": HUMANEVAL_STOPS, "do_sample": False, "max_gen_toks": options["max_gen_toks"]},
         "process_results": pass_at_1,
@@ -160,79 +213,129 @@ def _humaneval(name: str, path: Path, options: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _one_of(field: str, allowed: tuple[str, ...], value: Callable[[dict[str, Any]], Any]) -> Callable:
+def _one_of(field: str, allowed: tuple[str, ...]) -> Callable:
     def check(row: dict[str, Any]) -> str | None:
-        got = value(row)
-        return None if got in allowed else f"field {field!r} is {row[field]!r}; expected one of {', '.join(allowed)}"
+        return (
+            None
+            if row[field] in allowed
+            else f"field {field!r} is {row[field]!r}; expected one of {', '.join(allowed)}"
+        )
 
     return check
 
 
 def _check_medmcqa(row: dict[str, Any]) -> str | None:
     cop = row["cop"]
-    return None if isinstance(cop, int) and 0 <= cop <= 3 else f"field 'cop' is {cop!r}; expected 0-3 (opa-opd)"
+    if isinstance(cop, int) and not isinstance(cop, bool) and 0 <= cop <= 3:
+        return None
+    return f"field 'cop' is {cop!r}; expected 0-3 (opa-opd, the Hugging Face release's encoding)"
 
 
 def _check_medqa(row: dict[str, Any]) -> str | None:
-    if not isinstance(row["options"], dict) or row["answer_idx"] not in row["options"]:
+    options = row["options"]
+    if not isinstance(options, dict) or len(options) < 2 or not all(isinstance(v, str) for v in options.values()):
+        return "field 'options' must map option letters to their texts"
+    if not isinstance(row["answer_idx"], str) or row["answer_idx"] not in options:
         return f"field 'answer_idx' is {row['answer_idx']!r}; expected a key of 'options'"
     return None
 
 
+SENTIMENT_WORDS = "a sentiment (negative, neutral, positive)"
 FORMATS = {
-    "finance": [
+    "finance": [  # told apart by their fields: FiQA-SA has a score, FPB a sentence, TFNS a text
         RowFormat(
-            "fpb_fiqa_tfns",
-            (("text", "sentence"), "label"),
-            _finance,
-            _one_of("label", SENTIMENTS, _sentiment),
-        )
+            "fiqa_sa",
+            ("sentence", ("sentiment_score", "score")),
+            _finance(_fiqa),
+            lambda r: (
+                None if _fiqa(r) else f"field 'sentiment_score' is {_fiqa_score(r)!r}; expected a number in [-1, 1]"
+            ),
+            ("sentence",),
+        ),
+        RowFormat(
+            "fpb",
+            ("sentence", "label"),
+            _finance(lambda r: _named(r, FPB_LABELS)),
+            _sentiment_check(lambda r: _named(r, FPB_LABELS), "label", f"0-2 or {SENTIMENT_WORDS}"),
+            ("sentence",),
+        ),
+        RowFormat(
+            "tfns",
+            ("text", "label"),
+            _finance(lambda r: _named(r, TFNS_LABELS)),
+            _sentiment_check(
+                lambda r: _named(r, TFNS_LABELS), "label", f"0-2 (Bearish, Bullish, Neutral) or {SENTIMENT_WORDS}"
+            ),
+            ("text",),
+        ),
     ],
-    "mmlu": [RowFormat("mmlu", ("question", "choices", "answer"), _mmlu, _check_mmlu)],
+    "mmlu": [RowFormat("mmlu", ("question", "choices", "answer"), _mmlu, _check_mmlu, ("question",))],
     "medical": [  # told apart by their fields
         RowFormat(
             "pubmedqa",
             ("question", "final_decision"),
             _pubmedqa,
-            _one_of("final_decision", ("yes", "no", "maybe"), lambda r: r["final_decision"]),
+            _one_of("final_decision", ("yes", "no", "maybe")),
+            ("question",),
         ),
-        RowFormat("medmcqa", ("question", "opa", "opb", "opc", "opd", "cop"), _medmcqa, _check_medmcqa),
-        RowFormat("medqa", ("question", "options", "answer_idx"), _medqa, _check_medqa),
+        RowFormat(
+            "medmcqa",
+            ("question", "opa", "opb", "opc", "opd", "cop"),
+            _medmcqa,
+            _check_medmcqa,
+            ("question", "opa", "opb", "opc", "opd"),
+        ),
+        RowFormat("medqa", ("question", "options", "answer_idx"), _medqa, _check_medqa, ("question",)),
     ],
-    "code": [RowFormat("humaneval", ("task_id", "prompt", "test", "entry_point"), _humaneval)],
+    "code": [
+        RowFormat(
+            "humaneval",
+            ("task_id", "prompt", "test", "entry_point"),
+            _humaneval,
+            texts=("prompt", "test", "entry_point"),
+        )
+    ],
 }
 METRICS = {"finance": "acc", "mmlu": "acc", "medical": "acc", "code": "pass@1"}
 
 
 def _missing(row: dict[str, Any], fields: tuple[str | tuple[str, ...], ...]) -> list[str]:
-    return [
-        "/".join(f) if isinstance(f, tuple) else f
-        for f in fields
-        if not any(k in row for k in (f if isinstance(f, tuple) else (f,)))
-    ]
+    """The fields (or groups of alternatives) of which the row has none."""
+    groups = [f if isinstance(f, tuple) else (f,) for f in fields]
+    return ["/".join(g) for g in groups if not any(row.get(k) is not None for k in g)]
+
+
+def _rows(path: Path, where: str) -> list[tuple[int, str]]:
+    """The file's non-blank lines, numbered as editors number them (JSON strings may hold U+2028)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{where}: {path} is not UTF-8 text (byte {error.start})") from None
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def check_suite_file(suite: str, path: str | Path) -> RowFormat:
     """The row format of `suite`'s file, every line checked.
 
     Raises InputError naming the suite, the file, the line and the field at the first bad row:
-    an unknown suite, a missing or empty file, a line that is not a JSON object, a missing field,
-    a label outside the set's classes."""
+    an unknown suite, a missing or empty file, a line that is not a JSON object, a missing or null
+    field, a text field that is not text, a label outside the set's classes, rows of two formats."""
     if suite not in FORMATS:
         raise InputError(f"evaluation suite {suite!r} is unknown; choose from {', '.join(FORMATS)}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"evaluation suite {suite}: {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"evaluation suite {suite}: {path} is not a file")
     chosen: RowFormat | None = None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in _rows(path, f"evaluation suite {suite}"):
         where = f"evaluation suite {suite}: {path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise InputError(f"{where}: not JSON ({error.msg})") from None
+        except RecursionError:
+            raise InputError(f"{where}: not JSON (nested too deeply)") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: a row must be a JSON object")
         if chosen is None:
@@ -242,7 +345,10 @@ def check_suite_file(suite: str, path: str | Path) -> RowFormat:
                 raise InputError(f"{where}: the row fits no {suite} format: {wanted}")
             chosen = fits[0]
         if missing := _missing(row, chosen.fields):
-            raise InputError(f"{where}: field {missing[0]!r} missing (the file's rows are {chosen.name} rows)")
+            raise InputError(f"{where}: field {missing[0]!r} missing or null (the file's rows are {chosen.name} rows)")
+        for field in chosen.texts:
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise InputError(f"{where}: field {field!r} is {row[field]!r}; expected text")
         if problem := chosen.check(row):
             raise InputError(f"{where}: {problem}")
     if chosen is None:
