@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config.schema import FedConfig
-from fedtune.data.loading import FILE_BUILDERS, check_columns, load_records
+from fedtune.data.loading import FILE_BUILDERS, as_loaded, check_columns, load_records
 from fedtune.data.synthetic import COLUMNS as SYNTHETIC_COLUMNS
 from fedtune.model.loading import check_model
 from fedtune.round.outputs import clear_outputs
@@ -30,7 +30,7 @@ def preflight(config: FedConfig, *, resume: bool = False) -> None:
     for suite, path in config.eval.suites.items():  # a bad suite file is named now, not after the first round
         check_suite_file(suite, path)
     if config.data.source == "synthetic":
-        check_columns(config.data, list(SYNTHETIC_COLUMNS))
+        check_columns(as_loaded(config.data), list(SYNTHETIC_COLUMNS))
     elif Path(config.data.source).suffix in FILE_BUILDERS and not config.deployment.enabled:
         load_records(config.data)  # a file that cannot be read, a missing column or a null value, named now
 

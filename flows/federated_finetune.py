@@ -77,12 +77,12 @@ def _reopen(config: FedConfig, run: Path, done: Checkpoint, changes: dict[str, t
     return meta
 
 
-def _evaluate_global(config: FedConfig, global_path: str | Path, round_: int) -> dict[str, Any]:
+def _evaluate_global(config: FedConfig, global_path: str | Path, round_: int, final: bool = False) -> dict[str, Any]:
     """The global adapter's test metrics (and, simulated, every client's validation loss on it), and
-    the standard suites' scores on the rounds they are due."""
+    the standard suites' scores on the rounds they are due and on the `final` adapter."""
     metrics = evaluate(config, str(global_path), f"round-{round_}", client_val=not config.deployment.enabled)
     every, last = config.eval.suites_every_rounds, config.federation.rounds
-    if config.eval.suites and (round_ % every == 0 or round_ == last):
+    if config.eval.suites and (final or round_ % every == 0 or round_ == last):
         metrics |= evaluate_on_suites(config, str(global_path), f"round-{round_}")
     return metrics
 
@@ -200,8 +200,12 @@ def _finish(
 ) -> dict[str, Any]:
     """Summary, final adapter (logged, registered, copied), then the DVC outputs, last."""
     last = checkpoint_dir(run, history[-1]["round"]) / "global.safetensors"
+    late: dict[str, Any] = {}
     if "test_loss" not in history[-1]:  # it stopped early, between two evaluations (eval.every_rounds)
-        late = _evaluate_global(config, last, history[-1]["round"])
+        late = _evaluate_global(config, last, history[-1]["round"], final=True)
+    elif config.eval.suites and not any(key.startswith("suite/") for key in history[-1]):  # stopped off the suites'
+        late = evaluate_on_suites(config, str(last), f"round-{history[-1]['round']}")
+    if late:
         tracker(config, run_id).log_new_metrics(late, step=history[-1]["round"])
         history[-1] = {**history[-1], **late}
     final = history[-1]

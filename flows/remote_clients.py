@@ -147,9 +147,10 @@ def train_remotely(
         while pending:
             for client in sorted(pending):
                 try:
-                    if client not in runs:
-                        runs[client] = _trigger(config, round_, client, namespace, attempt)
                     report = _collect(exchange, client, round_, namespace, round_dir, masked)
+                    if report is None and client not in runs:  # a reply may come before the API answers
+                        runs[client] = _trigger(config, round_, client, namespace, attempt)
+                        continue
                     if report is None:
                         state = api.read_flow_run(runs[client].id).state
                         ended = f"{state.name} ({state.message})" if state is not None and state.is_final() else None
@@ -174,6 +175,13 @@ def train_remotely(
                 pending.discard(client)
             if pending and time.monotonic() >= deadline:
                 for client in sorted(pending):
+                    try:  # a last look: it may have delivered while the API kept failing
+                        if (report := _collect(exchange, client, round_, namespace, round_dir, masked)) is not None:
+                            reports.append(report)
+                            continue
+                    except (RuntimeError, ValueError) as error:
+                        drop(client, str(error))
+                        continue
                     why = f"missed the {config.federation.client_timeout_s:g} s deadline"
                     drop(
                         client,

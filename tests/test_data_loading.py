@@ -226,3 +226,23 @@ def test_an_instruction_template_builds_the_user_turn(tmp_path) -> None:  # type
 def test_a_bad_instruction_template_is_named(template, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=rf"data.instruction_template[\s\S]*{message}"):
         build_config({"data": {"instruction_template": template}})
+
+
+def test_the_readmes_synthetic_runs_pass_the_preflight_over_the_default_params() -> None:
+    """params.yaml maps AG News's columns; `-s data.source=synthetic` (and the README's DPO line)
+    must not be refused for them: the generated set's columns are its own."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from fedtune.config.schema import load_config
+    from flows.common import preflight
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith(".venv/bin/fedtune run -s data.source=synthetic")]
+    words = shlex.split(line.split("#")[0])
+    documented = [words[i + 1] for i, w in enumerate(words) if w == "-s"]
+    for overrides in (["data.source=synthetic"], documented):
+        preflight(load_config(root / "params.yaml", overrides))
+    assert re.search(r"train.objective=dpo", line)

@@ -330,10 +330,17 @@ def test_dp_run_logs_epsilon_and_stops_before_the_target(tmp_path, tiny_model_di
         "strategy": "dp_fedavg",
         "strategy_options": {"clip_norm": 0.5, "noise_multiplier": z, "target_epsilon": target},
     }
-    overrides["eval"] = {"every_rounds": 3}  # round 2 is not due, but the run ends there: evaluated all the same
+    mmlu = tmp_path / "mmlu.jsonl"
+    mmlu.write_text(json.dumps({"question": "1 + 1 =", "choices": ["1", "2"], "answer": 1}) + "\n")
+    # round 2 is not due, but the run ends there: evaluated all the same, the suites too
+    overrides["eval"] = {"every_rounds": 3, "suites": {"mmlu": str(mmlu)}, "suites_every_rounds": 3}
     config = build_config(overrides)
     summary = federated_finetune(config=config)
     assert summary["rounds"] == 2 and summary["stopped_early"] is True
+    assert sorted(_history(MlflowClient(config.tracking.tracking_uri), summary["mlflow_run_id"], "suite/mmlu/acc")) == [
+        0,
+        2,
+    ]
     tokenizer = tokenizer_for(config)
     test = encode_records(config, tokenizer, read_split(config.data.partitions_dir, None, "test"))
     final_model = build_peft_model(config, Path(config.federation.output_dir) / "final_adapter.safetensors")

@@ -21,6 +21,7 @@ from fedtune.config.schema import build_config
 from fedtune.deployment.exchange import REPORT, Exchange, client_file
 
 NAMESPACE = "0123456789abcdef0123456789abcdef/round_0001-0a1b2c3d"
+LOST_REPLY = RuntimeError("the run was created; its reply was lost")
 
 
 def _status_error(code: int) -> httpx.HTTPStatusError:
@@ -39,8 +40,8 @@ def _report(client: int) -> bytes:
 class _Api:
     """Prefect's client as the polling loop uses it: every run is Running; reads fail `failing` times."""
 
-    def __init__(self, failing: int) -> None:
-        self.failing = failing
+    def __init__(self, failing: int, polled: Any) -> None:
+        self.failing, self.polled = failing, polled
 
     def __enter__(self) -> _Api:
         return self
@@ -52,6 +53,7 @@ class _Api:
         if self.failing:
             self.failing -= 1
             raise httpx.ConnectError("connection refused")
+        self.polled(flow_run_id)
         return SimpleNamespace(state=SimpleNamespace(name="Running", message="", is_final=lambda: False))
 
     def set_flow_run_state(self, flow_run_id: Any, state: Any, force: bool) -> None:
@@ -70,12 +72,22 @@ def _round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: dict[int, l
         keys[client].append(idempotency_key)
         answer = answers[client][min(len(keys[client]), len(answers[client])) - 1]
         if isinstance(answer, Exception):
+            if answer is LOST_REPLY:  # created, but its reply lost: the client runs and delivers all the same
+                exchange.put(client_file(client, NAMESPACE, REPORT), _report(client))
+                raise _status_error(503)
             raise answer
-        exchange.put(client_file(client, NAMESPACE, REPORT), _report(client))  # the client delivers
+        started.append(client)  # it delivers after the coordinator has polled its run
         return SimpleNamespace(id=uuid4(), work_pool_name=None)
 
+    def deliver_when_polled(flow_run_id: Any) -> None:
+        for client in started:
+            exchange.put(client_file(client, NAMESPACE, REPORT), _report(client))
+        started.clear()
+
+    started: list[int] = []
+
     monkeypatch.setattr(remote_clients, "run_deployment", run_deployment)
-    monkeypatch.setattr(remote_clients, "get_client", lambda sync_client: _Api(reads_failing))
+    monkeypatch.setattr(remote_clients, "get_client", lambda sync_client: _Api(reads_failing, deliver_when_polled))
     monkeypatch.setattr(remote_clients, "get_run_logger", lambda: SimpleNamespace(warning=lambda *a: None))
     monkeypatch.setattr(remote_clients, "coordinator_exchange", lambda deployment: exchange)
     config = build_config(
@@ -94,9 +106,9 @@ def test_a_round_waits_out_503s_and_drops_only_the_client_the_api_never_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ok = "run"
-    answers = {0: [_status_error(503), _status_error(503), ok], 1: [ok], 2: [_status_error(503)]}
-    (reports, dropped), keys = _round(tmp_path, monkeypatch, answers, reads_failing=1)
-    assert [r["client"] for r in reports] == [0, 1]
+    answers = {0: [_status_error(503), _status_error(503), ok], 1: [ok], 2: [_status_error(503)], 3: [LOST_REPLY]}
+    (reports, dropped), keys = _round(tmp_path, monkeypatch, answers, reads_failing=2)
+    assert [r["client"] for r in reports] == [0, 1, 3]  # 3: collected though the API never confirmed its run
     (why,) = dropped
     assert why.startswith("client 2: missed the 2 s deadline (the Prefect API failed: Server error '503'"), why
     assert len(keys[0]) == 3 and len(set(keys[0])) == 1  # retries of one start carry one key: one run at most

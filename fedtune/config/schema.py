@@ -379,8 +379,8 @@ class EvalSection(Section):
     suites_every_rounds: int = Field(
         1,
         gt=0,
-        description="Run the suites when the global adapter is evaluated after a round that is a multiple of this "
-        "(round 0 and the last round always).",
+        description="Run the suites on the global adapter after every round that is a multiple of this and is "
+        "evaluated (eval.every_rounds), and on round 0's and the final adapter.",
     )
 
     @field_validator("answer_pattern")

@@ -224,6 +224,17 @@ def _to_record(row: Row, section: DataSection, label_column: str | None) -> Reco
     return record
 
 
+def as_loaded(section: DataSection) -> DataSection:
+    """The section as the loader applies it. The synthetic source's columns and prompts are its
+    generator's own, whatever a mapping or template for another source (params.yaml's) says; only
+    which of them to use (the near misses for DPO) is the user's choice."""
+    if section.source != "synthetic":
+        return section
+    return section.model_copy(
+        update={"columns": ColumnMapping(rejected=section.columns.rejected), "instruction_template": None}
+    )
+
+
 def load_records(section: DataSection) -> list[Record]:
     """Normalized records of the configured source (`data.source`: a file, a saved dataset, a hub
     name or `synthetic`, the project's generated skill set).
@@ -231,12 +242,8 @@ def load_records(section: DataSection) -> list[Record]:
     A row whose mapped instruction, response, rejected response or label is null or empty stops
     the load with an error naming its row and line (or, with `data.drop_incomplete`, is dropped
     and counted); nothing is trained on the text "None". Raises DataError."""
+    section = as_loaded(section)
     if section.source == "synthetic":
-        # its columns and prompts are the generator's own, whatever a mapping or template for another
-        # source says; only which of them to use (the near misses for DPO) is the user's choice
-        section = section.model_copy(
-            update={"columns": ColumnMapping(rejected=section.columns.rejected), "instruction_template": None}
-        )
         syn = section.synthetic
         rows = [(0, row) for row in generate(syn.skills, syn.examples_per_skill, syn.seed)]
     else:
