@@ -175,13 +175,6 @@ def train_remotely(
                 pending.discard(client)
             if pending and time.monotonic() >= deadline:
                 for client in sorted(pending):
-                    try:  # a last look: it may have delivered while the API kept failing
-                        if (report := _collect(exchange, client, round_, namespace, round_dir, masked)) is not None:
-                            reports.append(report)
-                            continue
-                    except (RuntimeError, ValueError) as error:
-                        drop(client, str(error))
-                        continue
                     why = f"missed the {config.federation.client_timeout_s:g} s deadline"
                     drop(
                         client,

@@ -32,12 +32,12 @@ FIQA = [  # FiQA-SA rows: a sentiment score in [-1, 1]
     {"sentence": "Board meets on Tuesday", "sentiment_score": 0.02},
     {"sentence": "Record quarter lifts the stock", "sentiment_score": 0.7},
 ]
-MMLU = [  # cais/mmlu rows: answer an index (or a letter)
+MMLU = [  # cais/mmlu rows: answer an index (one letter also does, in a file of letters)
     {"question": "What is 2 + 3?", "choices": ["4", "5", "6", "7"], "answer": 1, "subject": "elementary_mathematics"},
     {
         "question": "Which gas do plants absorb?",
         "choices": ["oxygen", "nitrogen", "carbon dioxide", "helium"],
-        "answer": "C",
+        "answer": 2,
     },
     {"question": "The capital of France is", "choices": ["Paris", "Rome", "Berlin", "Madrid"], "answer": 0},
 ]
@@ -67,6 +67,11 @@ MEDQA = [  # MedQA-USMLE 4-option rows
         "question": "Which organ makes insulin?",
         "options": {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Spleen"},
         "answer_idx": "B",
+    },
+    {  # five options (MedQA's full release), listed out of order: shown and scored in key order
+        "question": "Deficiency causing night blindness?",
+        "options": {"B": "Vitamin C", "A": "Vitamin A", "C": "Vitamin D", "E": "Zinc", "D": "Iron"},
+        "answer_idx": "A",
     },
 ]
 HUMANEVAL = [  # openai_humaneval rows
@@ -106,8 +111,8 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _lettered(question: str, options: list[str]) -> str:
-    return question + "\n" + "".join(f"{'ABCD'[i]}. {o}\n" for i, o in enumerate(options)) + "Answer:"
+def _lettered(question: str, options: list[str], keys: str | list[str] = "ABCD") -> str:
+    return question + "\n" + "".join(f"{k}. {o}\n" for k, o in zip(keys, options, strict=False)) + "Answer:"
 
 
 def _by_hand(model: Any, tokenizer: Any, context: str, choices: list[str]) -> list[float]:
@@ -143,26 +148,33 @@ def test_multiple_choice_suites_score_what_each_options_log_likelihood_says(tiny
 
     model, tokenizer = build_peft_model(tiny_config, adapter).eval(), tokenizer_for(tiny_config)
     sentiment = (
-        "Instruction: What is the sentiment of this news? Please choose an answer from "
+        "Instruction: What is the sentiment of this %s? Please choose an answer from "
         "{negative/neutral/positive}.\nInput: %s\nAnswer:"
     )
     words = ["negative", "neutral", "positive"]
-    assert scores["finance"]["format"] == "tfns"
-    _check(scores["finance"], [_by_hand(model, tokenizer, sentiment % r["text"], words) for r in TFNS], [0, 2, 1])
+    assert scores["finance"]["format"] == "tfns"  # FinGPT asks about a tweet there, about news in FPB and FiQA
+    tweets = [_by_hand(model, tokenizer, sentiment % ("tweet", r["text"]), words) for r in TFNS]
+    _check(scores["finance"], tweets, [0, 2, 1])
     for rows, name, gold in ((FPB, "fpb", [2, 1]), (FIQA, "fiqa_sa", [0, 1, 2])):  # FiQA: FinGPT's +-0.1 cut
         scored = evaluate_suites(tiny_config, adapter, {"finance": _jsonl(tmp_path / f"{name}.jsonl", rows)})
         assert scored["finance"]["format"] == name
-        _check(scored["finance"], [_by_hand(model, tokenizer, sentiment % r["sentence"], words) for r in rows], gold)
+        news = [_by_hand(model, tokenizer, sentiment % ("news", r["sentence"]), words) for r in rows]
+        _check(scored["finance"], news, gold)
     header = "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
     mmlu = [(header if "subject" in r else "") + _lettered(r["question"], r["choices"]) for r in MMLU]
     _check(scores["mmlu"], [_by_hand(model, tokenizer, prompt, list("ABCD")) for prompt in mmlu], [1, 2, 0])
     _check(
         scores["medical"],
         [
-            _by_hand(model, tokenizer, _lettered(r["question"], list(r["options"].values())), list("ABCD"))
+            _by_hand(
+                model,
+                tokenizer,
+                _lettered(r["question"], [r["options"][k] for k in sorted(r["options"])], sorted(r["options"])),
+                sorted(r["options"]),
+            )
             for r in MEDQA
         ],
-        [0, 1],
+        [0, 1, 0],
     )
     assert scores["medical"]["format"] == "medqa" and scores["mmlu"]["metric"] == "acc"
 
@@ -254,8 +266,13 @@ def test_the_sandbox_keeps_the_evaluators_secrets_and_kills_what_the_program_sta
             r"fpb.jsonl:2: field 'label' is 'great'; expected 0-2 \(Bearish, Bullish, Neutral\) or a sentiment",
         ),
         ("finance", ['{"sentence": "a", "label": 3}'], r"fpb.jsonl:1: field 'label' is 3; expected 0-2 or a sentiment"),
-        ("finance", ['{"sentence": "a", "score": 2.5}'], r"fpb.jsonl:1: field 'sentiment_score' is 2.5"),
-        ("finance", ['{"text": null, "label": 1}'], r"fpb.jsonl:1: the row fits no finance format: fiqa_sa"),
+        ("finance", ['{"sentence": "a", "sentiment_score": 2.5}'], r"fpb.jsonl:1: field 'sentiment_score' is 2.5"),
+        (
+            "finance",
+            ['{"sentence": "a", "label": 0}', "", '{"sentence": "b", "label": "positive"}'],
+            r"fpb.jsonl:3: field 'label' is text here but a number on line 1",
+        ),
+        ("finance", ['{"text": null, "label": 1}'], r"fpb.jsonl:1: the row fits no finance format: fpb"),
         (
             "finance",
             ['{"text": "a", "label": 1}', '{"text": 7, "label": 1}'],

@@ -87,26 +87,23 @@ def _named(row: dict[str, Any], encoding: tuple[str, ...]) -> str | None:
     return None
 
 
-def _fiqa_score(row: dict[str, Any]) -> Any:
-    """FiQA-SA's score: `sentiment_score` in the public release, `score` in some copies."""
-    score = row.get("sentiment_score")
-    return row.get("score") if score is None else score
-
-
 def _fiqa(row: dict[str, Any]) -> str | None:
     """FiQA-SA's score in [-1, 1] as a sentiment, at FinGPT's thresholds (benchmarks/fiqa.py)."""
-    score = _fiqa_score(row)
+    score = row["sentiment_score"]
     if isinstance(score, bool) or not isinstance(score, int | float) or not -1 <= score <= 1:
         return None
     return "negative" if score < -0.1 else "neutral" if score < 0.1 else "positive"
 
 
-def _finance(sentiment: Callable[[dict[str, Any]], str | None]) -> Callable:
+def _finance(sentiment: Callable[[dict[str, Any]], str | None], source: Callable[[dict[str, Any]], str]) -> Callable:
+    """FinGPT's sentiment instruction (Wang et al. 2023, FinGPT benchmarks fpb.py, fiqa.py, tfns.py),
+    which names the text `source(row)` calls it: news, or a tweet."""
+
     def task(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
-        def text(row: dict[str, Any]) -> str:  # FinGPT's sentiment instruction (Wang et al. 2023, FinGPT benchmark)
+        def text(row: dict[str, Any]) -> str:
             body = row.get("sentence") or row.get("text")  # the loader gives every row every key, None where absent
             return (
-                "Instruction: What is the sentiment of this news? Please choose an answer from "
+                f"Instruction: What is the sentiment of this {source(row)}? Please choose an answer from "
                 f"{{negative/neutral/positive}}.\nInput: {body}\nAnswer:"
             )
 
@@ -183,8 +180,8 @@ def _medmcqa(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
 
 
 def _medqa(name: str, path: Path, _: dict[str, Any]) -> dict[str, Any]:
-    """The options under their own keys (A-E in MedQA), in the prompt and as the choices scored."""
-    present = lambda row: [k for k, v in row["options"].items() if v is not None]  # noqa: E731 (the loader unifies keys)
+    """The options under their own keys (A-E in MedQA), in key order, in the prompt and as the choices scored."""
+    present = lambda row: sorted(k for k, v in row["options"].items() if v is not None)  # noqa: E731 (loader unifies keys)
     return _choice_task(
         name,
         path,
@@ -242,31 +239,29 @@ def _check_medqa(row: dict[str, Any]) -> str | None:
 
 SENTIMENT_WORDS = "a sentiment (negative, neutral, positive)"
 FORMATS = {
-    "finance": [  # told apart by their fields: FiQA-SA has a score, FPB a sentence, TFNS a text
-        RowFormat(
-            "fiqa_sa",
-            ("sentence", ("sentiment_score", "score")),
-            _finance(_fiqa),
-            lambda r: (
-                None if _fiqa(r) else f"field 'sentiment_score' is {_fiqa_score(r)!r}; expected a number in [-1, 1]"
-            ),
-            ("sentence",),
-        ),
+    "finance": [  # told apart by their fields: a label with a sentence (FPB) or a text (TFNS), or a score (FiQA-SA)
         RowFormat(
             "fpb",
             ("sentence", "label"),
-            _finance(lambda r: _named(r, FPB_LABELS)),
+            _finance(lambda r: _named(r, FPB_LABELS), lambda r: "news"),
             _sentiment_check(lambda r: _named(r, FPB_LABELS), "label", f"0-2 or {SENTIMENT_WORDS}"),
             ("sentence",),
         ),
         RowFormat(
             "tfns",
             ("text", "label"),
-            _finance(lambda r: _named(r, TFNS_LABELS)),
+            _finance(lambda r: _named(r, TFNS_LABELS), lambda r: "tweet"),
             _sentiment_check(
                 lambda r: _named(r, TFNS_LABELS), "label", f"0-2 (Bearish, Bullish, Neutral) or {SENTIMENT_WORDS}"
             ),
             ("text",),
+        ),
+        RowFormat(
+            "fiqa_sa",
+            ("sentence", "sentiment_score"),
+            _finance(_fiqa, lambda r: "tweet" if r.get("format") == "post" else "news"),
+            lambda r: None if _fiqa(r) else f"field 'sentiment_score' is {r['sentiment_score']!r}; expected [-1, 1]",
+            ("sentence",),
         ),
     ],
     "mmlu": [RowFormat("mmlu", ("question", "choices", "answer"), _mmlu, _check_mmlu, ("question",))],
@@ -311,7 +306,15 @@ def _rows(path: Path, where: str) -> list[tuple[int, str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise InputError(f"{where}: {path} is not UTF-8 text (byte {error.start})") from None
-    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip(" \t\r")]  # JSON's whitespace
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}[type(value)]
 
 
 def check_suite_file(suite: str, path: str | Path) -> RowFormat:
@@ -328,6 +331,7 @@ def check_suite_file(suite: str, path: str | Path) -> RowFormat:
     if not path.is_file():
         raise InputError(f"evaluation suite {suite}: {path} is not a file")
     chosen: RowFormat | None = None
+    kinds: dict[str, tuple[str, int]] = {}  # each field's JSON type, and the line that set it
     for number, line in _rows(path, f"evaluation suite {suite}"):
         where = f"evaluation suite {suite}: {path}:{number}"
         try:
@@ -351,6 +355,13 @@ def check_suite_file(suite: str, path: str | Path) -> RowFormat:
                 raise InputError(f"{where}: field {field!r} is {row[field]!r}; expected text")
         if problem := chosen.check(row):
             raise InputError(f"{where}: {problem}")
+        for field, value in row.items():  # the harness's loader reads a file as columns of one type each
+            if value is None:
+                continue
+            kind = _kind(value)
+            first = kinds.setdefault(field, (kind, number))
+            if kind != first[0]:
+                raise InputError(f"{where}: field {field!r} is {kind} here but {first[0]} on line {first[1]}")
     if chosen is None:
         raise InputError(f"evaluation suite {suite}: {path} has no rows")
     return chosen
