@@ -310,11 +310,14 @@ def _rows(path: Path, where: str) -> list[tuple[int, str]]:
 
 
 def _kind(value: Any) -> str:
+    """A JSON value's type in words (int and float are one: the loader widens them)."""
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int | float):
         return "a number"
-    return {str: "text", list: "a list", dict: "an object"}[type(value)]
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def check_suite_file(suite: str, path: str | Path) -> RowFormat:
