@@ -13,6 +13,8 @@ from the Hugging Face hub and runs the code in the evaluating process.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,6 +372,10 @@ def check_suite_file(suite: str, path: str | Path) -> RowFormat:
     return chosen
 
 
+def _checked(files: Mapping[str, str | Path]) -> dict[str, RowFormat]:
+    return {suite: check_suite_file(suite, path) for suite, path in files.items()}
+
+
 def run_suites(
     lm: Any, files: Mapping[str, str | Path], *, max_gen_toks: int = 256, timeout_s: float = 10.0
 ) -> dict[str, dict[str, Any]]:
@@ -380,10 +386,14 @@ def run_suites(
     accuracy (multiple choice) or pass@1 (code) in [0, 1]; `stderr` its standard error over the
     items (sample standard deviation / sqrt(n)); `items` the per-item 0/1 outcomes in file order.
     Raises InputError for a bad file, before the model is run."""
+    return _score(lm, files, _checked(files), {"max_gen_toks": max_gen_toks, "timeout_s": timeout_s})
+
+
+def _score(
+    lm: Any, files: Mapping[str, str | Path], formats: dict[str, RowFormat], options: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     from lm_eval import simple_evaluate
 
-    formats = {suite: check_suite_file(suite, path) for suite, path in files.items()}
-    options = {"max_gen_toks": max_gen_toks, "timeout_s": timeout_s}
     tasks = [formats[s].task(f"fedtune_{s}", Path(files[s]), options) for s in files]
     out = simple_evaluate(lm, tasks=tasks, log_samples=True, bootstrap_iters=0, confirm_run_unsafe_code=True)
     scores: dict[str, dict[str, Any]] = {}
@@ -392,13 +402,11 @@ def run_suites(
         samples = sorted(out["samples"][f"fedtune_{suite}"], key=lambda s: s["doc_id"])
         items = [float(s[metric]) for s in samples]
         n = len(items)
-        mean = sum(items) / n
-        stderr = (sum((x - mean) ** 2 for x in items) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else None
         scores[suite] = {
             "format": formats[suite].name,
             "metric": metric,
-            "score": mean,
-            "stderr": stderr,
+            "score": statistics.fmean(items),
+            "stderr": statistics.stdev(items) / math.sqrt(n) if n > 1 else None,
             "n": n,
             "items": items,
         }
@@ -408,15 +416,15 @@ def run_suites(
 
 
 def evaluate_suites(
-    cfg: Any, adapter: Any, files: Mapping[str, str | Path], **options: Any
+    cfg: Any, adapter: Any, files: Mapping[str, str | Path], *, max_gen_toks: int = 256, timeout_s: float = 10.0
 ) -> dict[str, dict[str, Any]]:
-    """`run_suites` for the config's base model with `adapter` (a wire file or state) applied."""
+    """`run_suites` for the config's base model with `adapter` (a wire file or state) applied; the
+    files are checked before the model loads."""
     from lm_eval.models.huggingface import HFLM
 
     from fedtune.model.builder import build_peft_model, tokenizer_for
 
-    for suite, path in files.items():  # a bad file fails before the model loads
-        check_suite_file(suite, path)
+    formats = _checked(files)
     model = build_peft_model(cfg, adapter).eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer_for(cfg), batch_size=cfg.eval.batch_size)
-    return run_suites(lm, files, **options)
+    return _score(lm, files, formats, {"max_gen_toks": max_gen_toks, "timeout_s": timeout_s})
