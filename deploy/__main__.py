@@ -1,6 +1,7 @@
 """`python -m deploy up`: a whole federation on this machine, as several organizations would run it.
 
-Starts the Prefect server (API auth on) and the MLflow tracking server (database store, proxied
+Starts the Prefect server (API auth on), the gateway that client organizations reach it through
+(one credential each, deploy/gateway.py) and the MLflow tracking server (database store, proxied
 artifacts, basic auth), gives every client organization its own folder with only its partition,
 creates a work pool per party, runs `prefect deploy --all`, starts one confined worker per party,
 prints where to go, and keeps everything running until Ctrl-C. Credentials come from the
@@ -60,6 +61,7 @@ def up(
         console.print(
             f"Prefect UI  {api.removesuffix('/api')}  (log in with FEDTUNE_PREFECT_AUTH)\n"
             f"MLflow UI   {fed.mlflow.url}  (MLFLOW_TRACKING_USERNAME / _PASSWORD)\n"
+            f"gateway     {fed.gateway.url}  (client organizations' API, one credential each, in their profiles)\n"
             f"workers     coordinator + {len(fed.workers) - 1} clients, logs in {logs}\n"
             "start a run from the UI (Deployments > federated-finetune/coordinator > Run), or:\n"
             f"  PREFECT_API_URL={api} PREFECT_API_AUTH_STRING=... \\\n"
@@ -75,6 +77,40 @@ def up(
                         raise RuntimeError(f"the {name} worker exited with {worker.returncode}; see {logs}")
         except KeyboardInterrupt:
             pass
+
+
+@app.command()
+def gateway(
+    credentials: Annotated[Path, typer.Argument(help="The parties' credentials file (`python -m deploy credential`).")],
+    upstream: Annotated[
+        str, typer.Option(help="The Prefect API the gateway forwards to.")
+    ] = "http://127.0.0.1:4200/api",
+    host: Annotated[str, typer.Option(help="Address the gateway listens on.")] = "127.0.0.1",
+    port: int = 4300,
+) -> None:
+    """Serve the Prefect API to client organizations, each with its own credential and its own work
+    pool only (deploy/gateway.py); forwards with the server's auth string (FEDTUNE_PREFECT_AUTH)."""
+    from deploy.gateway import read_parties, serve
+
+    try:
+        admin, parties = prefect_auth(), read_parties(credentials)
+    except InputError as error:
+        console.print(f"[red]{error}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    serve(upstream, admin, parties, host, port)
+
+
+@app.command()
+def credential(
+    credentials: Annotated[Path, typer.Argument(help="The gateway's credentials file (created if missing).")],
+    party: Annotated[str, typer.Argument(help="The client organization's name, e.g. client-0.")],
+    pool: Annotated[str | None, typer.Option(help="Its work pool (default: the party's name).")] = None,
+) -> None:
+    """A new credential for PARTY: its digest goes into CREDENTIALS, the credential itself (user:password)
+    is printed once, for the party's PREFECT_API_AUTH_STRING. A second call replaces the first."""
+    from deploy.gateway import issue
+
+    print(issue(credentials, party, pool or party))
 
 
 @app.command()

@@ -3,6 +3,7 @@ runs for a person, and what the deployment tests and benchmark run for themselve
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 class Federation:
     prefect: servers.Server
     mlflow: servers.Server
+    gateway: servers.Server  # the client organizations' Prefect API (deploy/gateway.py)
     layout: parties.Layout
     workers: dict[str, Popen[bytes]]
     config: FedConfig  # the coordinator deployment's default parameters
@@ -118,6 +120,7 @@ def running(
             up.result().stop()
         raise failed[0]
     prefect, mlflow = prefect_up.result(), mlflow_up.result()
+    gateway: servers.Server | None = None
     workers: dict[str, Popen[bytes]] = {}
     stage = tempfile.TemporaryDirectory(prefix="fedtune-exposed-")  # mount points, outside everything exposed
     try:
@@ -127,17 +130,24 @@ def running(
         deployed = coordinator_config(config, layout, mlflow.url, model)
         parties.deploy_all(prefect.url, REPO, layout, clients, mlflow.url, model, deployed.model_dump(mode="json"))
         stores = [prefect.log.parent, root / "mlflow", layout.root / "logs"]
-        parties.hand_over(layout, clients, prefect.url, stores)
+        credentials = root / "gateway" / "credentials.json"
+        access = parties.Access(prefect.url, "", parties.issue_credentials(credentials, clients))
+        gateway = servers.start_gateway(prefect.url, credentials, servers.free_port(host), host)
+        access = dataclasses.replace(access, gateway=gateway.url)
+        stores.append(credentials.parent)
+        parties.hand_over(layout, clients, access, stores)
         # what every party's user must reach: the interpreter, the environment, the code, the parties, the model
         needed = [Path(sys.base_prefix), Path(sys.prefix), REPO, layout.root, model]
         exposed = parties.exposing(needed, Path(stage.name))
         hidden = [*source, *_raw_data(config, needed)]
-        workers = parties.start_workers(prefect.url, layout, clients, hidden, stores, exposed, drills)
+        workers = parties.start_workers(access, layout, clients, hidden, stores, exposed, drills)
         with temporary_settings(updates={PREFECT_API_URL: prefect.url, PREFECT_API_AUTH_STRING: prefect_auth()}):
-            yield Federation(prefect, mlflow, layout, workers, deployed)
+            yield Federation(prefect, mlflow, gateway, layout, workers, deployed)
     finally:
         for worker in workers.values():
             parties.stop(worker)
+        if gateway is not None:
+            gateway.stop()
         prefect.stop()
         mlflow.stop()
         stage.cleanup()

@@ -50,6 +50,29 @@ WORKER_ENV = {"PATH", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "HF_HUB_OFFLINE", "T
 WORKER_ENV |= {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TOKENIZERS_PARALLELISM"}
 
 
+@dataclass(frozen=True)
+class Access:
+    """Where each party's Prefect client connects, with which credential: the coordinator to the
+    server with its auth string, client c to the gateway (deploy/gateway.py) with its own."""
+
+    server: str
+    gateway: str
+    credentials: dict[int, str]  # client -> "client-c:password"
+
+    def url(self, client: int | None) -> str:
+        return self.server if client is None else self.gateway
+
+    def auth(self, client: int | None) -> str:
+        return prefect_auth() if client is None else self.credentials[client]
+
+
+def issue_credentials(file: Path, clients: int) -> dict[int, str]:
+    """A new gateway credential per client organization, allowed its own work pool only."""
+    from deploy.gateway import issue
+
+    return {c: issue(file, client_pool(c), client_pool(c)) for c in range(clients)}
+
+
 def party_id(client: int | None) -> int:
     """The uid (and gid) of client `client`'s worker, or of the coordinator's (None)."""
     return PARTY_UID if client is None else PARTY_UID + 1 + client
@@ -166,7 +189,7 @@ def _secret_file(path: Path, text: str, uid: int) -> None:
     os.chown(path, uid, uid, follow_symlinks=False)
 
 
-def hand_over(layout: Layout, clients: int, api_url: str, stores: list[Path]) -> None:
+def hand_over(layout: Layout, clients: int, access: Access, stores: list[Path]) -> None:
     """Give every party its files and secrets (see the module docstring); the servers' `stores` and
     the federation's root stay root's. Runs after `deploy_all`, which writes as root."""
     coordinator = party_id(None)
@@ -187,13 +210,11 @@ def hand_over(layout: Layout, clients: int, api_url: str, stores: list[Path]) ->
         _own(layout.client_home(client), party_id(client))
         # setgid: what the client writes stays readable by the coordinator's group, by nobody else
         _own(layout.exchange / outbox(client), party_id(client), coordinator, mode=0o2750)
-    for party, home in [
-        (coordinator, layout.coordinator),
-        *((party_id(c), layout.client_home(c)) for c in range(clients)),
-    ]:
-        profile = f'active = "fedtune"\n\n[profiles.fedtune]\nPREFECT_API_URL = "{api_url}"\n'
-        profile += f'PREFECT_API_AUTH_STRING = "{prefect_auth()}"\n'
-        _secret_file(home / ".prefect" / "profiles.toml", profile, party)
+    parties: list[tuple[int | None, Path]] = [(None, layout.coordinator)]
+    for party, home in parties + [(c, layout.client_home(c)) for c in range(clients)]:
+        profile = f'active = "fedtune"\n\n[profiles.fedtune]\nPREFECT_API_URL = "{access.url(party)}"\n'
+        profile += f'PREFECT_API_AUTH_STRING = "{access.auth(party)}"\n'
+        _secret_file(home / ".prefect" / "profiles.toml", profile, party_id(party))
 
 
 def prefect_env(api_url: str, home: Path) -> dict[str, str]:
@@ -217,13 +238,17 @@ def prefect(args: list[str], env: dict[str, str], cwd: Path | None = None) -> st
 
 
 def create_pools(api_url: str, clients: int) -> None:
-    """A process work pool per party (a real organization would pick docker or kubernetes)."""
+    """A process work pool per party (a real organization would pick docker or kubernetes), with the
+    process worker's job template in place: a worker that finds none writes it, and client workers
+    may not change their pool (deploy/gateway.py)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
 
+    template = ProcessWorker.get_default_base_job_template()
     with SyncPrefectClient(api_url, auth_string=prefect_auth()) as api:
         for pool in [COORDINATOR_POOL, *(client_pool(c) for c in range(clients))]:
-            api.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+            api.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template), overwrite=True)
 
 
 def deployment_file(repo: Path, clients: int, out: Path, config: dict[str, Any] | None = None) -> Path:
@@ -294,7 +319,7 @@ def start_worker(
 
 
 def start_workers(
-    api_url: str,
+    access: Access,
     layout: Layout,
     clients: int,
     source_data: list[Path],
@@ -310,7 +335,7 @@ def start_workers(
     homes = [layout.client_home(c) for c in range(clients)]
     workers = {
         COORDINATOR_POOL: start_worker(
-            api_url,
+            access.url(None),
             layout,
             COORDINATOR_POOL,
             {},
@@ -322,7 +347,7 @@ def start_workers(
     }
     for client, home in enumerate(homes):
         workers[client_pool(client)] = start_worker(
-            api_url,
+            access.url(client),
             layout,
             client_pool(client),
             {

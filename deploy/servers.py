@@ -1,4 +1,5 @@
-"""The Prefect API server and the MLflow tracking server, each refusing unauthenticated requests.
+"""The Prefect API server, its gateway for client organizations (deploy/gateway.py) and the MLflow
+tracking server, each refusing unauthenticated requests.
 
 Prefect: `prefect server start` with PREFECT_SERVER_API_AUTH_STRING (HTTP basic auth on the API
 and a login prompt in the UI). MLflow: `mlflow server --app-name basic-auth` with a SQLite
@@ -65,12 +66,12 @@ def status_of(url: str, headers: dict[str, str] | None = None, timeout_s: float 
         return 0
 
 
-def _wait_ready(server: Server, probe: str, headers: dict[str, str], deadline_s: float) -> Server:
+def _wait_ready(server: Server, probe: str, headers: dict[str, str], deadline_s: float, expect: int = 200) -> Server:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited with {server.process.returncode}; see {server.log}")
-        if status_of(probe, headers) == 200:
+        if status_of(probe, headers) == expect:
             return server
         time.sleep(0.5)
     server.stop()
@@ -98,6 +99,19 @@ def start_prefect(home: Path, port: int, host: str = "127.0.0.1", deadline_s: fl
     url = f"http://{host}:{port}/api"
     server = Server("prefect", url, spawn("prefect", command, env, home / "server.log"), home / "server.log")
     return _wait_ready(server, f"{url}/admin/version", basic_auth_header(auth), deadline_s)  # /health is open
+
+
+def start_gateway(
+    upstream: str, credentials: Path, port: int, host: str = "127.0.0.1", deadline_s: float = 60.0
+) -> Server:
+    """The Prefect API gateway (deploy/gateway.py) in front of `upstream`; `credentials` must list at
+    least one party (the readiness probe authenticates as a party no file lists, expecting 401)."""
+    command = [sys.executable, "-m", "deploy", "gateway", str(credentials), "--upstream", upstream]
+    command += ["--host", host, "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "PREFECT_API"))}
+    log = credentials.parent / "gateway.log"
+    server = Server("gateway", f"http://{host}:{port}/api", spawn("gateway", command, env, log), log)
+    return _wait_ready(server, f"{server.url}/health", {}, deadline_s, expect=401)
 
 
 def start_mlflow(root: Path, port: int, host: str = "127.0.0.1", deadline_s: float = 120) -> Server:

@@ -176,6 +176,47 @@ def test_unauthenticated_requests_are_refused(federation: Federation) -> None:
     assert servers.status_of(experiments, mlflow_auth) == 200
 
 
+def _profile_auth(home: Path) -> str:
+    profile = (home / ".prefect" / "profiles.toml").read_text()
+    return next(line for line in profile.splitlines() if line.startswith("PREFECT_API_AUTH_STRING")).split('"')[1]
+
+
+def test_each_client_organization_reaches_only_its_own_pool_with_its_own_credential(federation: Federation) -> None:
+    """rel-06 / issue 14: client 0's worker holds its own gateway credential, not the server's auth
+    string; with it, it reaches its own work pool and deployment, and cannot read or edit client 1's
+    deployment, start the coordinator's, list every flow run, or use the server directly."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    layout = federation.layout
+    credentials = [_profile_auth(layout.client_home(c)) for c in range(3)]
+    assert len(set(credentials)) == 3 and SECRETS[PREFECT_AUTH] not in credentials
+    assert _profile_auth(layout.coordinator) == SECRETS[PREFECT_AUTH]
+    with get_client(sync_client=True) as api:
+        own, other, coordinator = (
+            api.read_deployment_by_name(name).id
+            for name in ("fedtune-client/client-0", "fedtune-client/client-1", "federated-finetune/coordinator")
+        )
+    gateway = federation.running.gateway.url
+    with httpx.Client(base_url=gateway, headers=servers.basic_auth_header(credentials[0]), timeout=60) as party:
+        assert party.get("/work_pools/client-0").json()["name"] == "client-0"
+        assert party.get(f"/deployments/{own}").json()["name"] == "client-0"
+        refused = [
+            party.get("/work_pools/client-1"),
+            party.get(f"/deployments/{other}"),
+            party.patch(f"/deployments/{other}", json={"entrypoint": "evil.py:flow"}),
+            party.patch(f"/deployments/{own}", json={"entrypoint": "evil.py:flow"}),
+            party.post(f"/deployments/{coordinator}/create_flow_run", json={}),
+            party.post("/flow_runs/filter", json={}),
+        ]
+        assert [r.status_code for r in refused] == [403] * len(refused), [r.text for r in refused]
+    assert (
+        servers.status_of(f"{federation.prefect.url}/admin/version", servers.basic_auth_header(credentials[0])) == 401
+    )
+    with get_client(sync_client=True) as api:
+        assert api.read_deployment(other).entrypoint != "evil.py:flow"
+
+
 PROBE = """
 import json, os, sys
 paths = json.loads(sys.argv[1])
@@ -449,6 +490,8 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     config = federation.coordinator_config(
         rounds=2, clients_per_round=3, min_fit_clients=2, client_timeout_s=90, output_dir=str(out)
     )
+    gateway_log = federation.running.gateway.log
+    logged = gateway_log.stat().st_size
     flow_run = run_deployment(
         "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
     )
@@ -480,6 +523,11 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     assert dropped_after <= (MISSED_HEARTBEATS + 2) * parties.HEARTBEAT_S, dropped_after
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert loss[2] < loss[0]
+    # every call the clients' workers and flow runs made went through their gateway, none refused
+    with gateway_log.open("rb") as log:
+        log.seek(logged)
+        refused = [line for line in log.read().decode().splitlines() if "refused" in line or "rejected" in line]
+    assert not refused, refused
     outboxes = sorted(p.name for p in federation.layout.exchange.iterdir())
     assert outboxes == ["client_0", "client_1", "client_2", "server"]
     for client_id in range(3):  # only updates and reports crossed; nothing of the data

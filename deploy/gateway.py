@@ -1,0 +1,350 @@
+"""The Prefect API gateway: one credential per client organization, each allowed its own pool only.
+
+Prefect's open-source server knows a single auth string (PREFECT_SERVER_API_AUTH_STRING): whoever
+holds it may do anything, such as edit another client's deployment so that its worker runs their
+code, read another client's flow runs and logs, or start the coordinator's deployment. So client
+organizations never get it. Each gets its own credential (`user:password`, HTTP basic auth, as
+Prefect's client sends PREFECT_API_AUTH_STRING) for this gateway, which checks it, allows only the
+calls a worker and its flow runs make, each on that client's own work pool, its deployments, flow
+runs and task runs, and forwards them to the server with the server's auth string. Everything else
+is refused (403), and a request with no valid credential gets 401. The coordinator and the operator
+(and the UI) use the server itself. Prefect Cloud's workspace roles are the hosted equivalent.
+
+Events (`/api/events/in`, a websocket) are taken here: the party authenticates with its own
+credential in Prefect's handshake, and only events about its own flow and task runs are forwarded
+(`POST /api/events`); subscribing to the event stream (`/api/events/out`) is refused, since it
+would show every party's events. Hand-written because no Prefect component scopes access per
+work pool on a self-hosted server; it is a policy of a few rules over Starlette and httpx, both of
+which Prefect's server already ships with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cachetools import LRUCache
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from fedtune.core.atomic import write_private
+from fedtune.core.errors import InputError
+
+log = logging.getLogger("fedtune.gateway")
+UUID = r"[0-9a-fA-F-]{36}"
+# what Prefect's HTTP client sends that the server may act on; hop-by-hop and auth headers are not forwarded
+FORWARDED = {
+    "content-type",
+    "accept",
+    "x-prefect-api-version",
+    "user-agent",
+    "prefect-csrf-token",
+    "prefect-csrf-client",
+}
+
+
+@dataclass(frozen=True)
+class Party:
+    name: str
+    digest: str  # sha256 of the password, hex: the file leaks no usable credential
+    pool: str
+
+
+def _digest(password: str) -> str:
+    # a random 256-bit password needs no slow hash: nothing about it can be guessed from its sha256
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def issue(file: Path, name: str, pool: str) -> str:
+    """A new random credential `name:password` for the party `name`, allowed work pool `pool`; its
+    digest is added to (or replaces the party's entry in) the gateway's `file` (mode 0600)."""
+    password = secrets.token_urlsafe(32)
+    entries = json.loads(file.read_text()) if file.exists() else {}
+    entries[name] = {"sha256": _digest(password), "pool": pool}
+    write_private(json.dumps(entries, indent=1).encode(), file)
+    return f"{name}:{password}"
+
+
+def read_parties(file: Path) -> dict[str, Party]:
+    """The gateway's parties; InputError naming the file and entry when one is malformed."""
+    try:
+        entries = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{file}: not a readable JSON credentials file ({error})") from None
+    parties = {}
+    for name, entry in entries.items() if isinstance(entries, dict) else []:
+        if not (isinstance(entry, dict) and re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
+            raise InputError(f"{file}: party {name!r} needs a 'sha256' (64 hex digits)")
+        if not (isinstance(entry.get("pool"), str) and entry["pool"]):
+            raise InputError(f"{file}: party {name!r} needs a 'pool' (its work pool's name)")
+        parties[name] = Party(name, entry["sha256"], entry["pool"])
+    if not parties:
+        raise InputError(f"{file}: no party in it (an object of name -> {{sha256, pool}})")
+    return parties
+
+
+def authenticate(parties: dict[str, Party], auth_string: str) -> Party | None:
+    """The party whose credential `auth_string` ("name:password") is, or None."""
+    name, _, password = auth_string.partition(":")
+    party = parties.get(name)
+    digest = _digest(password)
+    # compared even for an unknown name, so the time taken does not tell which names exist
+    matched = hmac.compare_digest(digest, party.digest if party else "0" * 64)
+    return party if party is not None and matched else None
+
+
+def _basic(header: str) -> str:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return ""
+    try:
+        return base64.b64decode(encoded, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
+class Unavailable(Exception):
+    """The server could not say who owns something now (an error or no answer): the party should
+    retry, as it does on the server's own 5xx, rather than be refused."""
+
+
+class Owner:
+    """Which work pool a deployment, flow run or task run belongs to, asked of the server once it
+    exists (an answer of "nobody" is not kept: an event can arrive before its task run is written)."""
+
+    def __init__(self, api: httpx.AsyncClient) -> None:
+        self.api = api
+        self.known: LRUCache[str, str | None] = LRUCache(maxsize=100_000)
+
+    async def _pool(self, key: str, read: Callable[[], Awaitable[str | None]]) -> str | None:
+        if key in self.known:
+            return self.known[key]
+        pool = await read()
+        if pool is not None:
+            self.known[key] = pool
+        return pool
+
+    async def _field(self, kind: str, id_: str, field: str) -> Any:
+        if not re.fullmatch(UUID, id_):  # ids come from the party's request: never a path of its choosing
+            return None
+        try:
+            response = await self.api.get(f"/{kind}/{id_}")
+        except httpx.TransportError as error:
+            raise Unavailable(str(error)) from error
+        if response.status_code >= 500:
+            raise Unavailable(f"{response.status_code} {response.text[:200]}")
+        return response.json().get(field) if response.status_code == 200 else None
+
+    async def deployment(self, id_: str) -> str | None:
+        return await self._pool(f"d/{id_}", lambda: self._field("deployments", id_, "work_pool_name"))
+
+    async def work_queue(self, id_: str) -> str | None:
+        return await self._pool(f"q/{id_}", lambda: self._field("work_queues", id_, "work_pool_name"))
+
+    async def flow_run(self, id_: str) -> str | None:
+        return await self._pool(f"f/{id_}", lambda: self._field("flow_runs", id_, "work_pool_name"))
+
+    async def task_run(self, id_: str) -> str | None:
+        async def read() -> str | None:
+            run = await self._field("task_runs", id_, "flow_run_id")
+            return await self.flow_run(str(run))
+
+        return await self._pool(f"t/{id_}", read)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+async def _logs_owned(owner: Owner, pool: str, body: bytes) -> bool:
+    """Every log names no flow or task run (a worker's own log) or one of `pool`'s."""
+    logs = _json(body)
+    if not isinstance(logs, list) or not all(isinstance(entry, dict) for entry in logs):
+        return False
+    flow_runs = {entry.get("flow_run_id") for entry in logs} - {None}
+    task_runs = {entry.get("task_run_id") for entry in logs} - {None}
+    owned = [await owner.flow_run(str(run)) == pool for run in flow_runs]
+    return all(owned + [await owner.task_run(str(run)) == pool for run in task_runs])
+
+
+async def _task_run_owned(owner: Owner, pool: str, body: bytes) -> bool:
+    task_run = _json(body)
+    return isinstance(task_run, dict) and await owner.flow_run(str(task_run.get("flow_run_id"))) == pool
+
+
+async def _flow_run_filter_owned(owner: Owner, pool: str, body: bytes) -> bool:
+    """A flow-run query narrowed to ids of `pool`'s runs (a worker asks which of its runs are being
+    cancelled): the server ANDs every other criterion with that, so nothing else can show."""
+    query = _json(body)
+    runs = query.get("flow_runs") if isinstance(query, dict) else None
+    if not (isinstance(runs, dict) and isinstance(runs.get("id"), dict) and runs.get("operator", "and_") == "and_"):
+        return False
+    ids = runs["id"].get("any_")
+    if not (isinstance(ids, list) and ids):
+        return False
+    return all([await owner.flow_run(str(run)) == pool for run in ids])
+
+
+def _path_pool(owner: Owner, match: re.Match[str]) -> Awaitable[str | None]:
+    async def named() -> str | None:
+        return match["pool"]
+
+    return named()
+
+
+# (method, path under /api, whose pool the request touches): the calls a process worker and the flow
+# runs it starts make (observed on Prefect 3.9 by running deployed rounds through this gateway).
+PathRule = Callable[[Owner, re.Match[str]], Awaitable[str | None]]
+BodyRule = Callable[[Owner, str, bytes], Awaitable[bool]]
+OPEN: list[tuple[str, str]] = [
+    ("GET", r"/health"),
+    ("GET", r"/admin/version"),
+    ("GET", r"/csrf-token"),  # a token for the caller's own client id, which its changes must carry
+    ("GET", r"/admin/storage"),  # the id of the server's default result storage (none here), not its contents
+    ("GET", r"/flows/" + UUID),  # a flow's name
+]
+BY_PATH: list[tuple[str, str, PathRule]] = [
+    ("GET", r"/work_pools/(?P<pool>[^/]+)", _path_pool),
+    ("POST", r"/work_pools/(?P<pool>[^/]+)/workers/heartbeat", _path_pool),
+    ("POST", r"/work_pools/(?P<pool>[^/]+)/get_scheduled_flow_runs", _path_pool),
+    ("POST", r"/work_pools/(?P<pool>[^/]+)/queues/filter", _path_pool),
+    ("GET", rf"/work_queues/(?P<id>{UUID})", lambda owner, m: owner.work_queue(m["id"])),
+    ("GET", rf"/deployments/(?P<id>{UUID})", lambda owner, m: owner.deployment(m["id"])),
+    ("GET", rf"/flow_runs/(?P<id>{UUID})", lambda owner, m: owner.flow_run(m["id"])),
+    ("PATCH", rf"/flow_runs/(?P<id>{UUID})", lambda owner, m: owner.flow_run(m["id"])),
+    ("PATCH", rf"/flow_runs/(?P<id>{UUID})/labels", lambda owner, m: owner.flow_run(m["id"])),
+    ("POST", rf"/flow_runs/(?P<id>{UUID})/set_state", lambda owner, m: owner.flow_run(m["id"])),
+    ("GET", rf"/task_runs/(?P<id>{UUID})", lambda owner, m: owner.task_run(m["id"])),
+    ("POST", rf"/task_runs/(?P<id>{UUID})/set_state", lambda owner, m: owner.task_run(m["id"])),
+]
+BY_BODY: list[tuple[str, str, BodyRule]] = [
+    ("POST", r"/logs/?", _logs_owned),
+    ("POST", r"/task_runs/?", _task_run_owned),
+    ("POST", r"/flow_runs/filter", _flow_run_filter_owned),
+]
+
+
+async def refusal(owner: Owner, party: Party, method: str, path: str, body: bytes) -> str | None:
+    """Why `party` may not make this call (None: it may). `path` is under /api."""
+    if any(m == method and re.fullmatch(p, path) for m, p in OPEN):
+        return None
+    for rule_method, pattern, pool_of in BY_PATH:
+        if rule_method == method and (match := re.fullmatch(pattern, path)):
+            pool = await pool_of(owner, match)
+            return None if pool == party.pool else f"{party.name} may act on work pool {party.pool} only"
+    for rule_method, pattern, owned in BY_BODY:
+        if rule_method == method and re.fullmatch(pattern, path):
+            ok = await owned(owner, party.pool, body)
+            return None if ok else f"{party.name} may name its own work pool's runs only"
+    return f"{method} {path} is not a call a client organization's worker makes"
+
+
+def app(
+    upstream: str, admin_auth: str, parties: dict[str, Party], transport: httpx.AsyncBaseTransport | None = None
+) -> Starlette:
+    """The gateway in front of the Prefect API at `upstream` (".../api"); `transport`: how it reaches
+    the server (httpx's default, or a test's)."""
+    api = httpx.AsyncClient(
+        transport=transport,
+        base_url=upstream.rstrip("/"),
+        headers={"Authorization": "Basic " + base64.b64encode(admin_auth.encode()).decode()},
+        timeout=httpx.Timeout(60.0),
+    )
+    owner = Owner(api)
+
+    async def forward(request: Request) -> Response:
+        party = authenticate(parties, _basic(request.headers.get("authorization", "")))
+        if party is None:
+            return JSONResponse({"detail": "a party's credential is required"}, 401, {"WWW-Authenticate": "Basic"})
+        path, body = "/" + request.path_params["path"], await request.body()
+        try:
+            reason = await refusal(owner, party, request.method, path, body)
+        except Unavailable as error:
+            return JSONResponse({"detail": f"the Prefect server did not answer: {error}"}, 503)
+        if reason is not None:
+            log.warning("refused %s %s %s: %s", party.name, request.method, path, reason)
+            return JSONResponse({"detail": reason}, 403)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+        try:
+            answer = await api.request(request.method, path, params=request.query_params, content=body, headers=headers)
+        except httpx.TransportError as error:
+            return JSONResponse({"detail": f"the Prefect server did not answer: {error}"}, 502)
+        kept = {k: v for k, v in answer.headers.items() if k.lower() == "content-type"}
+        return Response(answer.content, answer.status_code, kept)
+
+    async def events_in(socket: WebSocket) -> None:
+        """Prefect's event stream in: handshake with the party's own credential, then its events
+        about its own flow and task runs go on to the server; the rest are dropped."""
+        await socket.accept(subprotocol="prefect")
+        try:
+            hello = await socket.receive_json()
+            party = authenticate(parties, str(hello.get("token", ""))) if hello.get("type") == "auth" else None
+            if party is None:
+                await socket.close(1008, "a party's credential is required")
+                return
+            await socket.send_json({"type": "auth_success"})
+            async for text in socket.iter_text():
+                await deliver(party, _json(text.encode()))
+        except (WebSocketDisconnect, ValueError, AttributeError):
+            return
+
+    async def deliver(party: Party, event: Any) -> None:
+        """`event` on to the server if it is about one of `party`'s flow or task runs (best effort,
+        as Prefect's own event client: an event the server cannot take now is dropped)."""
+        resource = event.get("resource") if isinstance(event, dict) else None
+        named = resource.get("prefect.resource.id") if isinstance(resource, dict) else None
+        kind, _, id_ = str(named or "").rpartition(".")
+        read = {"prefect.flow-run": owner.flow_run, "prefect.task-run": owner.task_run}.get(kind)
+        try:
+            if read is not None and await read(id_) == party.pool:
+                await api.post("/events", content=json.dumps([event]))
+                return
+        except (Unavailable, httpx.TransportError):
+            pass
+        log.info("dropped %s's event about %s", party.name, f"{kind}.{id_}" if kind else "nothing")
+
+    async def events_out(socket: WebSocket) -> None:
+        await socket.accept(subprotocol="prefect")
+        await socket.close(1008, "the event stream shows every party's events: not served to client organizations")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        await api.aclose()
+
+    methods = ["GET", "POST", "PATCH", "PUT", "DELETE"]
+    return Starlette(
+        routes=[
+            WebSocketRoute("/api/events/in", events_in),
+            WebSocketRoute("/api/events/out", events_out),
+            Route("/api/{path:path}", forward, methods=methods),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def serve(upstream: str, admin_auth: str, parties: dict[str, Party], host: str, port: int) -> None:
+    """Run the gateway until stopped (uvicorn, one process)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(uvicorn.Server(uvicorn.Config(app(upstream, admin_auth, parties), host, port)).serve())
