@@ -131,6 +131,9 @@ def start_mlflow(root: Path, port: int, host: str = "127.0.0.1", deadline_s: flo
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         # signs the UI's session cookies; a new one per start only logs browsers out
         "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32),
+        # MLflow 3's job runner (seven worker processes for its GenAI scorers, which a federation does not
+        # use) only costs memory and start-up CPU; an operator who wants it sets the variable
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
     }
     command = [
         str(BIN / "mlflow"),

@@ -255,7 +255,8 @@ def _compare_in_the_mlflow_ui(store: str, summaries: list[dict], tmp_path: Path)
 
     port = free_port()
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
-    server = start_process([*command, "--workers", "1"], dict(os.environ), tmp_path, tmp_path / "mlflow-ui.log")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job workers: start-up CPU only
+    server = start_process([*command, "--workers", "1"], env, tmp_path, tmp_path / "mlflow-ui.log")
     client = MlflowClient(store)
     runs = [client.get_run(summary["mlflow_run_id"]) for summary in summaries]
     ids = json.dumps([run.info.run_id for run in runs])
