@@ -90,10 +90,10 @@ def gateway(
 ) -> None:
     """Serve the Prefect API to client organizations, each with its own credential and its own work
     pool only (deploy/gateway.py); forwards with the server's auth string (FEDTUNE_PREFECT_AUTH)."""
-    from deploy.gateway import read_parties, serve
+    from deploy.gateway import Credentials, serve
 
     try:
-        admin, parties = prefect_auth(), read_parties(credentials)
+        admin, parties = prefect_auth(), Credentials(credentials)
     except InputError as error:
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -107,7 +107,8 @@ def credential(
     pool: Annotated[str | None, typer.Option(help="Its work pool (default: the party's name).")] = None,
 ) -> None:
     """A new credential for PARTY: its digest goes into CREDENTIALS, the credential itself (user:password)
-    is printed once, for the party's PREFECT_API_AUTH_STRING. A second call replaces the first."""
+    is printed once, for the party's PREFECT_API_AUTH_STRING. A second call replaces the first (a running
+    gateway reads the file again when it changes)."""
     from deploy.gateway import issue
 
     print(issue(credentials, party, pool or party))

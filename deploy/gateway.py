@@ -5,17 +5,21 @@ holds it may do anything, such as edit another client's deployment so that its w
 code, read another client's flow runs and logs, or start the coordinator's deployment. So client
 organizations never get it. Each gets its own credential (`user:password`, HTTP basic auth, as
 Prefect's client sends PREFECT_API_AUTH_STRING) for this gateway, which checks it, allows only the
-calls a worker and its flow runs make, each on that client's own work pool, its deployments, flow
-runs and task runs, and forwards them to the server with the server's auth string. Everything else
-is refused (403), and a request with no valid credential gets 401. The coordinator and the operator
+calls a worker and its flow runs make, each on that client's own work pool, its deployment and its
+flow runs, and forwards them to the server with the server's auth string. Everything else is
+refused (403), and a request with no valid credential gets 401. The coordinator and the operator
 (and the UI) use the server itself. Prefect Cloud's workspace roles are the hosted equivalent.
 
-Events (`/api/events/in`, a websocket) are taken here: the party authenticates with its own
-credential in Prefect's handshake, and only events about its own flow and task runs are forwarded
-(`POST /api/events`); subscribing to the event stream (`/api/events/out`) is refused, since it
-would show every party's events. Hand-written because no Prefect component scopes access per
-work pool on a self-hosted server; it is a policy of a few rules over Starlette and httpx, both of
-which Prefect's server already ships with.
+Task runs are refused altogether: a client's flow (flows/client_round.py) has none, and Prefect's
+server would let one party's task run reach others' (its task cache is keyed by cache key alone;
+its task-run recorder builds rows from what an event's payload says). Events (`/api/events/in`, a
+websocket) are taken here: the party authenticates with its own credential in Prefect's
+handshake; an event about one of its own flow runs goes on with its related resources removed
+(they could name anybody's), every other event is dropped; subscribing to the event stream
+(`/api/events/out`) is refused, since it shows every party's events.
+
+Hand-written because no Prefect component scopes access per work pool on a self-hosted server; it
+is a policy of a few rules over Starlette and httpx, both of which Prefect's server ships with.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cachetools import LRUCache
+from cachetools import TTLCache
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -48,6 +52,9 @@ from fedtune.core.errors import InputError
 
 log = logging.getLogger("fedtune.gateway")
 UUID = r"[0-9a-fA-F-]{36}"
+MAX_BODY = 5 * 2**20  # bytes; Prefect's client sends logs in batches of at most 4 MB
+MAX_RUNS = 64  # distinct flow runs one request may name (a log batch or a worker's cancellation check)
+HELLO_S = 10.0  # seconds a websocket may take to authenticate
 # what Prefect's HTTP client sends that the server may act on; hop-by-hop and auth headers are not forwarded
 FORWARDED = {
     "content-type",
@@ -99,6 +106,35 @@ def read_parties(file: Path) -> dict[str, Party]:
     return parties
 
 
+class Credentials:
+    """The parties of a credentials file, read again whenever the file changes, so a re-issued
+    credential replaces the old one at once; a file that turns unreadable or malformed locks
+    everybody out (logged) rather than keep credentials that were meant to be revoked."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.parties = read_parties(file)  # InputError at start: the operator is told before serving
+        self.version = self._version()
+
+    def _version(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.file.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def current(self) -> dict[str, Party]:
+        version = self._version()
+        if version != self.version:
+            self.version = version
+            try:
+                self.parties = read_parties(self.file)
+            except InputError as error:
+                log.error("no credential is valid until the file is fixed: %s", error)
+                self.parties = {}
+        return self.parties
+
+
 def authenticate(parties: dict[str, Party], auth_string: str) -> Party | None:
     """The party whose credential `auth_string` ("name:password") is, or None."""
     name, _, password = auth_string.partition(":")
@@ -125,47 +161,51 @@ class Unavailable(Exception):
 
 
 class Owner:
-    """Which work pool a deployment, flow run or task run belongs to, asked of the server once it
-    exists (an answer of "nobody" is not kept: an event can arrive before its task run is written)."""
+    """Which work pool a deployment, flow run or work queue belongs to, as the server says; an
+    answer is kept for a minute (a deployment the operator moves to another pool moves with it),
+    "nobody" not at all. No party can change what a flow run belongs to."""
 
     def __init__(self, api: httpx.AsyncClient) -> None:
         self.api = api
-        self.known: LRUCache[str, str | None] = LRUCache(maxsize=100_000)
+        self.known: TTLCache[str, str] = TTLCache(maxsize=100_000, ttl=60.0)
 
-    async def _pool(self, key: str, read: Callable[[], Awaitable[str | None]]) -> str | None:
+    async def _pool(self, kind: str, id_: Any) -> str | None:
+        if not (isinstance(id_, str) and re.fullmatch(UUID, id_)):  # from the party's request: never a path
+            return None
+        key = f"{kind}/{id_.lower()}"
         if key in self.known:
             return self.known[key]
-        pool = await read()
-        if pool is not None:
-            self.known[key] = pool
-        return pool
-
-    async def _field(self, kind: str, id_: str, field: str) -> Any:
-        if not re.fullmatch(UUID, id_):  # ids come from the party's request: never a path of its choosing
-            return None
         try:
             response = await self.api.get(f"/{kind}/{id_}")
         except httpx.TransportError as error:
             raise Unavailable(str(error)) from error
         if response.status_code >= 500:
             raise Unavailable(f"{response.status_code} {response.text[:200]}")
-        return response.json().get(field) if response.status_code == 200 else None
+        pool = response.json().get("work_pool_name") if response.status_code == 200 else None
+        if isinstance(pool, str):
+            self.known[key] = pool
+            return pool
+        return None
 
-    async def deployment(self, id_: str) -> str | None:
-        return await self._pool(f"d/{id_}", lambda: self._field("deployments", id_, "work_pool_name"))
+    async def deployment(self, id_: Any) -> str | None:
+        return await self._pool("deployments", id_)
 
-    async def work_queue(self, id_: str) -> str | None:
-        return await self._pool(f"q/{id_}", lambda: self._field("work_queues", id_, "work_pool_name"))
+    async def work_queue(self, id_: Any) -> str | None:
+        return await self._pool("work_queues", id_)
 
-    async def flow_run(self, id_: str) -> str | None:
-        return await self._pool(f"f/{id_}", lambda: self._field("flow_runs", id_, "work_pool_name"))
+    async def flow_run(self, id_: Any) -> str | None:
+        return await self._pool("flow_runs", id_)
 
-    async def task_run(self, id_: str) -> str | None:
-        async def read() -> str | None:
-            run = await self._field("task_runs", id_, "flow_run_id")
-            return await self.flow_run(str(run))
-
-        return await self._pool(f"t/{id_}", read)
+    async def all_flow_runs(self, ids: list[Any], pool: str) -> bool:
+        """Every id names one of `pool`'s flow runs; at most MAX_RUNS distinct ones, each asked of the
+        server until the first that is not (a request cannot make the gateway ask the server
+        without bound)."""
+        if not all(isinstance(i, str) for i in ids) or len(distinct := set(ids)) > MAX_RUNS:
+            return False
+        for run in sorted(distinct):
+            if await self.flow_run(run) != pool:
+                return False
+        return True
 
 
 def _json(body: bytes) -> Any:
@@ -176,19 +216,11 @@ def _json(body: bytes) -> Any:
 
 
 async def _logs_owned(owner: Owner, pool: str, body: bytes) -> bool:
-    """Every log names no flow or task run (a worker's own log) or one of `pool`'s."""
+    """Every log names one of `pool`'s flow runs or none (the worker's own log), and no task run."""
     logs = _json(body)
-    if not isinstance(logs, list) or not all(isinstance(entry, dict) for entry in logs):
+    if not isinstance(logs, list) or not all(isinstance(e, dict) and e.get("task_run_id") is None for e in logs):
         return False
-    flow_runs = {entry.get("flow_run_id") for entry in logs} - {None}
-    task_runs = {entry.get("task_run_id") for entry in logs} - {None}
-    owned = [await owner.flow_run(str(run)) == pool for run in flow_runs]
-    return all(owned + [await owner.task_run(str(run)) == pool for run in task_runs])
-
-
-async def _task_run_owned(owner: Owner, pool: str, body: bytes) -> bool:
-    task_run = _json(body)
-    return isinstance(task_run, dict) and await owner.flow_run(str(task_run.get("flow_run_id"))) == pool
+    return await owner.all_flow_runs([e["flow_run_id"] for e in logs if e.get("flow_run_id") is not None], pool)
 
 
 async def _flow_run_filter_owned(owner: Owner, pool: str, body: bytes) -> bool:
@@ -199,9 +231,7 @@ async def _flow_run_filter_owned(owner: Owner, pool: str, body: bytes) -> bool:
     if not (isinstance(runs, dict) and isinstance(runs.get("id"), dict) and runs.get("operator", "and_") == "and_"):
         return False
     ids = runs["id"].get("any_")
-    if not (isinstance(ids, list) and ids):
-        return False
-    return all([await owner.flow_run(str(run)) == pool for run in ids])
+    return isinstance(ids, list) and bool(ids) and await owner.all_flow_runs(ids, pool)
 
 
 def _path_pool(owner: Owner, match: re.Match[str]) -> Awaitable[str | None]:
@@ -233,12 +263,9 @@ BY_PATH: list[tuple[str, str, PathRule]] = [
     ("PATCH", rf"/flow_runs/(?P<id>{UUID})", lambda owner, m: owner.flow_run(m["id"])),
     ("PATCH", rf"/flow_runs/(?P<id>{UUID})/labels", lambda owner, m: owner.flow_run(m["id"])),
     ("POST", rf"/flow_runs/(?P<id>{UUID})/set_state", lambda owner, m: owner.flow_run(m["id"])),
-    ("GET", rf"/task_runs/(?P<id>{UUID})", lambda owner, m: owner.task_run(m["id"])),
-    ("POST", rf"/task_runs/(?P<id>{UUID})/set_state", lambda owner, m: owner.task_run(m["id"])),
 ]
 BY_BODY: list[tuple[str, str, BodyRule]] = [
     ("POST", r"/logs/?", _logs_owned),
-    ("POST", r"/task_runs/?", _task_run_owned),
     ("POST", r"/flow_runs/filter", _flow_run_filter_owned),
 ]
 
@@ -259,7 +286,7 @@ async def refusal(owner: Owner, party: Party, method: str, path: str, body: byte
 
 
 def app(
-    upstream: str, admin_auth: str, parties: dict[str, Party], transport: httpx.AsyncBaseTransport | None = None
+    upstream: str, admin_auth: str, credentials: Credentials, transport: httpx.AsyncBaseTransport | None = None
 ) -> Starlette:
     """The gateway in front of the Prefect API at `upstream` (".../api"); `transport`: how it reaches
     the server (httpx's default, or a test's)."""
@@ -272,10 +299,15 @@ def app(
     owner = Owner(api)
 
     async def forward(request: Request) -> Response:
-        party = authenticate(parties, _basic(request.headers.get("authorization", "")))
+        party = authenticate(credentials.current(), _basic(request.headers.get("authorization", "")))
         if party is None:
             return JSONResponse({"detail": "a party's credential is required"}, 401, {"WWW-Authenticate": "Basic"})
-        path, body = "/" + request.path_params["path"], await request.body()
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return JSONResponse({"detail": f"a request body over {MAX_BODY} bytes"}, 413)
+        path = "/" + request.path_params["path"]
         try:
             reason = await refusal(owner, party, request.method, path, body)
         except Unavailable as error:
@@ -292,35 +324,38 @@ def app(
         return Response(answer.content, answer.status_code, kept)
 
     async def events_in(socket: WebSocket) -> None:
-        """Prefect's event stream in: handshake with the party's own credential, then its events
-        about its own flow and task runs go on to the server; the rest are dropped."""
+        """Prefect's event stream in: handshake with the party's own credential within HELLO_S, then
+        each text frame is an event for `deliver`; anything else is ignored."""
         await socket.accept(subprotocol="prefect")
         try:
-            hello = await socket.receive_json()
-            party = authenticate(parties, str(hello.get("token", ""))) if hello.get("type") == "auth" else None
+            hello = await asyncio.wait_for(socket.receive_json(), HELLO_S)
+            token = hello.get("token") if isinstance(hello, dict) and hello.get("type") == "auth" else None
+            party = authenticate(credentials.current(), token) if isinstance(token, str) else None
             if party is None:
                 await socket.close(1008, "a party's credential is required")
                 return
             await socket.send_json({"type": "auth_success"})
-            async for text in socket.iter_text():
-                await deliver(party, _json(text.encode()))
-        except (WebSocketDisconnect, ValueError, AttributeError):
-            return
+            while (message := await socket.receive())["type"] == "websocket.receive":
+                if isinstance(message.get("text"), str):
+                    await deliver(party, _json(message["text"].encode()))
+        except (WebSocketDisconnect, ValueError, KeyError, TimeoutError):
+            with contextlib.suppress(RuntimeError):
+                await socket.close(1008)
 
     async def deliver(party: Party, event: Any) -> None:
-        """`event` on to the server if it is about one of `party`'s flow or task runs (best effort,
-        as Prefect's own event client: an event the server cannot take now is dropped)."""
+        """`event` on to the server, without its related resources, if it is about one of `party`'s
+        flow runs; dropped otherwise, and when the server cannot say whose run it is now (events are
+        best effort in Prefect too)."""
         resource = event.get("resource") if isinstance(event, dict) else None
         named = resource.get("prefect.resource.id") if isinstance(resource, dict) else None
-        kind, _, id_ = str(named or "").rpartition(".")
-        read = {"prefect.flow-run": owner.flow_run, "prefect.task-run": owner.task_run}.get(kind)
+        kind, _, id_ = named.rpartition(".") if isinstance(named, str) else ("", "", "")
         try:
-            if read is not None and await read(id_) == party.pool:
-                await api.post("/events", content=json.dumps([event]))
+            if kind == "prefect.flow-run" and await owner.flow_run(id_) == party.pool:
+                await api.post("/events", content=json.dumps([{**event, "related": []}]))
                 return
         except (Unavailable, httpx.TransportError):
             pass
-        log.info("dropped %s's event about %s", party.name, f"{kind}.{id_}" if kind else "nothing")
+        log.info("dropped %s's event about %s", party.name, named if isinstance(named, str) else "nothing")
 
     async def events_out(socket: WebSocket) -> None:
         await socket.accept(subprotocol="prefect")
@@ -342,9 +377,9 @@ def app(
     )
 
 
-def serve(upstream: str, admin_auth: str, parties: dict[str, Party], host: str, port: int) -> None:
+def serve(upstream: str, admin_auth: str, credentials: Credentials, host: str, port: int) -> None:
     """Run the gateway until stopped (uvicorn, one process)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    asyncio.run(uvicorn.Server(uvicorn.Config(app(upstream, admin_auth, parties), host, port)).serve())
+    asyncio.run(uvicorn.Server(uvicorn.Config(app(upstream, admin_auth, credentials), host, port)).serve())

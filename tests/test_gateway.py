@@ -23,35 +23,34 @@ ADMIN = "fedtune-admin:server-auth-string"
 D0, D1, DC = (str(uuid.uuid4()) for _ in range(3))  # client-0's, client-1's and the coordinator's deployment
 Q0, Q1 = str(uuid.uuid4()), str(uuid.uuid4())  # client-0's and client-1's work queue
 F0, F1, FC = (str(uuid.uuid4()) for _ in range(3))  # a flow run of each
-T0, T1 = str(uuid.uuid4()), str(uuid.uuid4())  # a task run in F0, in F1
+T0 = str(uuid.uuid4())  # a task run in F0
 POOLS = {D0: "client-0", D1: "client-1", DC: "coordinator", F0: "client-0", F1: "client-1", FC: "coordinator"}
 POOLS |= {Q0: "client-0", Q1: "client-1"}
 
 
 class Server:
-    """Answers GET /deployments/{id}, /flow_runs/{id} (their work_pool_name) and /task_runs/{id} (its
-    flow run) as Prefect does; records every other request with the Authorization it carried."""
+    """Answers GET /deployments/{id}, /flow_runs/{id} and /work_queues/{id} with their work_pool_name
+    as Prefect does (counted in `lookups`); records every other request with the Authorization it
+    carried and its body."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str]] = []  # method, path, authorization
+        self.bodies: list[bytes] = []
+        self.lookups = 0
         self.failing = 0  # answer this many ownership reads with 503
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         kind, _, id_ = request.url.path.removeprefix("/api/").partition("/")
-        if (
-            request.method == "GET"
-            and kind in ("deployments", "flow_runs", "task_runs", "work_queues")
-            and "/" not in id_
-        ):
+        if request.method == "GET" and kind in ("deployments", "flow_runs", "work_queues") and "/" not in id_:
+            self.lookups += 1
             if self.failing:
                 self.failing -= 1
                 return httpx.Response(503, json={"detail": "database is locked"})
-            if kind == "task_runs" and id_ in (T0, T1):
-                return httpx.Response(200, json={"id": id_, "flow_run_id": F0 if id_ == T0 else F1})
             if id_ in POOLS:
                 return httpx.Response(200, json={"id": id_, "work_pool_name": POOLS[id_]})
             return httpx.Response(404, json={"detail": "not found"})
         self.seen.append((request.method, request.url.path, request.headers.get("authorization", "")))
+        self.bodies.append(request.content)
         return httpx.Response(200, json={"ok": True})
 
 
@@ -72,7 +71,7 @@ def server() -> Server:
 
 @pytest.fixture
 def client(credentials: tuple[Path, str, str], server: Server) -> Iterator[TestClient]:
-    app = gateway.app("http://prefect/api", ADMIN, gateway.read_parties(credentials[0]), httpx.MockTransport(server))
+    app = gateway.app("http://prefect/api", ADMIN, gateway.Credentials(credentials[0]), httpx.MockTransport(server))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -120,15 +119,12 @@ def test_a_workers_calls_on_its_own_pool_reach_the_server_with_the_servers_auth(
         ("PATCH", f"/api/flow_runs/{F0}", {"infrastructure_pid": "1"}),
         ("PATCH", f"/api/flow_runs/{F0}/labels", {"prefect.worker.name": "w"}),
         ("POST", f"/api/flow_runs/{F0}/set_state", {"state": {"type": "RUNNING"}}),
-        ("POST", "/api/task_runs/", {"flow_run_id": F0, "task_key": "k"}),
-        ("GET", f"/api/task_runs/{T0}", None),
-        ("POST", f"/api/task_runs/{T0}/set_state", {"state": {"type": "RUNNING"}}),
-        ("POST", "/api/logs/", [{"flow_run_id": F0, "task_run_id": T0}, {"flow_run_id": None, "message": "worker"}]),
+        ("POST", "/api/logs/", [{"flow_run_id": F0, "message": "m"}, {"flow_run_id": None, "message": "worker"}]),
     ]
     for method, path, body in allowed:
         answer = client.request(method, path, headers=party, content=None if body is None else json.dumps(body))
         assert answer.status_code == 200, (method, path, answer.text)
-    lookups = ("/api/deployments/", "/api/flow_runs/", "/api/task_runs/", "/api/work_queues/")  # the stand-in answers
+    lookups = ("/api/deployments/", "/api/flow_runs/", "/api/work_queues/")  # the stand-in answers
     reached = [(m, p) for m, p, _ in server.seen]
     assert reached == [(m, p.partition("?")[0]) for m, p, _ in allowed if m != "GET" or not p.startswith(lookups)]
     assert {auth for _, _, auth in server.seen} == {_basic(ADMIN)["Authorization"]}
@@ -148,14 +144,15 @@ def test_a_workers_calls_on_its_own_pool_reach_the_server_with_the_servers_auth(
         ("POST", "/api/work_pools/client-1/queues/filter", {}),
         ("PATCH", "/api/work_pools/client-0", {"base_job_template": {}}),
         ("POST", f"/api/flow_runs/{F1}/set_state", {"state": {"type": "CANCELLED"}}),
-        ("POST", "/api/task_runs/", {"flow_run_id": F1}),
-        ("POST", "/api/task_runs/", {"flow_run_id": "../deployments/x"}),
-        ("POST", "/api/task_runs/", [{"flow_run_id": F0}]),
-        ("GET", f"/api/task_runs/{T1}", None),
-        ("POST", f"/api/task_runs/{T1}/set_state", {"state": {"type": "FAILED"}}),
+        # task runs: a client's flow has none, and Prefect's task cache and task-run recorder would let
+        # one party's task run reach another's
+        ("POST", "/api/task_runs/", {"flow_run_id": F0, "task_key": "k"}),
+        ("GET", f"/api/task_runs/{T0}", None),
+        ("POST", f"/api/task_runs/{T0}/set_state", {"state": {"type": "RUNNING"}}),
+        ("POST", "/api/logs/", [{"flow_run_id": F0, "task_run_id": T0}]),
         ("POST", "/api/logs/", [{"flow_run_id": F0}, {"flow_run_id": F1, "message": "forged"}]),
-        ("POST", "/api/logs/", [{"flow_run_id": F0, "task_run_id": T1, "message": "forged"}]),
-        ("POST", "/api/logs/", [{"flow_run_id": None, "task_run_id": T1, "message": "forged"}]),
+        ("POST", "/api/logs/", [{"flow_run_id": ["unhashable"]}]),
+        ("POST", "/api/logs/", [{"flow_run_id": str(uuid.uuid4())} for _ in range(gateway.MAX_RUNS + 1)]),
         ("POST", "/api/logs/", "not a list"),
         # its own deployment is not its to edit: a changed entrypoint or pull step runs in its worker,
         # and the coordinator's would run on the coordinator's
@@ -196,35 +193,79 @@ def test_a_server_that_cannot_say_who_owns_a_run_gets_a_retry_not_a_refusal(
     assert [p for _, p, _ in server.seen] == [f"/api/flow_runs/{F0}/set_state"]
 
 
-def _event(resource: str) -> str:
-    return json.dumps({"event": "prefect.flow-run.Running", "resource": {"prefect.resource.id": resource}})
+def _event(resource: str, **extra: object) -> str:
+    return json.dumps({"event": "prefect.flow-run.Running", "resource": {"prefect.resource.id": resource}, **extra})
 
 
-def test_events_about_its_own_runs_only_reach_the_server(
+def test_events_about_its_own_flow_runs_only_reach_the_server_and_name_nobody_else(
     client: TestClient, credentials: tuple[Path, str, str], server: Server
 ):
+    """An event's related resources and a task run's event payload could point at anybody's run
+    (Prefect's task-run recorder builds rows from them): only events about the party's own flow runs
+    go on, without related resources."""
+    victim = {"prefect.resource.id": f"prefect.flow-run.{F1}", "prefect.resource.role": "flow-run"}
+    hijack = {"task_run": {"id": str(uuid.uuid4()), "flow_run_id": F1, "name": "HIJACKED"}}
     with client.websocket_connect("/api/events/in", subprotocols=["prefect"]) as socket:
         socket.send_json({"type": "auth", "token": credentials[1]})
         assert socket.receive_json() == {"type": "auth_success"}
-        for resource in [f"prefect.flow-run.{F1}", f"prefect.task-run.{T1}", "prefect.deployment." + D0]:
+        for resource in [f"prefect.flow-run.{F1}", f"prefect.flow-run.{FC}", "prefect.deployment." + D0]:
             socket.send_text(_event(resource))
+        for task_run in (T0, F0):  # a task-run event, even one carrying an id of the party's own
+            socket.send_text(_event(f"prefect.task-run.{task_run}", related=[victim], payload=hijack))
         for malformed in ["not json", '{"resource": []}', "[]", json.dumps({"resource": {"prefect.resource.id": 7}})]:
             socket.send_text(malformed)  # dropped; the stream goes on
-        socket.send_text(_event(f"prefect.flow-run.{F0}"))
-        socket.send_text(_event(f"prefect.task-run.{T0}"))
-    forwarded = [p for _, p, _ in server.seen]
-    assert forwarded == ["/api/events", "/api/events"]
+        socket.send_bytes(b"\x00binary")
+        socket.send_text(_event(f"prefect.flow-run.{F0}", related=[victim]))
+    assert [p for _, p, _ in server.seen] == ["/api/events"]
+    (forwarded,) = json.loads(server.bodies[0])
+    assert forwarded["resource"]["prefect.resource.id"] == f"prefect.flow-run.{F0}" and forwarded["related"] == []
+
+
+def test_event_sockets_without_a_partys_credential_are_closed(client: TestClient, monkeypatch: pytest.MonkeyPatch):
     with client.websocket_connect("/api/events/in", subprotocols=["prefect"]) as socket:
         socket.send_json({"type": "auth", "token": ADMIN})
         with pytest.raises(WebSocketDisconnect) as refused:
             socket.receive_json()
     assert refused.value.code == 1008
+    monkeypatch.setattr(gateway, "HELLO_S", 0.2)  # one that never says who it is is not kept open
+    with (
+        client.websocket_connect("/api/events/in", subprotocols=["prefect"]) as socket,
+        pytest.raises(WebSocketDisconnect) as silent,
+    ):
+        socket.receive_json()
+    assert silent.value.code == 1008
     with (
         client.websocket_connect("/api/events/out", subprotocols=["prefect"]) as socket,
         pytest.raises(WebSocketDisconnect) as refused,
     ):
         socket.receive_json()
     assert refused.value.code == 1008
+
+
+def test_one_request_cannot_make_the_gateway_flood_the_server(
+    client: TestClient, party: dict[str, str], server: Server
+):
+    many = [{"flow_run_id": str(uuid.uuid4())} for _ in range(gateway.MAX_RUNS + 1)]
+    assert client.post("/api/logs/", headers=party, content=json.dumps(many)).status_code == 403
+    assert server.lookups == 0
+    some = [{"flow_run_id": str(uuid.uuid4())} for _ in range(gateway.MAX_RUNS)]
+    assert client.post("/api/logs/", headers=party, content=json.dumps(some)).status_code == 403
+    assert server.lookups == 1  # stops at the first run that is not its own
+    huge = b"[" + b" " * gateway.MAX_BODY + b"]"
+    assert client.post("/api/logs/", headers=party, content=huge).status_code == 413
+    assert server.seen == []
+
+
+def test_a_reissued_credential_replaces_the_old_one_in_a_running_gateway(
+    client: TestClient, credentials: tuple[Path, str, str]
+):
+    file, old, _ = credentials
+    assert client.get("/api/admin/version", headers=_basic(old)).status_code == 200
+    new = gateway.issue(file, "client-0", "client-0")
+    assert client.get("/api/admin/version", headers=_basic(old)).status_code == 401
+    assert client.get("/api/admin/version", headers=_basic(new)).status_code == 200
+    file.write_text("{")  # a broken file locks everybody out rather than keep what was revoked
+    assert client.get("/api/admin/version", headers=_basic(new)).status_code == 401
 
 
 def test_a_credentials_file_is_checked_and_a_new_credential_replaces_the_old(tmp_path: Path):
