@@ -18,11 +18,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from deploy.federation import distribute_from, running
 from deploy.secrets import mlflow_credentials, prefect_auth
-from fedtune.config.schema import load_config
 from fedtune.core.errors import InputError
-from fedtune.model.loading import ensure_model
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Operate a real multi-party federation.")
 console = Console()
@@ -48,6 +45,11 @@ def up(
     mlflow_port: int = 5000,
 ) -> None:
     """Servers, parties, pools, deployments and workers; then wait until Ctrl-C and stop them all."""
+    # imported here: `gateway` and `credential` need neither torch nor the data pipeline
+    from deploy.federation import distribute_from, running
+    from fedtune.config.schema import load_config
+    from fedtune.model.loading import ensure_model
+
     try:
         prefect_auth(), mlflow_credentials()  # refuse to run servers without auth, before any work
         cfg = load_config(config, set_ or [])

@@ -14,9 +14,11 @@ Task runs are refused altogether: a client's flow (flows/client_round.py) has no
 server would let one party's task run reach others' (its task cache is keyed by cache key alone;
 its task-run recorder builds rows from what an event's payload says). Events (`/api/events/in`, a
 websocket) are taken here: the party authenticates with its own credential in Prefect's
-handshake; an event about one of its own flow runs goes on with its related resources removed
-(they could name anybody's), every other event is dropped; subscribing to the event stream
-(`/api/events/out`) is refused, since it shows every party's events.
+handshake; a flow-run event about one of its own flow runs goes on with its related resources
+removed (they could name anybody's), every other event is dropped; subscribing to the event stream
+(`/api/events/out`) is refused, since it shows every party's events. A state's data may not name
+an artifact (the server files it under a key all parties share); each party gets RATE calls per
+second.
 
 Hand-written because no Prefect component scopes access per work pool on a self-hosted server; it
 is a policy of a few rules over Starlette and httpx, both of which Prefect's server ships with.
@@ -34,8 +36,9 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,13 @@ UUID = r"[0-9a-fA-F-]{36}"
 MAX_BODY = 5 * 2**20  # bytes; Prefect's client sends logs in batches of at most 4 MB
 MAX_RUNS = 64  # distinct flow runs one request may name (a log batch or a worker's cancellation check)
 HELLO_S = 10.0  # seconds a websocket may take to authenticate
+# requests and events per second a party may send, and the burst it may save up: a worker and its
+# flow run make a few per second; beyond it, HTTP gets 429 (Prefect's client waits and retries) and
+# events are dropped unlogged, so a party cannot load the server or fill the gateway's log
+RATE, BURST = 20.0, 200.0
+# keys of a state's `data` that make Prefect's server file it as an artifact under a key every
+# party shares (the coordinator's "mlflow-run" report, say)
+ARTIFACT_FIELDS = {"artifact_key", "artifact_type", "artifact_description"}
 # what Prefect's HTTP client sends that the server may act on; hop-by-hop and auth headers are not forwarded
 FORWARDED = {
     "content-type",
@@ -133,6 +143,23 @@ class Credentials:
                 log.error("no credential is valid until the file is fixed: %s", error)
                 self.parties = {}
         return self.parties
+
+
+@dataclass
+class Bucket:
+    """A token bucket: `take` is True while the party keeps within RATE per second (BURST saved up)."""
+
+    tokens: float = field(default_factory=lambda: BURST)
+    at: float = field(default_factory=time.monotonic)
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(BURST, self.tokens + (now - self.at) * RATE)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 def authenticate(parties: dict[str, Party], auth_string: str) -> Party | None:
@@ -234,6 +261,14 @@ async def _flow_run_filter_owned(owner: Owner, pool: str, body: bytes) -> bool:
     return isinstance(ids, list) and bool(ids) and await owner.all_flow_runs(ids, pool)
 
 
+def _state_data_ok(body: bytes) -> bool:
+    """A state without data that Prefect's server would file as an artifact under a shared key."""
+    request = _json(body)
+    state = request.get("state") if isinstance(request, dict) else None
+    data = state.get("data") if isinstance(state, dict) else None
+    return not (isinstance(data, dict) and ARTIFACT_FIELDS & data.keys())
+
+
 def _path_pool(owner: Owner, match: re.Match[str]) -> Awaitable[str | None]:
     async def named() -> str | None:
         return match["pool"]
@@ -276,6 +311,8 @@ async def refusal(owner: Owner, party: Party, method: str, path: str, body: byte
         return None
     for rule_method, pattern, pool_of in BY_PATH:
         if rule_method == method and (match := re.fullmatch(pattern, path)):
+            if path.endswith("/set_state") and not _state_data_ok(body):
+                return f"a state's data may not name an artifact ({', '.join(sorted(ARTIFACT_FIELDS))})"
             pool = await pool_of(owner, match)
             return None if pool == party.pool else f"{party.name} may act on work pool {party.pool} only"
     for rule_method, pattern, owned in BY_BODY:
@@ -297,11 +334,17 @@ def app(
         timeout=httpx.Timeout(60.0),
     )
     owner = Owner(api)
+    buckets: dict[str, Bucket] = {}
+
+    def within_rate(party: Party) -> bool:
+        return buckets.setdefault(party.name, Bucket()).take()
 
     async def forward(request: Request) -> Response:
         party = authenticate(credentials.current(), _basic(request.headers.get("authorization", "")))
         if party is None:
             return JSONResponse({"detail": "a party's credential is required"}, 401, {"WWW-Authenticate": "Basic"})
+        if not within_rate(party):
+            return JSONResponse({"detail": f"over {RATE:g} requests per second"}, 429, {"Retry-After": "1"})
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -330,27 +373,38 @@ def app(
         try:
             hello = await asyncio.wait_for(socket.receive_json(), HELLO_S)
             token = hello.get("token") if isinstance(hello, dict) and hello.get("type") == "auth" else None
-            party = authenticate(credentials.current(), token) if isinstance(token, str) else None
+            token = token if isinstance(token, str) else ""
+            party = authenticate(credentials.current(), token)
             if party is None:
                 await socket.close(1008, "a party's credential is required")
                 return
             await socket.send_json({"type": "auth_success"})
             while (message := await socket.receive())["type"] == "websocket.receive":
-                if isinstance(message.get("text"), str):
+                if authenticate(credentials.current(), token) != party:  # re-issued or revoked since
+                    break
+                if isinstance(message.get("text"), str) and within_rate(party):
                     await deliver(party, _json(message["text"].encode()))
         except (WebSocketDisconnect, ValueError, KeyError, TimeoutError):
-            with contextlib.suppress(RuntimeError):
-                await socket.close(1008)
+            pass
+        with contextlib.suppress(RuntimeError):
+            await socket.close(1008)
 
     async def deliver(party: Party, event: Any) -> None:
-        """`event` on to the server, without its related resources, if it is about one of `party`'s
-        flow runs; dropped otherwise, and when the server cannot say whose run it is now (events are
-        best effort in Prefect too)."""
+        """`event` on to the server, without its related resources, if it is a flow-run event
+        (`prefect.flow-run.*`: the server's task-run recorder takes any other `prefect.task-run.*`
+        and chokes on one about a flow run) about one of `party`'s flow runs; dropped otherwise,
+        and when the server cannot say whose run it is now (events are best effort in Prefect too)."""
         resource = event.get("resource") if isinstance(event, dict) else None
         named = resource.get("prefect.resource.id") if isinstance(resource, dict) else None
         kind, _, id_ = named.rpartition(".") if isinstance(named, str) else ("", "", "")
+        name = event.get("event") if isinstance(event, dict) else None
         try:
-            if kind == "prefect.flow-run" and await owner.flow_run(id_) == party.pool:
+            if (
+                kind == "prefect.flow-run"
+                and isinstance(name, str)
+                and name.startswith("prefect.flow-run.")
+                and await owner.flow_run(id_) == party.pool
+            ):
                 await api.post("/events", content=json.dumps([{**event, "related": []}]))
                 return
         except (Unavailable, httpx.TransportError):

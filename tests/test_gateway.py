@@ -1,5 +1,5 @@
 """The Prefect API gateway (deploy/gateway.py): each client organization's credential reaches its own
-work pool's deployments, flow runs and task runs only; the rest is refused before the server sees it.
+work pool's deployment and flow runs only; the rest is refused before the server sees it.
 The server here is a stand-in that answers the ownership reads and records what reached it; the
 deployed rounds in tests/test_deployment.py run through the gateway against a real Prefect server."""
 
@@ -141,6 +141,12 @@ def test_a_workers_calls_on_its_own_pool_reach_the_server_with_the_servers_auth(
         ("GET", f"/api/flow_runs/{FC}", None),  # the coordinator's parameters
         ("PATCH", f"/api/flow_runs/{F1}", {"parameters": {}}),
         ("PATCH", f"/api/flow_runs/{F1}/labels", {"forged": "yes"}),
+        # state data naming an artifact: the server would file it under a key every party shares
+        (
+            "POST",
+            f"/api/flow_runs/{F0}/set_state",
+            {"state": {"type": "SCHEDULED", "data": {"artifact_key": "mlflow-run", "artifact_type": "markdown"}}},
+        ),
         ("POST", "/api/work_pools/client-1/queues/filter", {}),
         ("PATCH", "/api/work_pools/client-0", {"base_job_template": {}}),
         ("POST", f"/api/flow_runs/{F1}/set_state", {"state": {"type": "CANCELLED"}}),
@@ -194,7 +200,8 @@ def test_a_server_that_cannot_say_who_owns_a_run_gets_a_retry_not_a_refusal(
 
 
 def _event(resource: str, **extra: object) -> str:
-    return json.dumps({"event": "prefect.flow-run.Running", "resource": {"prefect.resource.id": resource}, **extra})
+    event = {"event": "prefect.flow-run.Running", "resource": {"prefect.resource.id": resource}}
+    return json.dumps(event | extra)
 
 
 def test_events_about_its_own_flow_runs_only_reach_the_server_and_name_nobody_else(
@@ -212,6 +219,8 @@ def test_events_about_its_own_flow_runs_only_reach_the_server_and_name_nobody_el
             socket.send_text(_event(resource))
         for task_run in (T0, F0):  # a task-run event, even one carrying an id of the party's own
             socket.send_text(_event(f"prefect.task-run.{task_run}", related=[victim], payload=hijack))
+        # a task-run event about its own flow run: the server's task-run recorder would choke on it
+        socket.send_text(_event(f"prefect.flow-run.{F0}", event="prefect.task-run.Running"))
         for malformed in ["not json", '{"resource": []}', "[]", json.dumps({"resource": {"prefect.resource.id": 7}})]:
             socket.send_text(malformed)  # dropped; the stream goes on
         socket.send_bytes(b"\x00binary")
@@ -256,12 +265,24 @@ def test_one_request_cannot_make_the_gateway_flood_the_server(
     assert server.seen == []
 
 
+def test_a_party_over_its_rate_waits(client: TestClient, party: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(gateway, "BURST", 5.0)
+    monkeypatch.setattr(gateway, "RATE", 0.01)
+    answers = [client.get("/api/admin/version", headers=party).status_code for _ in range(7)]
+    assert answers == [200] * 5 + [429] * 2
+
+
 def test_a_reissued_credential_replaces_the_old_one_in_a_running_gateway(
-    client: TestClient, credentials: tuple[Path, str, str]
+    client: TestClient, credentials: tuple[Path, str, str], server: Server
 ):
     file, old, _ = credentials
     assert client.get("/api/admin/version", headers=_basic(old)).status_code == 200
-    new = gateway.issue(file, "client-0", "client-0")
+    with client.websocket_connect("/api/events/in", subprotocols=["prefect"]) as socket:
+        socket.send_json({"type": "auth", "token": old})
+        assert socket.receive_json() == {"type": "auth_success"}
+        new = gateway.issue(file, "client-0", "client-0")
+        socket.send_text(_event(f"prefect.flow-run.{F0}"))  # on a socket opened with the revoked one
+    assert [p for _, p, _ in server.seen] == ["/api/admin/version"]  # the event did not go on
     assert client.get("/api/admin/version", headers=_basic(old)).status_code == 401
     assert client.get("/api/admin/version", headers=_basic(new)).status_code == 200
     file.write_text("{")  # a broken file locks everybody out rather than keep what was revoked
