@@ -20,10 +20,11 @@ from deploy import gateway
 from fedtune.core.errors import InputError
 
 ADMIN = "fedtune-admin:server-auth-string"
-D0, D1, DC = (str(uuid.uuid4()) for _ in range(3))  # client-0's, client-1's and the coordinator's deployment
-Q0, Q1 = str(uuid.uuid4()), str(uuid.uuid4())  # client-0's and client-1's work queue
-F0, F1, FC = (str(uuid.uuid4()) for _ in range(3))  # a flow run of each
-T0 = str(uuid.uuid4())  # a task run in F0
+# fixed ids: they name parametrized tests, which every xdist worker must collect alike
+D0, D1, DC = (str(uuid.UUID(int=n)) for n in (1, 2, 3))  # client-0's, client-1's and the coordinator's deployment
+Q0, Q1 = str(uuid.UUID(int=4)), str(uuid.UUID(int=5))  # client-0's and client-1's work queue
+F0, F1, FC = (str(uuid.UUID(int=n)) for n in (6, 7, 8))  # a flow run of each
+T0 = str(uuid.UUID(int=9))  # a task run in F0
 POOLS = {D0: "client-0", D1: "client-1", DC: "coordinator", F0: "client-0", F1: "client-1", FC: "coordinator"}
 POOLS |= {Q0: "client-0", Q1: "client-1"}
 
