@@ -50,6 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from deploy.servers import basic_auth_header
 from fedtune.core.atomic import write_private
 from fedtune.core.errors import InputError
 
@@ -330,7 +331,7 @@ def app(
     api = httpx.AsyncClient(
         transport=transport,
         base_url=upstream.rstrip("/"),
-        headers={"Authorization": "Basic " + base64.b64encode(admin_auth.encode()).decode()},
+        headers=basic_auth_header(admin_auth),
         timeout=httpx.Timeout(60.0),
     )
     owner = Owner(api)
