@@ -61,11 +61,9 @@ class Federation:
         return self.running.prefect
 
     def coordinator_config(self, **federation: Any) -> dict[str, Any]:
-        """The deployment's default parameters with `federation` fields changed, polling faster."""
+        """The deployment's default parameters with `federation` fields changed."""
         config = self.running.config.model_dump(mode="json")
         config["federation"] |= federation
-        config["tracking"]["experiment"] = "deployed"
-        config["deployment"]["poll_s"] = 0.5
         return build_config(config).model_dump(mode="json")
 
 
@@ -77,7 +75,12 @@ def federation(tiny_model_dir: Path) -> Iterator[Federation]:
             env.setenv(key, value)
         # the servers run no fedtune code: tracing them for coverage only slows every request
         env.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
-        config = build_config(tiny_overrides(root / "source", tiny_model_dir))
+        overrides = tiny_overrides(root / "source", tiny_model_dir)
+        # a round drops a client that dies (min_fit_clients 2 of 3), the coordinator polls fast
+        overrides["federation"] |= {"min_fit_clients": 2, "client_timeout_s": 90}
+        overrides["tracking"]["experiment"] = "deployed"
+        overrides["deployment"] = {"poll_s": 0.5}
+        config = build_config(overrides)
         source = running_federation.distribute_from(config)
         # client 1's flow runs kill themselves once they have sent their key shares (secure aggregation,
         # round 1) and after their round-2 optimizer steps, before the update exists
@@ -355,66 +358,6 @@ def _submit_run(page: Any, deployment_id: Any, console_errors: list[str], attemp
     )
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is installed by .ci/run")
-def test_a_person_starts_a_federated_run_from_the_prefect_ui(federation: Federation) -> None:
-    """Headless Chromium logs in to the real UI, fills the typed run form with non-default values,
-    submits, and watches the run complete."""
-    from playwright.sync_api import expect, sync_playwright
-    from prefect.client.orchestration import get_client
-
-    ui = federation.prefect.url.removesuffix("/api")
-    with get_client(sync_client=True) as api:
-        deployment = api.read_deployment_by_name("federated-finetune/coordinator")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{ui}/deployments")
-        page.get_by_placeholder("admin:pass").fill(SECRETS[PREFECT_AUTH])  # the server demands the auth string
-        page.get_by_role("button", name="Login").click()
-        expect(page.get_by_placeholder("admin:pass")).to_have_count(0)
-        console_errors: list[str] = []
-        page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
-        page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
-        deployed = deployment.parameters["config"]
-        for label, default, value in (
-            ("Rounds", deployed["federation"]["rounds"], "1"),
-            ("Clients Per Round", deployed["federation"]["clients_per_round"], "2"),
-            ("Steps Per Round", deployed["train"]["steps_per_round"], "3"),
-        ):
-            field = _form_input(page, label).first
-            expect(field).to_have_value(str(default), timeout=30_000)  # the form holds the deployed values
-            field.fill(value)
-            expect(field).to_have_value(value)
-        flow_run = _submit_run(page, deployment.id, console_errors)
-        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
-        state = _final_state(flow_run.id, deadline=time.monotonic() + 400)
-        page.reload()
-        expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=SCREENSHOTS / "prefect-ui-federated-run.png", full_page=True)
-        browser.close()
-    assert state.is_completed(), state
-    with get_client(sync_client=True) as api:
-        flow_run = api.read_flow_run(flow_run.id)
-    config = flow_run.parameters["config"]
-    assert (config["federation"]["rounds"], config["federation"]["clients_per_round"]) == (1, 2)
-    assert config["train"]["steps_per_round"] == 3
-    client = MlflowClient(federation.mlflow.url)
-    run = _tracked_run(client, flow_run.id, config["tracking"]["experiment"])
-    aggregated = client.get_metric_history(run.info.run_id, "clients_aggregated")
-    assert [(m.step, m.value) for m in aggregated] == [(1, 2.0)], [log.message for log in _warnings(flow_run.id)]
-
-
 def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_keys(federation: Federation) -> None:
     """Clients run their side of the protocol in their own workers, over the exchange. Client 1 dies
     after sending its key shares: the others reveal its mask key's shares so the server can remove
@@ -476,34 +419,133 @@ def test_deployed_secure_aggregation_recovers_a_client_that_died_after_sharing_k
         assert run.data.tags[f"lineage.data.client_{c}"] == dvc_md5(partition)
 
 
-def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(federation: Federation) -> None:
-    """Round 1 with all three clients; in round 2 client 1's organization dies mid-training (its flow
-    run SIGKILLs itself after its optimizer steps, before its update exists, and the test SIGKILLs its
-    worker): the round completes with the other two (min_fit_clients 2) as soon as its worker is seen gone."""
-    from prefect.deployments import run_deployment
+@dataclass
+class KilledRun:
+    """The deployed run a person started (from the Prefect UI where Chromium is there), in whose
+    second round client 1's organization was killed."""
 
-    coordinator = federation.running.workers[parties.COORDINATOR_POOL]
-    mounts = Path(f"/proc/{coordinator.pid}/mountinfo").read_text()
-    for client in range(3):  # the kernel hides every client's home from the coordinator's worker
-        assert f" {federation.layout.client_home(client)} " in mounts
-    out = federation.layout.coordinator / "runs" / "killed"
-    config = federation.coordinator_config(
-        rounds=2, clients_per_round=3, min_fit_clients=2, client_timeout_s=90, output_dir=str(out)
-    )
-    gateway_log = federation.running.gateway.log
-    logged = gateway_log.stat().st_size
-    flow_run = run_deployment(
-        "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
-    )
-    deadline = time.monotonic() + 400
+    flow_run: Any
+    killed: datetime.datetime  # when the test SIGKILLed client 1's processes
+    gateway_lines: list[str]  # what the clients' gateway logged during the run
+
+
+# what the person types into the run form: each differs from the deployment's default
+FORM = {
+    "Rounds": ("rounds", 2),
+    "Clients Per Round": ("clients_per_round", 3),
+    "Steps Per Round": ("steps_per_round", 8),
+}
+
+
+def _kill_client_1_in_round_2(federation: Federation, deadline: float) -> datetime.datetime:
+    """Waits for client 1 to start round 2 (its flow run then SIGKILLs itself after its optimizer
+    steps, the drill) and SIGKILLs its whole organization, worker included."""
     rounds = federation.layout.client_home(1) / "private" / "rounds"
     while not any(rounds.glob("*round_0002*/global.safetensors")):
         assert time.monotonic() < deadline, "client 1 never started round 2"
         time.sleep(0.5)
     _kill_party(1)
-    killed = datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _start_from_the_ui(federation: Federation, deadline: float) -> tuple[Any, datetime.datetime]:
+    """Headless Chromium logs in to the real UI, fills the typed run form with FORM's values,
+    submits, kills client 1 in round 2, and sees the run end Completed on the run's page."""
+    from playwright.sync_api import expect, sync_playwright
+    from prefect.client.orchestration import get_client
+
+    ui = federation.prefect.url.removesuffix("/api")
+    with get_client(sync_client=True) as api:
+        deployment = api.read_deployment_by_name("federated-finetune/coordinator")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/deployments")
+        page.get_by_placeholder("admin:pass").fill(SECRETS[PREFECT_AUTH])  # the server demands the auth string
+        page.get_by_role("button", name="Login").click()
+        expect(page.get_by_placeholder("admin:pass")).to_have_count(0)
+        console_errors: list[str] = []
+        page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
+        page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
+        deployed = deployment.parameters["config"]
+        for label, (field, value) in FORM.items():
+            section = "train" if field == "steps_per_round" else "federation"
+            box = _form_input(page, label).first
+            expect(box).to_have_value(str(deployed[section][field]), timeout=30_000)  # the deployed values
+            box.fill(str(value))
+            expect(box).to_have_value(str(value))
+        flow_run = _submit_run(page, deployment.id, console_errors)
+        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+        killed = _kill_client_1_in_round_2(federation, deadline)
+        _final_state(flow_run.id, deadline)
+        page.reload()
+        expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=30_000)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SCREENSHOTS / "prefect-ui-federated-run.png", full_page=True)
+        browser.close()
+    return flow_run, killed
+
+
+@pytest.fixture(scope="module")
+def killed_run(federation: Federation) -> KilledRun:
+    """One deployed run of two rounds with all three clients, started as FORM says: from the UI, or
+    where Chromium is missing through the API. In round 2 client 1's organization dies mid-training
+    (its flow run SIGKILLs itself after its optimizer steps, before its update exists, and the test
+    SIGKILLs its worker). Runs after every other deployed round: client 1 has no worker after it."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    gateway_log = federation.running.gateway.log
+    logged = gateway_log.stat().st_size
+    deadline = time.monotonic() + 400
+    if CHROMIUM.exists():
+        flow_run, killed = _start_from_the_ui(federation, deadline)
+    else:
+        config = federation.coordinator_config(rounds=2, clients_per_round=3)
+        config["train"]["steps_per_round"] = FORM["Steps Per Round"][1]
+        flow_run = run_deployment(
+            "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
+        )
+        killed = _kill_client_1_in_round_2(federation, deadline)
     state = _final_state(flow_run.id, deadline)
     assert state.is_completed(), state
+    with gateway_log.open("rb") as log:
+        log.seek(logged)
+        lines = log.read().decode().splitlines()
+    with get_client(sync_client=True) as api:
+        flow_run = api.read_flow_run(flow_run.id)
+    return KilledRun(flow_run, killed, lines)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is installed by .ci/run")
+def test_a_person_starts_a_federated_run_from_the_prefect_ui(killed_run: KilledRun) -> None:
+    """The values typed into the form (not the deployment's defaults) are what the run ran with."""
+    config = killed_run.flow_run.parameters["config"]
+    for field, value in FORM.values():
+        assert config["train" if field == "steps_per_round" else "federation"][field] == value, field
+
+
+def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(
+    federation: Federation, killed_run: KilledRun
+) -> None:
+    """Round 1 with all three clients; in round 2 client 1's organization dies mid-training: the
+    round completes with the other two (min_fit_clients 2) as soon as its worker is seen gone."""
+    coordinator = federation.running.workers[parties.COORDINATOR_POOL]
+    mounts = Path(f"/proc/{coordinator.pid}/mountinfo").read_text()
+    for client_id in range(3):  # the kernel hides every client's home from the coordinator's worker
+        assert f" {federation.layout.client_home(client_id)} " in mounts
+    flow_run, killed = killed_run.flow_run, killed_run.killed
+    out = Path(flow_run.parameters["config"]["federation"]["output_dir"])
     client = MlflowClient(federation.mlflow.url)
     run = _tracked_run(client, flow_run.id)
     assert run.info.status == "FINISHED"
@@ -524,9 +566,7 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(fe
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert loss[2] < loss[0]
     # every call the clients' workers and flow runs made went through their gateway, none refused
-    with gateway_log.open("rb") as log:
-        log.seek(logged)
-        lines = log.read().decode().splitlines()
+    lines = killed_run.gateway_lines
     refused = [line for line in lines if "refused" in line or "rejected" in line]
     assert not refused, refused
     # and of the events, only the workers' own (about a worker, not a run) stayed behind
