@@ -19,7 +19,7 @@ from prefect.artifacts import (
 )
 
 from fedtune.config.schema import FedConfig
-from mlflow_tracking import RunTracker
+from mlflow_tracking.runs import RunTracker
 
 
 @contextmanager

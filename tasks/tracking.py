@@ -15,9 +15,9 @@ from fedtune.data.partition import split_path
 from fedtune.model.adapters import load_state
 from fedtune.model.builder import export_adapter
 from fedtune.round.checkpoints import checkpoint_dir
-from mlflow_tracking import RunTracker
 from mlflow_tracking.lineage import dvc_md5
 from mlflow_tracking.registry import register_if_better
+from mlflow_tracking.runs import RunTracker
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)

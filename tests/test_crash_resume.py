@@ -182,8 +182,7 @@ def test_a_crash_point_kills_only_at_its_name_and_round() -> None:
 
 
 def test_a_round_logged_again_keeps_its_first_value_at_its_step(cli: Launcher, tmp_path: Path) -> None:
-    from mlflow_tracking import RunTracker
-    from mlflow_tracking.runs import ROUND_STARTED
+    from mlflow_tracking.runs import ROUND_STARTED, RunTracker
 
     shutil.copy(cli.template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
