@@ -76,6 +76,8 @@ def test_fifty_clients_aggregate_to_the_example_weighted_mean_one_update_at_a_ti
 
 
 TWO_CLIENTS = {"clients_per_round": 2, "max_parallel_clients": 2}
+# on Dask one worker process: it trains both clients, each worker costs seconds of imports to start
+ONE_DASK_WORKER = {"clients_per_round": 2, "max_parallel_clients": 1}
 
 
 def _adapter_hash(config) -> str:  # type: ignore[no-untyped-def]
@@ -106,7 +108,7 @@ def test_dask_runner_on_a_local_cluster_trains_outside_this_process_and_matches_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tasks.training, "train_client", only_elsewhere)  # shipped to the workers with the task
-    config = build_config(_one_round(tmp_path, tiny_model_dir, **TWO_CLIENTS, runner="dask"))
+    config = build_config(_one_round(tmp_path, tiny_model_dir, **ONE_DASK_WORKER, runner="dask"))
     summary = federated_finetune(config=config)
     client = MlflowClient(config.tracking.tracking_uri)
     assert client.get_run(summary["mlflow_run_id"]).data.metrics["clients_aggregated"] == 2
@@ -117,11 +119,11 @@ def test_dask_runner_at_a_cluster_address_runs_the_trainings_on_its_workers(
     threads_adapter, tmp_path, tiny_model_dir
 ) -> None:  # type: ignore[no-untyped-def]
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
         runner = {"runner": "dask", "cluster_address": cluster.scheduler_address}
-        config = build_config(_one_round(tmp_path, tiny_model_dir, **TWO_CLIENTS, **runner))
+        config = build_config(_one_round(tmp_path, tiny_model_dir, **ONE_DASK_WORKER, **runner))
         with get_task_stream(client) as stream:
             federated_finetune(config=config)
         workers = set(client.scheduler_info()["workers"])

@@ -337,9 +337,10 @@ def test_a_missing_suite_file_fails_before_the_model_loads(tiny_config, tmp_path
     config = tiny_config.model_copy(
         update={"model": tiny_config.model.model_copy(update={"name_or_path": str(tmp_path / "no-model")})}
     )
+    before = sorted(os.listdir(tmp_path))  # the fixture's empty MLflow store
     with pytest.raises(InputError, match=r"evaluation suite mmlu: .*mmlu.jsonl does not exist"):
         evaluate_suites(config, None, {"mmlu": tmp_path / "mmlu.jsonl"})
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_fedtune_evaluate_runs_a_suite_on_an_adapter_file(tiny_model_dir: Path, tmp_path: Path) -> None:
