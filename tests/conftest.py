@@ -249,9 +249,9 @@ SLOW_FILES = ("test_dvc_pipeline.py", "test_scale.py", "test_continual.py", "tes
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the files for `make test`'s two workers (xdist's loadfile hands files out in turn):
-    the deployment file, the longest and mostly waiting on its parties, first; then the other slow
-    files at every other place, so that they go to the other worker while the deployment runs."""
+    """Order the files for `make test`'s workers (xdist's loadfile hands files out in turn): the
+    deployment file, the longest and mostly waiting on its parties, first; then the other slow
+    files at every other place, so that they spread over the other workers while it runs."""
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.path.name, []).append(item)
