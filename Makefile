@@ -14,7 +14,7 @@ demo: setup
 
 # three workers on 2 cores, a test file per worker at a time (module fixtures are built once): about a
 # third of the suite waits on servers, schedules and parties' processes, so a third worker fills the
-# idle core time (measured on 2 cores: 2 workers 12.8 min, 3 workers 9.8 min, 4 workers slower again);
+# idle core time (3 workers measured fastest on 2 cores, README);
 # TEST_WORKERS=N for a bigger machine. Coverage of fedtune/, flows/, tasks/ and mlflow_tracking/ at the end.
 TEST_WORKERS ?= 3
 test: setup .venv-flower/bin/flwr
