@@ -5,8 +5,8 @@ transformers, peft, Prefect and MLflow costs 8-17 s each on 2 cores, which forki
 already did skips. A child runs `flows.cli.app` as the `fedtune` script does, so it is killed,
 exits and leaves files as that script would.
 
-Usage: `python -m tests.cli_launcher MLFLOW_DB`. It creates the MLflow store MLFLOW_DB (which runs
-copy instead of each creating its tables) and so also has MLflow's store code warm. Then one JSON
+Usage: `python -m tests.cli_launcher MLFLOW_DB`. It opens the MLflow store MLFLOW_DB (the migrated
+store the runs' stores are copies of), so MLflow's store code is warm in every child. Then one JSON
 request per stdin line, {"args": [...], "env": {...}, "log": path}; the child's stdout and stderr go
 to `log`; the reply is a stdout line `exit <code>` (-9 when SIGKILLed). `ready` is printed first.
 """

@@ -199,7 +199,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @functools.cache
-def _migrated_mlflow_store() -> Path:
+def migrated_mlflow_store() -> Path:
     """An empty MLflow SQLite store at MLflow's newest schema, made once per test process. A new
     store runs all of MLflow's schema migrations (about 1.5 s on 2 cores, in every test that
     tracks a run); a copy of this one starts at the newest schema."""
@@ -213,10 +213,10 @@ def _migrated_mlflow_store() -> Path:
 
 def tiny_overrides(root: Path, model_dir: Path) -> dict:
     """A config small enough for CPU tests; everything it writes goes under `root`, where an
-    absolute `root` gets a copy of the migrated, empty MLflow store (`_migrated_mlflow_store`)."""
+    absolute `root` gets a copy of the migrated, empty MLflow store (`migrated_mlflow_store`)."""
     if root.is_absolute() and not (root / "mlflow.db").exists():
         root.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_migrated_mlflow_store(), root / "mlflow.db")
+        shutil.copyfile(migrated_mlflow_store(), root / "mlflow.db")
     return {
         "model": {"name_or_path": str(model_dir), "source": None, "dtype": "float32"},
         "peft": {"r": 4, "alpha": 8, "dropout": 0.0},

@@ -25,19 +25,18 @@ from mlflow import MlflowClient
 
 from fedtune.core.faults import CRASH_AT
 from fedtune.round.checkpoints import latest_checkpoint
-from tests.conftest import tiny_overrides
+from tests.conftest import migrated_mlflow_store, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = [0, 1, 2, 3]
 
 
 class Launcher:
-    """The launcher process (with the deadline on every reply), the tiny model and an empty MLflow store."""
+    """The launcher process (with the deadline on every reply) and the tiny model."""
 
     def __init__(self, env: dict[str, str], home: Path) -> None:
-        self.template_db = home / "mlflow.db"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.cli_launcher", str(self.template_db)],
+            [sys.executable, "-m", "tests.cli_launcher", str(migrated_mlflow_store())],
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
@@ -61,9 +60,8 @@ class Launcher:
         return line.decode()
 
     def params(self, root: Path) -> Path:
-        """A tiny config writing under `root`, with its own MLflow store."""
+        """A tiny config writing under `root`, with its own MLflow store (`tiny_overrides`)."""
         root.mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.template_db, root / "mlflow.db")
         path = root / "params.yaml"
         path.write_text(yaml.safe_dump(tiny_overrides(root, self.model_dir)))
         return path
@@ -184,7 +182,7 @@ def test_a_crash_point_kills_only_at_its_name_and_round() -> None:
 def test_a_round_logged_again_keeps_its_first_value_at_its_step(cli: Launcher, tmp_path: Path) -> None:
     from mlflow_tracking.runs import ROUND_STARTED, RunTracker
 
-    shutil.copy(cli.template_db, tmp_path / "mlflow.db")
+    shutil.copy(migrated_mlflow_store(), tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = RunTracker.start(
         tracking_uri=uri, experiment="t", artifact_location=str(tmp_path / "art"), run_name="r", params={}, tags={}

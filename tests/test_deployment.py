@@ -431,9 +431,9 @@ class KilledRun:
 
 # what the person types into the run form: each differs from the deployment's default
 FORM = {
-    "Rounds": ("rounds", 2),
-    "Clients Per Round": ("clients_per_round", 3),
-    "Steps Per Round": ("steps_per_round", 8),
+    "Rounds": ("federation", "rounds", 2),
+    "Clients Per Round": ("federation", "clients_per_round", 3),
+    "Steps Per Round": ("train", "steps_per_round", 8),
 }
 
 
@@ -478,8 +478,7 @@ def _start_from_the_ui(federation: Federation, deadline: float) -> tuple[Any, da
         page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
         page.goto(f"{ui}/deployments/deployment/{deployment.id}/run")
         deployed = deployment.parameters["config"]
-        for label, (field, value) in FORM.items():
-            section = "train" if field == "steps_per_round" else "federation"
+        for label, (section, field, value) in FORM.items():
             box = _form_input(page, label).first
             expect(box).to_have_value(str(deployed[section][field]), timeout=30_000)  # the deployed values
             box.fill(str(value))
@@ -511,8 +510,9 @@ def killed_run(federation: Federation) -> KilledRun:
     if CHROMIUM.exists():
         flow_run, killed = _start_from_the_ui(federation, deadline)
     else:
-        config = federation.coordinator_config(rounds=2, clients_per_round=3)
-        config["train"]["steps_per_round"] = FORM["Steps Per Round"][1]
+        config = federation.coordinator_config()
+        for section, field, value in FORM.values():
+            config[section][field] = value
         flow_run = run_deployment(
             "federated-finetune/coordinator", parameters={"config": config, "prepare_data": False}, timeout=0
         )
@@ -531,8 +531,8 @@ def killed_run(federation: Federation) -> KilledRun:
 def test_a_person_starts_a_federated_run_from_the_prefect_ui(killed_run: KilledRun) -> None:
     """The values typed into the form (not the deployment's defaults) are what the run ran with."""
     config = killed_run.flow_run.parameters["config"]
-    for field, value in FORM.values():
-        assert config["train" if field == "steps_per_round" else "federation"][field] == value, field
+    for section, field, value in FORM.values():
+        assert config[section][field] == value, field
 
 
 def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(
