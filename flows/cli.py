@@ -44,10 +44,11 @@ def _config(path: Path, overrides: list[str] | None) -> FedConfig:
 
 def _run_flow(flow: Any, config: FedConfig, **kwargs: Any) -> dict[str, Any]:
     from flows.common import preflight
+    from flows.local_server import run_recorded
 
     with _reported():
         preflight(config, resume=kwargs.get("resume", False))  # before a Prefect server is even started
-        return flow(config=config, **kwargs)
+        return run_recorded(flow, config=config, **kwargs)
 
 
 @app.command("check")

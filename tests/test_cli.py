@@ -192,3 +192,40 @@ def test_the_demo_table_fits_an_80_column_terminal_with_nothing_cut(tmp_path, mo
     ):
         assert cell in text, text
     assert "…" not in text and max(map(len, text.splitlines())) <= 80, text
+
+
+RUN_OF_MANY_TASKS = """
+import sys
+from prefect import flow, task
+from flows.local_server import run_recorded
+
+@task
+def square(i):
+    return i * i
+
+@flow
+def many(n):
+    return sum(square.map(range(n)).result())
+
+print("result", run_recorded(many, n=int(sys.argv[1])))
+"""
+
+
+def test_a_command_exits_only_once_the_temporary_server_has_recorded_every_task_run(tmp_path: Path) -> None:
+    """Without PREFECT_API_URL a command's runs go to Prefect's temporary server, stopped at exit; stopped while
+    its recorder is behind (150 task runs were enough: 40 lost, ERROR tracebacks), it loses the last task runs."""
+    import sqlite3
+
+    n = 150
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    run = subprocess.run(
+        [sys.executable, "-c", RUN_OF_MANY_TASKS, str(n)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"result {sum(i * i for i in range(n))}" in run.stdout
+    assert "Starting temporary server" in run.stderr  # the case under test, not a running server
+    assert "ERROR" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    with sqlite3.connect(tmp_path / "prefect.db") as db:
+        states = db.execute("select state_type, count(*) from task_run where name like 'square-%' group by 1")
+        assert states.fetchall() == [("COMPLETED", n)]
