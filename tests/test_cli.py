@@ -229,3 +229,13 @@ def test_a_command_exits_only_once_the_temporary_server_has_recorded_every_task_
     with sqlite3.connect(tmp_path / "prefect.db") as db:
         states = db.execute("select state_type, count(*) from task_run where name like 'square-%' group by 1")
         assert states.fetchall() == [("COMPLETED", n)]
+
+
+def test_a_task_left_not_ready_by_a_failed_upstream_counts_as_recorded() -> None:
+    """Prefect leaves such a task Pending "NotReady" for good: waiting for a final state would hang to the timeout."""
+    from prefect.client.schemas.objects import StateType
+
+    from flows.local_server import _settled
+
+    assert _settled(StateType.PENDING, "NotReady") and _settled(StateType.CRASHED, "Crashed")
+    assert not _settled(StateType.PENDING, "Pending") and not _settled(StateType.RUNNING, "Running")
