@@ -75,8 +75,9 @@ def main() -> None:
         by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for path in out.glob("*.json"):
             process = json.loads(path.read_text())
-            by_kind[kind(process)][0] += 1
-            by_kind[kind(process)][1] += process["cpu"]
+            row = by_kind[kind(process)]
+            row[0] += 1
+            row[1] += process["cpu"]
     logged = sum(cpu for _, cpu in by_kind.values())
     by_kind["not logged (not Python, killed, or own environment)"] = [0, max(total - logged, 0.0)]
     cores = os.cpu_count() or 1

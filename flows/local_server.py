@@ -19,12 +19,11 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import TERMINAL_STATES, StateType
 from prefect.events.worker import EventsWorker
 from prefect.logging import get_logger
 from prefect.settings import get_current_settings
 
-FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 PAGE = 200  # the API's largest page
 
 
@@ -58,7 +57,7 @@ def _task_run_states(flow_run_id: UUID) -> list[tuple[UUID, StateType | None, st
 
 def _settled(state_type: StateType | None, state_name: str | None) -> bool:
     """Final, or Pending "NotReady": Prefect's state for a task whose upstream failed, which never runs."""
-    return state_type in FINAL or (state_type == StateType.PENDING and state_name == "NotReady")
+    return state_type in TERMINAL_STATES or (state_type == StateType.PENDING and state_name == "NotReady")
 
 
 def run_recorded(flow: Any, **parameters: Any) -> Any:
