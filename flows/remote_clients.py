@@ -8,7 +8,6 @@ Prefect API; a client's data directory is never opened here.
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 import uuid
@@ -35,6 +34,7 @@ from fedtune.deployment.exchange import (
     server_file,
 )
 from fedtune.round.client_report import ClientReport, ReportRejected
+from flows.heartbeats import HeartbeatWatch
 
 
 def _transient(error: Exception) -> bool:
@@ -59,27 +59,13 @@ def _trigger(config: FedConfig, round_: int, client: int, namespace: str, attemp
     )
 
 
-# Prefect's own rule for a worker gone offline (server.services.foreman.inactivity_heartbeat_multiple)
-MISSED_HEARTBEATS = 3
+def _own_pool() -> str | None:
+    """The work pool of the coordinator's own flow run (None when it runs outside a deployment): its
+    worker's heartbeats tell a stalled server from a dead client even in a one-client round."""
+    from prefect.context import FlowRunContext
 
-
-def _worker_gone(api: Any, run: FlowRun) -> str | None:
-    """Why the client's run cannot finish though its state says it may: every worker of its work pool
-    has missed MISSED_HEARTBEATS heartbeats (killed, or its machine gone), so nobody will run it or
-    report it crashed. None while a worker is alive, or where the pool has no worker on record yet."""
-    if run.work_pool_name is None:
-        return None
-    workers = api.read_workers_for_work_pool(run.work_pool_name)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def silent_for(worker: Any) -> float:
-        last = worker.last_heartbeat_time
-        return float("inf") if last is None else (now - last).total_seconds()
-
-    stale = [silent_for(w) > MISSED_HEARTBEATS * (w.heartbeat_interval_seconds or 30) for w in workers]
-    if workers and all(stale):
-        return f"every worker of its pool {run.work_pool_name} stopped sending heartbeats"
-    return None
+    context = FlowRunContext.get()
+    return None if context is None or context.flow_run is None else context.flow_run.work_pool_name
 
 
 def _collect(
@@ -144,7 +130,14 @@ def train_remotely(
         unreachable[client] = str(error)
 
     with get_client(sync_client=True) as api:
+        watch = HeartbeatWatch(api)
         while pending:
+            pools = [run.work_pool_name for run in runs.values()] + [_own_pool()]
+            try:
+                watch.observe(pool for pool in pools if pool is not None)
+            except httpx.HTTPError as error:
+                if not _transient(error):
+                    raise
             for client in sorted(pending):
                 try:
                     report = _collect(exchange, client, round_, namespace, round_dir, masked)
@@ -154,7 +147,7 @@ def train_remotely(
                     if report is None:
                         state = api.read_flow_run(runs[client].id).state
                         ended = f"{state.name} ({state.message})" if state is not None and state.is_final() else None
-                        gone = None if ended else _worker_gone(api, runs[client])
+                        gone = None if ended else watch.gone(runs[client].work_pool_name)
                         if ended is None and gone is None:
                             unreachable.pop(client, None)
                             continue

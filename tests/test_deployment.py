@@ -29,7 +29,7 @@ from fedtune.data.partition import client_dir
 from fedtune.deployment.exchange import REPORT, Exchange, client_file
 from fedtune.deployment.signing import Verifier
 from fedtune.model.adapters import load_state
-from flows.remote_clients import MISSED_HEARTBEATS
+from flows.heartbeats import MISSED_HEARTBEATS
 from mlflow_tracking.lineage import dvc_md5
 from tests.conftest import tiny_overrides
 

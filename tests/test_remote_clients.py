@@ -7,6 +7,7 @@ once (an idempotency key per client and round attempt), and fails at once on a r
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ import pytest
 import flows.remote_clients as remote_clients
 from fedtune.config.schema import build_config
 from fedtune.deployment.exchange import REPORT, Exchange, client_file
+from flows.heartbeats import HeartbeatWatch
 
 NAMESPACE = "0123456789abcdef0123456789abcdef/round_0001-0a1b2c3d"
 LOST_REPLY = RuntimeError("the run was created; its reply was lost")
@@ -126,3 +128,47 @@ def test_a_resumed_round_starts_fresh_runs(tmp_path: Path, monkeypatch: pytest.M
     _, first = _round(tmp_path / "a", monkeypatch, {0: ["run"]})
     _, second = _round(tmp_path / "b", monkeypatch, {0: ["run"]})
     assert first[0] != second[0]
+
+
+class _Pools:
+    """The workers' heartbeats as the server records them: pool -> worker name -> last heartbeat."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, dict[str, datetime.datetime | None]] = {}
+
+    def read_workers_for_work_pool(self, pool: str) -> list[Any]:
+        beats = self.last.get(pool, {}).items()
+        return [SimpleNamespace(name=n, last_heartbeat_time=t, heartbeat_interval_seconds=10) for n, t in beats]
+
+
+def _ago(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)
+
+
+def test_a_pool_is_gone_once_its_workers_miss_three_beats_while_another_pool_keeps_beating() -> None:
+    pools = _Pools()
+    watch = HeartbeatWatch(pools)
+    pools.last = {"client-0": {"w0": _ago(45)}, "client-1": {"w1": _ago(41)}, "client-2": {}}
+    for beat in (35, 25, 15, 5):  # client-0's worker beats on; client-1's went silent 41 s ago
+        pools.last["client-0"]["w0"] = _ago(beat)
+        watch.observe(pools.last)
+    assert watch.gone("client-1") == "every worker of its pool client-1 stopped sending heartbeats"
+    assert watch.gone("client-0") is None  # alive
+    assert watch.gone("client-2") is None  # no worker on record yet: nothing says it is gone
+    pools.last["client-1"]["w1"] = _ago(1)  # it came back
+    watch.observe(["client-1"])
+    assert watch.gone("client-1") is None
+
+
+def test_a_server_that_stopped_taking_heartbeats_drops_no_one() -> None:
+    """Every worker silent alike is the server's silence (503s on a loaded machine), not a death."""
+    pools = _Pools()
+    watch = HeartbeatWatch(pools)
+    pools.last = {"client-0": {"w0": _ago(60)}, "client-1": {"w1": _ago(55)}, "coordinator": {"c": _ago(58)}}
+    for _ in range(3):
+        watch.observe(pools.last)
+    assert [watch.gone(pool) for pool in pools.last] == [None, None, None]
+    # the server takes heartbeats again: the first beats of the others do not condemn one not yet beaten
+    pools.last["client-0"]["w0"], pools.last["coordinator"]["c"] = _ago(2), _ago(1)
+    watch.observe(pools.last)
+    assert watch.gone("client-1") is None
