@@ -68,6 +68,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     env.pop("PREFECT_API_URL", None)
     env.pop("COVERAGE_PROCESS_CONFIG", None)  # it runs no fedtune code: coverage tracing only slows it
+    env.pop("PYTEST_CURRENT_TEST", None)  # it serves the session, not the test that happened to start it
     args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
     server = start_process(args, env, home, home / "server.log")
     try:
