@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.conftest import measured
 
 runner = CliRunner()
 
@@ -219,7 +220,7 @@ def test_a_command_exits_only_once_the_temporary_server_has_recorded_every_task_
     import sqlite3
 
     n = 150
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = measured({k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
     env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # Prefect's 20 s ran out in a loaded CI
     run = subprocess.run(

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from fedtune.config.schema import build_config
 from fedtune.data.partition import client_dir, split_path
 from mlflow_tracking.lineage import dvc_md5
-from tests.conftest import BIN, start_process, stop_process, tiny_overrides
+from tests.conftest import BIN, measured, start_process, stop_process, tiny_overrides
 
 # No wall-clock budget for the whole wait (about 90 s idle, over 240 s with the rest of the suite on the
 # same 2 cores): the test fails when the server's runs stop making progress (no new line in the serve
@@ -46,7 +46,7 @@ def test_an_interval_schedule_fires_twice_and_the_second_run_starts_from_the_fir
     serve_log = tmp_path / "serve.log"
     serve = start_process(
         [str(BIN / "fedtune"), "serve-continual", "-c", "params.yaml", "--interval", "4", "--name", name],
-        dict(os.environ),
+        measured(dict(os.environ)),
         tmp_path,
         serve_log,
     )

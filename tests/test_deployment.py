@@ -73,8 +73,6 @@ def federation(tiny_model_dir: Path) -> Iterator[Federation]:
     with pytest.MonkeyPatch.context() as env:
         for key, value in SECRETS.items():
             env.setenv(key, value)
-        # the servers run no fedtune code: tracing them for coverage only slows every request
-        env.delenv("COVERAGE_PROCESS_CONFIG", raising=False)
         overrides = tiny_overrides(root / "source", tiny_model_dir)
         # a round drops a client that dies (min_fit_clients 2 of 3), the coordinator polls fast
         overrides["federation"] |= {"min_fit_clients": 2, "client_timeout_s": 90}

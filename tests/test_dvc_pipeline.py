@@ -59,7 +59,6 @@ def test_dvc_repro_and_exp_run(tmp_path, tiny_model_dir) -> None:  # type: ignor
     env = {**os.environ, "PATH": os.pathsep.join(map(str, path)), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("VIRTUAL_ENV", None)
     dvc = str(Path(bin_dir) / "dvc")
-    env.pop("COVERAGE_PROCESS_CONFIG", None)  # the stages run a copy of the code: not the measured files
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     _run(["git", "init", "-q"], repo, env)
     _run([dvc, "init", "-q"], repo, env)

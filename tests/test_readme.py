@@ -42,7 +42,7 @@ def test_the_documented_prefect_server_starts_without_an_error(tmp_path, monkeyp
 
     line = next(line for line in README.splitlines() if line.startswith(".venv/bin/prefect server start"))
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "COVERAGE_PROCESS_CONFIG"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_API_PORT": port}  # the command as written, a free port
     shown = subprocess.run(
         [str(BIN / "prefect"), "config", "view", "--show-sources"], cwd=ROOT, env=env, capture_output=True, text=True

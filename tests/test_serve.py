@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from fedtune.config.schema import build_config
 from fedtune.core.catalog import PEFT_METHODS, STRATEGIES
-from tests.conftest import BIN, start_process, stop_process, tiny_overrides
+from tests.conftest import BIN, measured, start_process, stop_process, tiny_overrides
 
 
 def _deployment(url: str, name: str, log) -> dict:  # type: ignore[no-untyped-def]
@@ -33,7 +33,9 @@ def test_the_quick_form_is_served_described_and_its_fields_reach_the_run(tmp_pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(overrides))
     config = build_config(overrides)
     log = tmp_path / "serve.log"
-    served = start_process([str(BIN / "fedtune"), "serve", "-c", "params.yaml"], dict(os.environ), tmp_path, log)
+    served = start_process(
+        [str(BIN / "fedtune"), "serve", "-c", "params.yaml"], measured(dict(os.environ)), tmp_path, log
+    )
     try:
         full = _deployment(prefect_api, "federated-finetune/simulated", log)
         assert full["parameters"]["config"]["federation"]["rounds"] == 2  # the whole config, as served
