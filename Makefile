@@ -35,5 +35,4 @@ mlflow-ui: setup
 
 # Flower's pinned web stack conflicts with Prefect's, so its SecAgg+ runs in a venv of its own
 .venv-flower/bin/flwr:
-	python3 -m venv .venv-flower
-	.venv-flower/bin/pip install --quiet flwr==1.42.0
+	scripts/install.sh .venv-flower flwr==1.42.0
