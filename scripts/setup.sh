@@ -10,7 +10,7 @@
 # A "+cpu" pin can never resolve to the multi-GB CUDA wheels.
 #
 # The installs go through scripts/install.sh: uv where it can be had (the same versions as pip,
-# in 13 s instead of 136 s on 2 cores), else pip.
+# in 70 s instead of 136 s on 2 cores), else pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
