@@ -59,13 +59,17 @@ def _trigger(config: FedConfig, round_: int, client: int, namespace: str, attemp
     )
 
 
-def _own_pool() -> str | None:
-    """The work pool of the coordinator's own flow run (None when it runs outside a deployment): its
-    worker's heartbeats tell a stalled server from a dead client even in a one-client round."""
-    from prefect.context import FlowRunContext
+def _own_pool(api: Any) -> str | None:
+    """The work pool of the coordinator's deployed flow run (None when it runs outside a deployment):
+    its worker's heartbeats tell a stalled server from a dead client even in a one-client round. The
+    rounds run in a subflow, which Prefect creates without a pool: the root flow run has it."""
+    from prefect.runtime import flow_run
 
-    context = FlowRunContext.get()
-    return None if context is None or context.flow_run is None else context.flow_run.work_pool_name
+    try:
+        root = flow_run.root_flow_run_id
+        return None if root is None else api.read_flow_run(root).work_pool_name
+    except httpx.HTTPError:  # the clients' pools still tell a stall from a death, in most rounds
+        return None
 
 
 def _collect(
@@ -130,14 +134,10 @@ def train_remotely(
         unreachable[client] = str(error)
 
     with get_client(sync_client=True) as api:
-        watch = HeartbeatWatch(api)
+        watch, own_pool = HeartbeatWatch(api, _transient), _own_pool(api)
         while pending:
-            pools = [run.work_pool_name for run in runs.values()] + [_own_pool()]
-            try:
-                watch.observe(pool for pool in pools if pool is not None)
-            except httpx.HTTPError as error:
-                if not _transient(error):
-                    raise
+            pools = [run.work_pool_name for run in runs.values()] + [own_pool]
+            watch.observe(pool for pool in pools if pool is not None)
             for client in sorted(pending):
                 try:
                     report = _collect(exchange, client, round_, namespace, round_dir, masked)

@@ -557,12 +557,12 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(
     (reason,) = second["left_out"]
     seen = (reason, _heartbeats(parties.client_pool(1), killed), [m.message for m in _warnings(flow_run.id)])
     assert reason.startswith(("client 1: its flow run ended Crashed", "client 1: every worker of its pool")), seen
-    # the worker's last heartbeat came at most HEARTBEAT_S before the kill, so three are missed within
-    # MISSED_HEARTBEATS * HEARTBEAT_S of it; two more heartbeats' time are slack for the coordinator's poll and a
-    # loaded server (measured 11.9 to 15.3 s; the 90 s client deadline is what it must beat)
+    # the worker's last heartbeat came at most HEARTBEAT_S before the kill; another pool's worker then needs
+    # MISSED_HEARTBEATS + 1 steady beats (flows/heartbeats.py), and one more heartbeat's time is slack for the
+    # coordinator's poll and a loaded server (measured 23.9-27.0 s with three; the 90 s deadline is what it must beat)
     dropped_after = (_log_time(flow_run.id, reason) - killed).total_seconds()
     print(f"killed client dropped {dropped_after:.1f} s after its kill")
-    assert dropped_after <= (MISSED_HEARTBEATS + 2) * parties.HEARTBEAT_S, dropped_after
+    assert dropped_after <= (MISSED_HEARTBEATS + 3) * parties.HEARTBEAT_S, dropped_after
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "test_loss")}
     assert loss[2] < loss[0]
     # every call the clients' workers and flow runs made went through their gateway, none refused

@@ -145,9 +145,13 @@ def _ago(seconds: float) -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)
 
 
+def _watch(pools: _Pools) -> HeartbeatWatch:
+    return HeartbeatWatch(pools, remote_clients._transient)
+
+
 def test_a_pool_is_gone_once_its_workers_miss_three_beats_while_another_pool_keeps_beating() -> None:
     pools = _Pools()
-    watch = HeartbeatWatch(pools)
+    watch = _watch(pools)
     pools.last = {"client-0": {"w0": _ago(45)}, "client-1": {"w1": _ago(41)}, "client-2": {}}
     for beat in (35, 25, 15, 5):  # client-0's worker beats on; client-1's went silent 41 s ago
         pools.last["client-0"]["w0"] = _ago(beat)
@@ -161,14 +165,64 @@ def test_a_pool_is_gone_once_its_workers_miss_three_beats_while_another_pool_kee
 
 
 def test_a_server_that_stopped_taking_heartbeats_drops_no_one() -> None:
-    """Every worker silent alike is the server's silence (503s on a loaded machine), not a death."""
+    """Every worker silent alike is the server's silence (503s on a loaded machine), not a death; and
+    when it takes heartbeats again, the others' first beats (scattered by their retries) and their
+    beats from before the stall do not condemn a live pool that has not beaten yet."""
     pools = _Pools()
-    watch = HeartbeatWatch(pools)
-    pools.last = {"client-0": {"w0": _ago(60)}, "client-1": {"w1": _ago(55)}, "coordinator": {"c": _ago(58)}}
+    watch = _watch(pools)
+    pools.last = {"client-0": {"w0": _ago(80)}, "client-1": {"w1": _ago(75)}, "coordinator": {"c": _ago(72)}}
+    for beat in (72, 62, 52):  # the coordinator's last beats before the stall, after client-0's last
+        pools.last["coordinator"]["c"] = _ago(beat)
+        watch.observe(pools.last)
     for _ in range(3):
         watch.observe(pools.last)
     assert [watch.gone(pool) for pool in pools.last] == [None, None, None]
-    # the server takes heartbeats again: the first beats of the others do not condemn one not yet beaten
-    pools.last["client-0"]["w0"], pools.last["coordinator"]["c"] = _ago(2), _ago(1)
+    for beat in (12, 2):  # the server is back: two beats of the coordinator, one of client-1
+        pools.last["coordinator"]["c"], pools.last["client-1"]["w1"] = _ago(beat), _ago(1)
+        watch.observe(pools.last)
+    assert watch.gone("client-0") is None
+
+
+def test_a_pool_whose_read_failed_is_not_judged_on_an_old_read() -> None:
+    pools = _Pools()
+    watch = _watch(pools)
+    pools.last = {"client-0": {"w0": _ago(45)}, "client-1": {"w1": _ago(40)}}
+    for beat in (35, 25, 15, 5):
+        pools.last["client-1"]["w1"] = _ago(beat)
+        watch.observe(pools.last)
+    assert watch.gone("client-0") is not None  # as read: silent while client-1 kept beating
+    failing = pools.read_workers_for_work_pool
+
+    def read(pool: str) -> list[Any]:
+        if pool == "client-0":
+            raise httpx.ConnectError("connection refused")
+        return failing(pool)
+
+    pools.read_workers_for_work_pool = read  # type: ignore[method-assign]
     watch.observe(pools.last)
-    assert watch.gone("client-1") is None
+    assert watch.gone("client-0") is None  # its read failed: no judgement on what it was before
+
+
+def test_the_coordinators_pool_is_its_root_flow_runs_the_rounds_run_in_a_subflow() -> None:
+    """Prefect creates a subflow's run without a work pool: the deployed run's pool is the root's."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    asked: list[str] = []
+
+    class Api:
+        def read_flow_run(self, flow_run_id: str) -> Any:
+            asked.append(str(flow_run_id))
+            return SimpleNamespace(work_pool_name="coordinator")
+
+    @flow
+    def rounds() -> str | None:
+        return remote_clients._own_pool(Api())
+
+    @flow
+    def coordinator() -> tuple[str, str | None]:
+        return flow_run.id, rounds()
+
+    root, pool = coordinator()
+    assert pool == "coordinator" and asked == [root]
+    assert remote_clients._own_pool(Api()) is None and asked == [root]  # outside any flow run: no pool
