@@ -8,11 +8,15 @@ a `sitecustomize` on PYTHONPATH that writes each Python process's own CPU second
 run waited for) and a table of CPU by process kind, each as a share of the total; the rest are
 processes that did not log (not Python, killed, or started with an environment of their own: the
 deployment's isolated parties). Total CPU / cores is the floor of the wall time on this machine.
+Also: the CPU the whole machine was busy (/proc/stat), when the first test started and the last
+ended (the rest is start-up and tear-down), the machine's idle CPU seconds in each 30 s (where
+waiting, not computing, sets the wall time), and each costly test file's worker, span and CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -84,6 +88,21 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def idle_timeline(process: subprocess.Popen[bytes], start: float, every: float = 30.0) -> list[float]:
+    """The machine's idle CPU seconds in each `every` seconds until `process` exits: where the
+    wall time is lost to waiting rather than spent computing."""
+    cores, idle, last = os.cpu_count() or 1, [], machine_busy()
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=every - (time.monotonic() - start) % every)
+        now = machine_busy()
+        elapsed = (time.monotonic() - start) - len(idle) * every
+        idle.append(max(elapsed * cores - (now - last), 0.0))
+        last = now
+        if process.poll() is not None:
+            return idle
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=3)
@@ -97,8 +116,10 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [scratch, os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(args.workers)]
         command += ["--dist", "loadfile", "--no-loadscope-reorder", "-p", "suite_cpu_per_file", *pytest_args]
-        start, busy_before = time.monotonic(), machine_busy()
-        done = subprocess.run(command, cwd=ROOT, env=env)
+        start, epoch, busy_before = time.monotonic(), time.time(), machine_busy()
+        suite = subprocess.Popen(command, cwd=ROOT, env=env)
+        idle = idle_timeline(suite, start)
+        done = subprocess.CompletedProcess(command, suite.wait())
         wall, busy = time.monotonic() - start, machine_busy() - busy_before
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         total = usage.ru_utime + usage.ru_stime
@@ -119,15 +140,18 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"\npytest exit {done.returncode}; wall {wall:.0f} s; CPU {total:.0f} s ({total / wall:.0%} of one core);")
     print(f"floor on {cores} cores at full use: {total / cores:.0f} s")
-    print(f"the machine was busy {busy:.0f} CPU s in that time ({busy / wall / cores:.0%} of its {cores} cores)\n")
+    print(f"the machine was busy {busy:.0f} CPU s in that time ({busy / wall / cores:.0%} of its {cores} cores)")
+    ended = max((row["end"] for row in files.values()), default=epoch)
+    print(f"tests ran from {started - epoch:.0f} s to {ended - epoch:.0f} s of the wall (outside: start-up, tear-down)")
+    print("idle CPU s in each 30 s of the wall:", " ".join(f"{x:.0f}" for x in idle), "\n")
     print("| process kind | processes | CPU s | share |\n| --- | ---: | ---: | ---: |")
     for name, (count, cpu) in sorted(by_kind.items(), key=lambda item: -item[1][1]):
         print(f"| {name} | {count or '-'} | {cpu:.0f} | {cpu / total:.0%} |")
-    print("\n| test file | worker | from s | to s | own CPU s | its Python children's CPU s |")
+    print("\n| test file | worker | from s (wall) | to s | own CPU s | its Python children's CPU s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     costly = sorted(files.items(), key=lambda item: -item[1]["cpu"] - item[1].get("children", 0.0))[: args.files]
     for name, row in sorted(costly, key=lambda item: (item[1]["worker"], item[1]["start"])):
-        span = f"{row['start'] - started:.0f} | {row['end'] - started:.0f}"
+        span = f"{row['start'] - epoch:.0f} | {row['end'] - epoch:.0f}"
         print(f"| {name} | {row['worker']} | {span} | {row['cpu']:.0f} | {row.get('children', 0.0):.0f} |")
     sys.exit(done.returncode)
 
