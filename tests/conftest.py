@@ -57,20 +57,16 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real Prefect server for the whole session (per xdist worker), on a free port with its own
-    home. This process and every child (the CLI, DVC's stages, served deployments) talk to it, instead
-    of each starting a temporary server of its own (about 10 s each). Its scheduler looks for due
-    runs every second, so a schedule fires in seconds. Tests that need a server configured otherwise
-    (authentication, a server they kill) start their own."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+SHARED_PREFECT = "FEDTUNE_TEST_PREFECT_HOME"  # the shared server's home, set by xdist's controller
+_SHARED = pytest.StashKey[tuple[subprocess.Popen[bytes], Path]]()  # the controller's server and home
 
+
+def _start_prefect_server(home: Path) -> subprocess.Popen[bytes]:
+    """A real Prefect server with its own home (database, log, `url` file), on a free port."""
     from deploy.servers import free_port
 
-    home = tmp_path_factory.mktemp("prefect")
     port = str(free_port())
-    url = f"http://127.0.0.1:{port}/api"
+    (home / "url").write_text(f"http://127.0.0.1:{port}/api")
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -81,15 +77,61 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env.pop("PYTEST_CURRENT_TEST", None)  # it serves the session, not the test that happened to start it
     args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
     server = start_process(args, env, home, home / "server.log")
+    (home / "pid").write_text(str(server.pid))
+    return server
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (not exited, nor a zombie its parent has not reaped yet)."""
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the session's Prefect server did not start"
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-            time.sleep(0.5)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for_prefect_server(home: Path) -> str:
+    url, pid = (home / "url").read_text(), int((home / "pid").read_text())
+    deadline = time.monotonic() + 120
+    while True:
+        log = home / "server.log"
+        assert _running(pid), f"the session's Prefect server exited: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the session's Prefect server did not start: {log.read_text()[-3000:]}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+            if answer.status == 200:
+                return url
+        time.sleep(0.5)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist's controller starts the session's one Prefect server before its workers start (so it
+    comes up while they collect), and they all use it: one server per session, not one per
+    worker (about 7 CPU-s each to start). The tests that share it only read what they made."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        home = Path(tempfile.mkdtemp(prefix="fedtune-prefect-"))
+        config.stash[_SHARED] = (_start_prefect_server(home), home)
+        os.environ[SHARED_PREFECT] = str(home)  # the workers inherit it
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (shared := config.stash.get(_SHARED, None)) is not None:
+        stop_process(shared[0])
+        shutil.rmtree(shared[1], ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the whole session: xdist's controller's (`pytest_configure`), or
+    without workers, this process's own. This process and every child (the CLI, DVC's stages,
+    served deployments) talk to it, instead of each starting a temporary server of its own (about
+    10 s each). Its scheduler looks for due runs every second, so a schedule fires in seconds. Tests
+    that need a server configured otherwise (authentication, a server they kill) start their own."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    shared = os.environ.get(SHARED_PREFECT)
+    home = Path(shared) if shared else tmp_path_factory.mktemp("prefect")
+    server = None if shared else _start_prefect_server(home)
+    try:
+        url = _wait_for_prefect_server(home)
         with pytest.MonkeyPatch.context() as patch, temporary_settings(updates={PREFECT_API_URL: url}):
             patch.setenv("PREFECT_API_URL", url)
             patch.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # a served deployment picks up its run at once
@@ -102,7 +144,8 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             APILogWorker.drain_all(timeout=30)
             EventsWorker.drain_all(timeout=30)
     finally:
-        stop_process(server)
+        if server is not None:
+            stop_process(server)
 
 
 CHATML = (
@@ -256,13 +299,36 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untype
     return build_config(tiny_overrides(tmp_path, tiny_model_dir))
 
 
-SLOW_FILES = ("test_dvc_pipeline.py", "test_scale.py", "test_continual.py", "test_crash_resume.py", "test_flows.py")
+# The files that take longest in `make test` (their span in `benchmarks/suite_cpu.py`'s table, 3
+# workers on 2 cores; measured at 854ea20), longest first; every other file takes under 10 s.
+SLOW_FILES = (
+    "test_flows.py",  # 132 s
+    "test_dvc_pipeline.py",  # 116 s
+    "test_continual.py",  # 84 s
+    "test_scale.py",  # 72 s
+    "test_crash_resume.py",  # 71 s
+    "test_serve.py",  # 46 s
+    "test_distillation.py",  # 35 s
+    "test_peft_methods.py",  # 35 s
+    "test_cli.py",  # 33 s
+    "test_combinations.py",  # 32 s
+    "test_gpu_benchmark.py",  # 30 s
+    "test_readme.py",  # 27 s
+    "test_adapter_state.py",  # 18 s
+    "test_suites.py",  # 18 s
+    "test_compression.py",  # 15 s
+    "test_offsite.py",  # 14 s
+    "test_objectives.py",  # 12 s
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the files for `make test`'s workers (xdist's loadfile hands files out in turn): the
-    deployment file, the longest and mostly waiting on its parties, first; then the other slow
-    files at every other place, so that they spread over the other workers while it runs."""
+    """Order the files for `make test`'s workers. xdist's loadfile hands each worker the next file
+    when its current one has at most 2 tests left, so the order decides how evenly the workers end
+    (a long file handed out last keeps one worker busy alone). First the deployment file, the
+    longest and mostly waiting on its parties; then the slow files longest first, each followed by
+    a short one (the file a worker is handed early, while a one-test file is still running, is
+    short); the short files last, so the workers end within seconds of each other."""
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.path.name, []).append(item)

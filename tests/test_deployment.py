@@ -165,57 +165,9 @@ def _tracked_run(client: MlflowClient, flow_run_id: Any, experiment: str = "depl
     return run
 
 
-def test_unauthenticated_requests_are_refused(federation: Federation) -> None:
-    prefect_auth = servers.basic_auth_header(SECRETS[PREFECT_AUTH])
-    mlflow_auth = servers.basic_auth_header(f"{SECRETS[MLFLOW_USER]}:{SECRETS[MLFLOW_PASSWORD]}")
-    experiments = f"{federation.mlflow.url}/api/2.0/mlflow/experiments/search?max_results=5"
-    assert servers.status_of(f"{federation.prefect.url}/admin/version") == 401
-    assert servers.status_of(f"{federation.prefect.url}/admin/version", servers.basic_auth_header("x:wrong")) == 401
-    assert servers.status_of(f"{federation.prefect.url}/admin/version", prefect_auth) == 200
-    assert servers.status_of(experiments) == 401
-    assert servers.status_of(experiments, servers.basic_auth_header("admin:wrong")) == 401
-    assert servers.status_of(experiments, mlflow_auth) == 200
-
-
 def _profile_auth(home: Path) -> str:
     profile = (home / ".prefect" / "profiles.toml").read_text()
     return next(line for line in profile.splitlines() if line.startswith("PREFECT_API_AUTH_STRING")).split('"')[1]
-
-
-def test_each_client_organization_reaches_only_its_own_pool_with_its_own_credential(federation: Federation) -> None:
-    """rel-06 / issue 14: client 0's worker holds its own gateway credential, not the server's auth
-    string; with it, it reaches its own work pool and deployment, and cannot read or edit client 1's
-    deployment, start the coordinator's, list every flow run, or use the server directly."""
-    import httpx
-    from prefect.client.orchestration import get_client
-
-    layout = federation.layout
-    credentials = [_profile_auth(layout.client_home(c)) for c in range(3)]
-    assert len(set(credentials)) == 3 and SECRETS[PREFECT_AUTH] not in credentials
-    assert _profile_auth(layout.coordinator) == SECRETS[PREFECT_AUTH]
-    with get_client(sync_client=True) as api:
-        own, other, coordinator = (
-            api.read_deployment_by_name(name).id
-            for name in ("fedtune-client/client-0", "fedtune-client/client-1", "federated-finetune/coordinator")
-        )
-    gateway = federation.running.gateway.url
-    with httpx.Client(base_url=gateway, headers=servers.basic_auth_header(credentials[0]), timeout=60) as party:
-        assert party.get("/work_pools/client-0").json()["name"] == "client-0"
-        assert party.get(f"/deployments/{own}").json()["name"] == "client-0"
-        refused = [
-            party.get("/work_pools/client-1"),
-            party.get(f"/deployments/{other}"),
-            party.patch(f"/deployments/{other}", json={"entrypoint": "evil.py:flow"}),
-            party.patch(f"/deployments/{own}", json={"entrypoint": "evil.py:flow"}),
-            party.post(f"/deployments/{coordinator}/create_flow_run", json={}),
-            party.post("/flow_runs/filter", json={}),
-        ]
-        assert [r.status_code for r in refused] == [403] * len(refused), [r.text for r in refused]
-    assert (
-        servers.status_of(f"{federation.prefect.url}/admin/version", servers.basic_auth_header(credentials[0])) == 401
-    )
-    with get_client(sync_client=True) as api:
-        assert api.read_deployment(other).entrypoint != "evil.py:flow"
 
 
 PROBE = """
@@ -578,3 +530,53 @@ def test_deployed_rounds_never_expose_client_data_and_survive_a_killed_client(
         outbox = federation.layout.exchange / f"client_{client_id}" / run.info.run_id
         sent = {p.name for p in outbox.rglob("*") if p.is_file()}
         assert sent == {"update.safetensors", "report.json"}
+
+
+# The two checks that need no running party come last: xdist hands this worker its next file when
+# two of its tests are left, and that file should wait behind these, not behind the killed run.
+def test_unauthenticated_requests_are_refused(federation: Federation) -> None:
+    prefect_auth = servers.basic_auth_header(SECRETS[PREFECT_AUTH])
+    mlflow_auth = servers.basic_auth_header(f"{SECRETS[MLFLOW_USER]}:{SECRETS[MLFLOW_PASSWORD]}")
+    experiments = f"{federation.mlflow.url}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert servers.status_of(f"{federation.prefect.url}/admin/version") == 401
+    assert servers.status_of(f"{federation.prefect.url}/admin/version", servers.basic_auth_header("x:wrong")) == 401
+    assert servers.status_of(f"{federation.prefect.url}/admin/version", prefect_auth) == 200
+    assert servers.status_of(experiments) == 401
+    assert servers.status_of(experiments, servers.basic_auth_header("admin:wrong")) == 401
+    assert servers.status_of(experiments, mlflow_auth) == 200
+
+
+def test_each_client_organization_reaches_only_its_own_pool_with_its_own_credential(federation: Federation) -> None:
+    """rel-06 / issue 14: client 0's worker holds its own gateway credential, not the server's auth
+    string; with it, it reaches its own work pool and deployment, and cannot read or edit client 1's
+    deployment, start the coordinator's, list every flow run, or use the server directly."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    layout = federation.layout
+    credentials = [_profile_auth(layout.client_home(c)) for c in range(3)]
+    assert len(set(credentials)) == 3 and SECRETS[PREFECT_AUTH] not in credentials
+    assert _profile_auth(layout.coordinator) == SECRETS[PREFECT_AUTH]
+    with get_client(sync_client=True) as api:
+        own, other, coordinator = (
+            api.read_deployment_by_name(name).id
+            for name in ("fedtune-client/client-0", "fedtune-client/client-1", "federated-finetune/coordinator")
+        )
+    gateway = federation.running.gateway.url
+    with httpx.Client(base_url=gateway, headers=servers.basic_auth_header(credentials[0]), timeout=60) as party:
+        assert party.get("/work_pools/client-0").json()["name"] == "client-0"
+        assert party.get(f"/deployments/{own}").json()["name"] == "client-0"
+        refused = [
+            party.get("/work_pools/client-1"),
+            party.get(f"/deployments/{other}"),
+            party.patch(f"/deployments/{other}", json={"entrypoint": "evil.py:flow"}),
+            party.patch(f"/deployments/{own}", json={"entrypoint": "evil.py:flow"}),
+            party.post(f"/deployments/{coordinator}/create_flow_run", json={}),
+            party.post("/flow_runs/filter", json={}),
+        ]
+        assert [r.status_code for r in refused] == [403] * len(refused), [r.text for r in refused]
+    assert (
+        servers.status_of(f"{federation.prefect.url}/admin/version", servers.basic_auth_header(credentials[0])) == 401
+    )
+    with get_client(sync_client=True) as api:
+        assert api.read_deployment(other).entrypoint != "evil.py:flow"
