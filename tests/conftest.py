@@ -62,7 +62,10 @@ _SHARED = pytest.StashKey[tuple[subprocess.Popen[bytes], Path]]()  # the control
 
 
 def _start_prefect_server(home: Path) -> subprocess.Popen[bytes]:
-    """A real Prefect server with its own home (database, log, `url` file), on a free port."""
+    """A real Prefect server with its own home (database, log, `url` file), on a free port. It writes
+    task runs and events in batches each second; Prefect's default writes each task-run event in a
+    transaction of its own, 30% of the server's CPU in tests/test_flows.py (no test reads task runs
+    from it). No automations run here, so no triggers service."""
     from deploy.servers import free_port
 
     port = str(free_port())
@@ -72,6 +75,11 @@ def _start_prefect_server(home: Path) -> subprocess.Popen[bytes]:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+        "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "100",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     }
     env.pop("PREFECT_API_URL", None)
     env.pop("PYTEST_CURRENT_TEST", None)  # it serves the session, not the test that happened to start it
