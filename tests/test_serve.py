@@ -57,7 +57,10 @@ def test_the_quick_form_is_served_described_and_its_fields_reach_the_run(tmp_pat
         assert quick["parameters"]["rounds"] == 2 and quick["parameters"]["learning_rate"] == config.train.lr
 
         run = run_deployment(
-            "quick-run/simulated", parameters={"rounds": 1, "strategy": "fedprox", "learning_rate": 0.005}, timeout=900
+            "quick-run/simulated",
+            parameters={"rounds": 1, "strategy": "fedprox", "learning_rate": 0.005},
+            timeout=900,
+            poll_interval=1,  # Prefect's default, 5 s, waits up to 4 s past the run's end
         )
         assert run.state is not None and run.state.is_completed(), (run.state, log.read_text()[-5000:])
     finally:
