@@ -127,7 +127,7 @@ def main() -> None:
         files: dict[str, dict[str, Any]] = {}
         for path in out.glob("files-*.json"):
             files.update(json.loads(path.read_text()))
-        started = min((row["start"] for row in files.values()), default=0.0)
+        started = min((row["start"] for row in files.values()), default=epoch)
         for path in out.glob("[0-9]*.json"):
             process = json.loads(path.read_text())
             row = by_kind[kind(process)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import functools
 import os
 import shutil
@@ -40,10 +41,27 @@ def measured(env: dict[str, str]) -> dict[str, str]:
     return env if current is None else {**env, "COVERAGE_PROCESS_CONFIG": current.config.serialize()}
 
 
-def start_process(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`args` in a session of its own (so `stop_process` reaches its children), output to `log`."""
+def _interrupted_when_parent_dies() -> None:  # in the child, before it runs `args`
+    """Linux's PR_SET_PDEATHSIG: SIGINT when the process that started this one exits, however it
+    exits (SIGTERM from `timeout` or a CI cancel runs no pytest hook), so no server is orphaned."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
+
+
+def start_process(
+    args: list[str], env: dict[str, str], cwd: Path, log: Path, dies_with_parent: bool = False
+) -> subprocess.Popen[bytes]:
+    """`args` in a session of its own (so `stop_process` reaches its children), output to `log`;
+    with `dies_with_parent`, interrupted when this process exits."""
     with log.open("wb") as out:
-        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_interrupted_when_parent_dies if dies_with_parent else None,
+        )
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -84,7 +102,7 @@ def _start_prefect_server(home: Path) -> subprocess.Popen[bytes]:
     env.pop("PREFECT_API_URL", None)
     env.pop("PYTEST_CURRENT_TEST", None)  # it serves the session, not the test that happened to start it
     args = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
-    server = start_process(args, env, home, home / "server.log")
+    server = start_process(args, env, home, home / "server.log", dies_with_parent=True)
     (home / "pid").write_text(str(server.pid))
     return server
 
@@ -122,6 +140,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if (shared := config.stash.get(_SHARED, None)) is not None:
+        os.environ.pop(SHARED_PREFECT, None)  # a later session in this process starts its own
         stop_process(shared[0])
         shutil.rmtree(shared[1], ignore_errors=True)
 
@@ -136,6 +155,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     shared = os.environ.get(SHARED_PREFECT)
+    shared = shared if shared and Path(shared, "url").exists() else None  # not a stale variable's
     home = Path(shared) if shared else tmp_path_factory.mktemp("prefect")
     server = None if shared else _start_prefect_server(home)
     try:

@@ -63,6 +63,9 @@ def test_the_guarantee_tests_fail_when_a_protection_is_removed(tmp_path: Path, n
         source = path.read_text()
         assert source.count(text) == 1, f"{name}: the code to mutate changed ({file}: {text!r})"
         path.write_text(source.replace(text, replacement))
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_secagg_guarantees.py"]
+    # tmp_path has no pyproject.toml: the plugins it turns off (and xdist, coverage) are named here
+    off = ("cacheprovider", "hydra_pytest", "anyio", "xdist", "pytest_cov")
+    plugins = [arg for name in off for arg in ("-p", f"no:{name}")]
+    command = [sys.executable, "-m", "pytest", "-q", *plugins, "tests/test_secagg_guarantees.py"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == (0 if name == "unchanged" else 1), f"{name}:\n{done.stdout[-1500:]}"
