@@ -91,7 +91,8 @@ def machine_busy() -> float:
 def idle_timeline(process: subprocess.Popen[bytes], start: float, every: float = 30.0) -> list[float]:
     """The machine's idle CPU seconds in each `every` seconds until `process` exits: where the
     wall time is lost to waiting rather than spent computing."""
-    cores, idle, last = os.cpu_count() or 1, [], machine_busy()
+    cores, last = os.cpu_count() or 1, machine_busy()
+    idle: list[float] = []
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=every - (time.monotonic() - start) % every)
@@ -119,7 +120,6 @@ def main() -> None:
         start, epoch, busy_before = time.monotonic(), time.time(), machine_busy()
         suite = subprocess.Popen(command, cwd=ROOT, env=env)
         idle = idle_timeline(suite, start)
-        done = subprocess.CompletedProcess(command, suite.wait())
         wall, busy = time.monotonic() - start, machine_busy() - busy_before
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         total = usage.ru_utime + usage.ru_stime
@@ -138,7 +138,7 @@ def main() -> None:
     logged = sum(cpu for _, cpu in by_kind.values())
     by_kind["not logged (not Python, killed, or own environment)"] = [0, max(total - logged, 0.0)]
     cores = os.cpu_count() or 1
-    print(f"\npytest exit {done.returncode}; wall {wall:.0f} s; CPU {total:.0f} s ({total / wall:.0%} of one core);")
+    print(f"\npytest exit {suite.returncode}; wall {wall:.0f} s; CPU {total:.0f} s ({total / wall:.0%} of one core);")
     print(f"floor on {cores} cores at full use: {total / cores:.0f} s")
     print(f"the machine was busy {busy:.0f} CPU s in that time ({busy / wall / cores:.0%} of its {cores} cores)")
     ended = max((row["end"] for row in files.values()), default=epoch)
@@ -153,7 +153,7 @@ def main() -> None:
     for name, row in sorted(costly, key=lambda item: (item[1]["worker"], item[1]["start"])):
         span = f"{row['start'] - epoch:.0f} | {row['end'] - epoch:.0f}"
         print(f"| {name} | {row['worker']} | {span} | {row['cpu']:.0f} | {row.get('children', 0.0):.0f} |")
-    sys.exit(done.returncode)
+    sys.exit(suite.returncode)
 
 
 if __name__ == "__main__":
