@@ -5,6 +5,7 @@ A history is Opacus' own ledger format: (noise multiplier, sample rate, steps) p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +17,15 @@ History = Sequence[tuple[float, float, int]]
 
 def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent by the composition of `history` at the given delta."""
-    phases = [tuple(phase) for phase in history if phase[2] > 0]
-    if not phases:
-        return 0.0
+    phases = tuple((float(z), float(q), int(n)) for z, q, n in history if n > 0)
+    return _epsilon(phases, float(delta), accountant) if phases else 0.0
+
+
+# Cached: a pure function of its arguments that costs 80 ms (RDP) to 180 ms (PRV) of Opacus'
+# arithmetic a call, and the same question comes back many times (every validation of a DP config
+# prices one round; a round asks for the spent budget to decide and again to log it).
+@functools.lru_cache(maxsize=4096)
+def _epsilon(phases: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     ledger = ACCOUNTANTS[accountant]()
-    ledger.history = phases
+    ledger.history = list(phases)
     return float(ledger.get_epsilon(delta))
