@@ -17,11 +17,12 @@ from tests.conftest import BIN, measured, start_process, stop_process, tiny_over
 
 def _deployment(url: str, name: str, log) -> dict:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        answer = httpx.get(f"{url}/deployments/name/{name}", timeout=10)
-        if answer.status_code == 200:
-            return answer.json()
-        time.sleep(1)
+    with httpx.Client(base_url=url, timeout=10) as api:  # one client: each new one loads the CA bundle
+        while time.monotonic() < deadline:
+            answer = api.get(f"/deployments/name/{name}")
+            if answer.status_code == 200:
+                return answer.json()
+            time.sleep(1)
     raise AssertionError(f"{name} was not served: {log.read_text()[-3000:]}")
 
 
