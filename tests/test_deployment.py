@@ -284,9 +284,9 @@ def _submit_run(page: Any, deployment_id: Any, console_errors: list[str], attemp
     not the page's redirect). When the UI reports that creating the run failed, submits again, as
     its user would: the one-machine Prefect server keeps its state in SQLite, which answers 503
     when two writes collide (Prefect's Python client retries those by itself; the UI leaves it to
-    the person). On a loaded machine 5-10% of submissions collide with the four workers' polls
-    (`benchmarks/prefect_submit_collisions.py`), and one CI run saw three in a row, hence eight
-    tries. A failure carries what the page showed and logged."""
+    the person). On a loaded machine about 7% of submissions collide with the four workers' polls
+    (`benchmarks/prefect_submit_collisions.py`), more under CI's load: one CI run saw three in a
+    row, hence eight tries. A failure carries what the page showed and logged."""
     from prefect.client.orchestration import get_client
 
     known, failed = _flow_run_ids(deployment_id), page.get_by_text(SUBMIT_FAILED)
