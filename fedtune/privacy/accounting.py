@@ -17,8 +17,8 @@ History = Sequence[tuple[float, float, int]]
 
 def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
     """Epsilon spent by the composition of `history` at the given delta."""
-    phases = tuple((float(z), float(q), int(n)) for z, q, n in history if n > 0)
-    return _epsilon(phases, float(delta), accountant) if phases else 0.0
+    phases = tuple(tuple(phase) for phase in history if phase[2] > 0)
+    return _epsilon(phases, delta, accountant) if phases else 0.0
 
 
 # Cached: a pure function of its arguments that costs 80 ms (RDP) to 180 ms (PRV) of Opacus'
