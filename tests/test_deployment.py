@@ -276,37 +276,40 @@ def _flow_run_ids(deployment_id: Any) -> set[Any]:
     return {run.id for run in runs}
 
 
-SUBMIT_FAILED = "Something went wrong trying to create a flow run"  # the UI's toast when the API refuses
-
-
 def _submit_run(page: Any, deployment_id: Any, console_errors: list[str], attempts: int = 8) -> Any:
     """Clicks Submit and returns the one flow run it created, asked of the API (the ground truth,
-    not the page's redirect). When the UI reports that creating the run failed, submits again, as
-    its user would: the one-machine Prefect server keeps its state in SQLite, which answers 503
-    when two writes collide (Prefect's Python client retries those by itself; the UI leaves it to
-    the person). On a loaded machine about 7% of submissions collide with the four workers' polls
-    (`benchmarks/prefect_submit_collisions.py`), more under CI's load: one CI run saw three in a
-    row, hence eight tries. A failure carries what the page showed and logged."""
+    not the page's redirect). When the server answers the UI's create call with 503, submits again,
+    as its user would: the one-machine Prefect server keeps its state in SQLite, which answers 503
+    when two writes collide (Prefect's Python client retries those by itself; the UI shows "Something
+    went wrong" and leaves it to the person). On a loaded machine a few percent of submissions collide
+    with the four workers' polls (`benchmarks/prefect_submit_collisions.py`), more under CI's load:
+    one CI run saw three in a row, hence up to eight tries. Any other answer, or none within a
+    minute, fails at once with what the page showed and logged."""
     from prefect.client.orchestration import get_client
 
-    known, failed = _flow_run_ids(deployment_id), page.get_by_text(SUBMIT_FAILED)
-    for _ in range(attempts):
-        reported = failed.count()
+    answers: list[int] = []  # the status of each create call the page made
+    page.on("response", lambda r: "/create_flow_run" in r.url and answers.append(r.status))
+    known = _flow_run_ids(deployment_id)
+    for attempt in range(1, attempts + 1):
+        asked = len(answers)
         page.get_by_role("button", name="Submit").click()
         deadline = time.monotonic() + 60
         while not (created := _flow_run_ids(deployment_id) - known) and time.monotonic() < deadline:
-            if failed.count() > reported:
+            if answers[asked:] and answers[-1] != 201:
                 break
-            time.sleep(1)
+            page.wait_for_timeout(1000)  # not time.sleep: the page's events (its answers) arrive only meanwhile
         if created:
             (flow_run_id,) = created
+            print(f"the run form was submitted {attempt} time(s); the server's answers: {answers}")
             with get_client(sync_client=True) as api:
                 return api.read_flow_run(flow_run_id)
-        time.sleep(2)  # as a person would, before clicking again
+        if answers[asked:] != [503]:
+            break
+        page.wait_for_timeout(2000)  # as a person would, before clicking again
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=SCREENSHOTS / "prefect-ui-submit-failed.png", full_page=True)
     pytest.fail(
-        f"no flow run after {attempts} submissions; page {page.url}; toasts "
+        f"no flow run after {attempt} submission(s), the server answering {answers}; page {page.url}; toasts "
         f"{page.locator('.p-toast').all_inner_texts()}; console errors: {console_errors}"
     )
 
