@@ -281,8 +281,8 @@ def _submit_run(page: Any, deployment_id: Any, console_errors: list[str], attemp
     not the page's redirect). When the server answers the UI's create call with 503, submits again,
     as its user would: the one-machine Prefect server keeps its state in SQLite, which answers 503
     when two writes collide (Prefect's Python client retries those by itself; the UI shows "Something
-    went wrong" and leaves it to the person). On a loaded machine a few percent of submissions collide
-    with the four workers' polls (`benchmarks/prefect_submit_collisions.py`), more under CI's load:
+    went wrong" and leaves it to the person). On a loaded machine about 5% of submissions collide
+    (`benchmarks/prefect_submit_collisions.py`: 4.5-6.5%), more under CI's load:
     one CI run saw three in a row, hence up to eight tries. Any other answer, or none within a
     minute, fails at once with what the page showed and logged."""
     from prefect.client.orchestration import get_client
