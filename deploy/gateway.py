@@ -416,6 +416,13 @@ def app(
         await socket.accept(subprotocol="prefect")
         await socket.close(1008, "the event stream shows every party's events: not served to client organizations")
 
+    async def worker_channel(socket: WebSocket) -> None:
+        """Prefect 3.9's worker channel, declined: its frames are not covered by this gateway's rules.
+        A worker takes a 1008 close as final and heartbeats over HTTP, which the gateway scopes
+        (an unrouted socket got a bare 403, the same to the worker, logged as a rejected call)."""
+        await socket.accept(subprotocol="prefect")
+        await socket.close(1008, "the worker channel is not served to client organizations: heartbeat over HTTP")
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         yield
@@ -426,6 +433,7 @@ def app(
         routes=[
             WebSocketRoute("/api/events/in", events_in),
             WebSocketRoute("/api/events/out", events_out),
+            WebSocketRoute("/api/work_pools/{pool}/workers/connect", worker_channel),
             Route("/api/{path:path}", forward, methods=methods),
         ],
         lifespan=lifespan,

@@ -250,6 +250,13 @@ def test_event_sockets_without_a_partys_credential_are_closed(client: TestClient
     ):
         socket.receive_json()
     assert refused.value.code == 1008
+    # Prefect 3.9's worker channel: closed with 1008, which its worker takes as final (it heartbeats over HTTP)
+    with (
+        client.websocket_connect("/api/work_pools/client-0/workers/connect", subprotocols=["prefect"]) as socket,
+        pytest.raises(WebSocketDisconnect) as declined,
+    ):
+        socket.receive_json()
+    assert declined.value.code == 1008
 
 
 def test_one_request_cannot_make_the_gateway_flood_the_server(
