@@ -412,16 +412,15 @@ def app(
             pass
         log.info("dropped %s's event about %s", party.name, named if isinstance(named, str) else "nothing")
 
-    async def events_out(socket: WebSocket) -> None:
-        await socket.accept(subprotocol="prefect")
-        await socket.close(1008, "the event stream shows every party's events: not served to client organizations")
+    def declined(reason: str) -> Callable[[WebSocket], Awaitable[None]]:
+        """A websocket route closed with 1008 (policy) and `reason`: Prefect's clients take it as final
+        (an unrouted socket would get a bare 403, logged as a rejected call)."""
 
-    async def worker_channel(socket: WebSocket) -> None:
-        """Prefect 3.9's worker channel, declined: its frames are not covered by this gateway's rules.
-        A worker takes a 1008 close as final and heartbeats over HTTP, which the gateway scopes
-        (an unrouted socket got a bare 403, the same to the worker, logged as a rejected call)."""
-        await socket.accept(subprotocol="prefect")
-        await socket.close(1008, "the worker channel is not served to client organizations: heartbeat over HTTP")
+        async def close(socket: WebSocket) -> None:
+            await socket.accept(subprotocol="prefect")
+            await socket.close(1008, reason)
+
+        return close
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -432,8 +431,16 @@ def app(
     return Starlette(
         routes=[
             WebSocketRoute("/api/events/in", events_in),
-            WebSocketRoute("/api/events/out", events_out),
-            WebSocketRoute("/api/work_pools/{pool}/workers/connect", worker_channel),
+            WebSocketRoute(
+                "/api/events/out",
+                declined("the event stream shows every party's events: not served to client organizations"),
+            ),
+            # Prefect 3.9's worker channel: its frames are outside this gateway's rules; the worker
+            # then heartbeats over HTTP, which the gateway scopes
+            WebSocketRoute(
+                "/api/work_pools/{pool}/workers/connect",
+                declined("the worker channel is not served to client organizations: heartbeat over HTTP"),
+            ),
             Route("/api/{path:path}", forward, methods=methods),
         ],
         lifespan=lifespan,
